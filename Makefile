@@ -1,0 +1,28 @@
+# The two commands a newcomer runs are `make test` and (later) `make demo`.
+# Both install what they need when it is missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+
+.PHONY: test packages venv bench clean
+
+test: packages venv
+	$(PY) -m pytest
+
+packages:
+	./scripts/install-packages
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/test.txt -e .
+	touch $@
+
+bench: packages venv
+	$(PY) bench/tls_handshake.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,66 @@
+"""What `ServerConnection.receive_data()` returns: frozen, one class per event."""
+
+from dataclasses import dataclass
+
+from .certs import CertificateChain
+from .constants import SignatureScheme
+
+
+@dataclass(frozen=True)
+class SignatureRequest:
+    """The handshake needs its one private-key signature.
+
+    Everything a remote signer needs to check what it signs: the handshake
+    messages as sent (first ClientHello through Certificate), the scheme, the
+    chain, the SNI. `content` is the exact CertificateVerify input, for a
+    signer that holds the key locally. Answer with
+    `ServerConnection.provide_signature()` or `signature_failed()`.
+    """
+
+    handshake_messages: tuple[bytes, ...]
+    scheme: SignatureScheme
+    certificate: CertificateChain
+    server_name: str | None
+    cipher_suite: int
+    content: bytes
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    version: str
+    cipher_suite: str
+    group: str
+    signature_scheme: str | None   # None when resumed: no signature was made
+    resumed: bool
+    server_name: str | None
+    alpn: bytes | None
+
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    session: SessionInfo
+
+
+@dataclass(frozen=True)
+class DataReceived:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class KeyUpdateReceived:
+    update_requested: bool
+
+
+@dataclass(frozen=True)
+class CloseNotifyReceived:
+    """The peer closed its side cleanly; call `close()` to close ours."""
+
+
+@dataclass(frozen=True)
+class ConnectionEnded:
+    """The transport hit EOF. `clean` is False when no close_notify came first."""
+
+    clean: bool
+
+
+Event = SignatureRequest | HandshakeComplete | DataReceived | KeyUpdateReceived | CloseNotifyReceived | ConnectionEnded

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from .constants import SignatureScheme
@@ -47,6 +47,11 @@ class CertificateChain:
     @classmethod
     def from_pem(cls, pem: bytes) -> "CertificateChain":
         return cls.from_certificates(x509.load_pem_x509_certificates(pem))
+
+    def is_key_of(self, private_key) -> bool:
+        """True when `private_key` is the leaf certificate's key."""
+        spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return private_key.public_key().public_bytes(*spki) == self.public_key.public_bytes(*spki)
 
     def matches(self, server_name: str) -> bool:
         if server_name in self.names:

@@ -1,0 +1,1 @@
+"""asyncio adapters: the TLS engine over transports."""

@@ -1,0 +1,253 @@
+"""Run the sans-I/O TLS engine over an asyncio transport.
+
+`TLSServerProtocol` is the raw connection's protocol. It feeds the engine,
+hands each `SignatureRequest` to an async signer (a local key in tests and in
+`yestls tls-serve`, the key oracle on the edge), and once the handshake is done
+gives the application protocol a `TLSTransport` that reads and writes
+plaintext, like asyncio's own SSL layer does.
+"""
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from relay.tls import (
+    CloseNotifyReceived,
+    DataReceived,
+    HandshakeComplete,
+    ServerConfig,
+    ServerConnection,
+    SignatureRequest,
+    TLSError,
+)
+from relay.tls.signing import sign
+
+log = logging.getLogger("yestls.tls")
+
+
+class Signer(Protocol):
+    async def sign(self, request: SignatureRequest) -> bytes: ...
+
+
+class LocalKeySigner:
+    """Signs with private keys held in this process (tests, `yestls tls-serve --key`)."""
+
+    def __init__(self, pairs):
+        # pairs: (CertificateChain, private key); looked up by the leaf certificate.
+        self._keys = {chain.der_chain[0]: key for chain, key in pairs}
+
+    async def sign(self, request: SignatureRequest) -> bytes:
+        return sign(self._keys[request.certificate.der_chain[0]], request.scheme, request.content)
+
+
+class TLSServerProtocol(asyncio.Protocol):
+    def __init__(
+        self,
+        config: ServerConfig,
+        signer: Signer,
+        app_protocol: asyncio.BaseProtocol,
+        *,
+        handshake_timeout: float = 30.0,
+        sign_timeout: float = 10.0,
+        random: Callable[[int], bytes] = os.urandom,
+        now: Callable[[], float] = time.time,
+    ):
+        self.engine = ServerConnection(config, random=random, now=now)
+        self._signer = signer
+        self._app = app_protocol
+        self._handshake_timeout = handshake_timeout
+        self._sign_timeout = sign_timeout
+        self._transport: asyncio.Transport | None = None
+        self._tls_transport: TLSTransport | None = None
+        self._sign_task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    # --- raw transport side ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self._handshake_timeout, self._handshake_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.engine.receive_data(data)
+        except TLSError as error:
+            self._fail(error)
+            return
+        for event in events:
+            if isinstance(event, DataReceived):
+                self._app.data_received(event.data)
+            elif isinstance(event, SignatureRequest):
+                self._sign_task = asyncio.get_running_loop().create_task(self._sign(event))
+            elif isinstance(event, HandshakeComplete):
+                self._handshake_done(event)
+            elif isinstance(event, CloseNotifyReceived):
+                self._peer_closed()
+        self._flush()
+
+    def eof_received(self) -> bool:
+        self.engine.receive_data(b"")
+        if self._tls_transport is not None:
+            self._app.eof_received()
+        return False  # let asyncio close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._timer:
+            self._timer.cancel()
+        if self._sign_task and not self._sign_task.done():
+            self._sign_task.cancel()
+        if self._tls_transport is not None:
+            self._app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._tls_transport is not None:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._tls_transport is not None:
+            self._app.resume_writing()
+
+    # --- handshake ------------------------------------------------------------
+
+    async def _sign(self, request: SignatureRequest) -> None:
+        try:
+            signature = await asyncio.wait_for(self._signer.sign(request), self._sign_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any signer failure ends this handshake only
+            log.warning("%s: signer failed (%s: %s); handshake aborted", self._peer(), type(error).__name__, error)
+            self.engine.signature_failed(str(error))
+            self._flush()
+            self._close_transport()
+            return
+        if self._closed:
+            return
+        try:
+            self.engine.provide_signature(signature)
+        except TLSError as error:
+            self._fail(error)
+            return
+        self._flush()
+
+    def _handshake_done(self, event: HandshakeComplete) -> None:
+        if self._timer:
+            self._timer.cancel()
+        s = event.session
+        log.info(
+            "%s: %s %s %s%s", self._peer(), s.version, s.cipher_suite, s.group,
+            " resumed" if s.resumed else f" {s.signature_scheme}",
+        )
+        self._tls_transport = TLSTransport(self)
+        self._app.connection_made(self._tls_transport)
+
+    def _handshake_timed_out(self) -> None:
+        if not self.engine.handshake_complete and not self._closed:
+            log.info("%s: handshake timed out", self._peer())
+            self._close_transport(abort=True)
+
+    def _peer_closed(self) -> None:
+        if self._tls_transport is not None:
+            keep_open = self._app.eof_received()
+            if keep_open:
+                return
+        self.engine.close()
+        self._flush()
+        self._close_transport()
+
+    def _fail(self, error: TLSError) -> None:
+        log.info("%s: TLS connection ended: %s", self._peer(), error)
+        self._flush()
+        self._close_transport()
+
+    # --- plumbing -------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self.engine.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _close_transport(self, abort: bool = False) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            if abort:
+                self._transport.abort()
+            else:
+                self._transport.close()
+
+    def _peer(self) -> str:
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "peer"
+
+    @property
+    def raw_transport(self) -> asyncio.Transport:
+        return self._transport
+
+
+class TLSTransport(asyncio.Transport):
+    """What the application protocol sees: a plaintext transport."""
+
+    def __init__(self, tls: TLSServerProtocol):
+        super().__init__({"tls_session": tls.engine.session})
+        self._tls = tls
+        self._closing = False
+
+    def get_extra_info(self, name, default=None):
+        if name in self._extra:
+            return self._extra[name]
+        return self._tls.raw_transport.get_extra_info(name, default)
+
+    def write(self, data) -> None:
+        if self._closing:
+            return
+        try:
+            self._tls.engine.send_data(bytes(data))
+        except TLSError as error:
+            self._tls._fail(error)
+            return
+        self._tls._flush()
+
+    def writelines(self, list_of_data) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._tls.engine.close()
+        self._tls._flush()
+        self._tls._close_transport()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._tls._close_transport(abort=True)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._tls.raw_transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._tls.raw_transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._tls.raw_transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._tls.raw_transport.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._tls.raw_transport.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self._tls.raw_transport.set_write_buffer_limits(high, low)
+
+    def set_protocol(self, protocol) -> None:
+        self._tls._app = protocol
+
+    def get_protocol(self):
+        return self._tls._app

@@ -1,0 +1,49 @@
+"""The `yestls` command."""
+
+import argparse
+from pathlib import Path
+
+from relay.tls.constants import Group
+
+GROUP_NAMES = {"X25519MLKEM768": Group.X25519MLKEM768, "x25519": Group.X25519,
+               "secp256r1": Group.SECP256R1, "secp384r1": Group.SECP384R1}
+
+
+def _group(name: str) -> int:
+    try:
+        return GROUP_NAMES[name]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown group {name!r}; choose from {', '.join(GROUP_NAMES)}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yestls", description="Self-hosted mail with keyless TLS.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "tls-serve",
+        help="serve the TLS engine behind a minimal HTTP/1.0 responder (for TLS test tools)",
+        description="Answer every request with HTTP/1.0 200 over the keyless TLS engine, signing in-process.",
+    )
+    serve.add_argument("--cert", type=Path, action="append", required=True,
+                       help="PEM certificate chain, leaf first (repeatable: several chains)")
+    serve.add_argument("--key", type=Path, action="append", required=True,
+                       help="PEM private key of the matching --cert")
+    serve.add_argument("--listen", default="127.0.0.1:4433", help="HOST:PORT (default %(default)s)")
+    serve.add_argument("--groups", type=_group, nargs="+", metavar="GROUP",
+                       help=f"key exchange groups in preference order ({', '.join(GROUP_NAMES)})")
+    serve.add_argument("--insist-on-preferred-group", action="store_true",
+                       help="HelloRetryRequest for the preferred group even if the client sent another usable share")
+    serve.add_argument("--alpn", action="append", default=[], help="ALPN protocol to accept (repeatable)")
+    serve.add_argument("--tickets", type=int, default=1, help="session tickets per handshake (0: no resumption)")
+    serve.add_argument("--ticket-early-data", type=int, default=0, metavar="BYTES",
+                       help="advertise this max_early_data_size in tickets (early data is still refused)")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "tls-serve":
+        from relay import tls_serve
+
+        tls_serve.run(args)

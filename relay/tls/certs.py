@@ -25,16 +25,22 @@ class CertificateChain:
     issuer_schemes: frozenset[int]  # schemes the chain's own signatures use
 
     @classmethod
-    def from_certificates(cls, certs: list[x509.Certificate]) -> "CertificateChain":
+    def from_certificates(cls, certs: list[x509.Certificate], min_rsa_bits: int = 2048) -> "CertificateChain":
+        """A chain from parsed certificates, leaf first.
+
+        RSA keys below `min_rsa_bits` are refused; only replaying the RFC 8448
+        traces, whose key is 1024 bits, lowers it.
+        """
         if not certs:
             raise ValueError("a certificate chain needs at least the leaf certificate")
         leaf = certs[0]
         public_key = leaf.public_key()
         schemes = schemes_for_key(public_key)
-        if not schemes:
+        too_small = isinstance(public_key, rsa.RSAPublicKey) and not min_rsa_bits <= public_key.key_size <= 8192
+        if not schemes or too_small:
             raise ValueError(
                 f"certificate {leaf.subject.rfc4514_string()} has a key TLS 1.3 cannot sign with "
-                "(use ECDSA P-256/P-384, RSA 2048-8192 or Ed25519)"
+                f"(use ECDSA P-256/P-384/P-521, RSA {min_rsa_bits}-8192 or Ed25519)"
             )
         return cls(
             der_chain=tuple(c.public_bytes(Encoding.DER) for c in certs),

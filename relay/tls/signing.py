@@ -101,8 +101,6 @@ def schemes_for_key(public_key) -> tuple[SignatureScheme, ...]:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return tuple(s for s, (curve, _) in _ECDSA.items() if curve == public_key.curve.name)
     if isinstance(public_key, rsa.RSAPublicKey):
-        if not 2048 <= public_key.key_size <= 8192:
-            return ()
         return tuple(_RSA_PSS)
     if isinstance(public_key, ed25519.Ed25519PublicKey):
         return (SignatureScheme.ED25519,)

@@ -37,10 +37,11 @@ class HttpResponder(asyncio.Protocol):
 
     def _response(self) -> bytes:
         s = self.transport.get_extra_info("tls_session")
+        # Absent values print empty (a resumed session has no signature scheme).
         body = (
             f"version={s.version} cipher={s.cipher_suite} group={s.group} "
-            f"scheme={s.signature_scheme} resumed={'yes' if s.resumed else 'no'} "
-            f"sni={s.server_name} alpn={(s.alpn or b'').decode()}\n"
+            f"scheme={s.signature_scheme or ''} resumed={'yes' if s.resumed else 'no'} "
+            f"sni={s.server_name or ''} alpn={(s.alpn or b'').decode()}\n"
         ).encode()
         head = f"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
         return head.encode() + body

@@ -55,6 +55,7 @@ class ServerThread:
         asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        self.loop.close()
 
 
 @pytest.fixture

@@ -25,8 +25,12 @@ class RecordReader:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
-    def next_record(self, protected: bool) -> tuple[int, bytes, bytes] | None:
-        """(content type, header, payload) of the next whole record, or None for more data."""
+    def next_record(self, after_hello: bool) -> tuple[int, bytes, bytes] | None:
+        """(content type, header, payload) of the next whole record, or None for more data.
+
+        `after_hello`: the first ClientHello has been read, so application
+        data records (0-RTT ones included) may be protected and larger.
+        """
         buf = self._buffer
         if len(buf) < HEADER_LEN:
             if not self._seen_first and len(buf) >= 3:
@@ -40,7 +44,8 @@ class RecordReader:
         if buf[1] != 3:
             raise UnexpectedMessage("record version is not TLS")
         length = (buf[3] << 8) | buf[4]
-        limit = MAX_CIPHERTEXT if protected and content_type == ContentType.APPLICATION_DATA else MAX_PLAINTEXT
+        protected = after_hello and content_type == ContentType.APPLICATION_DATA
+        limit = MAX_CIPHERTEXT if protected else MAX_PLAINTEXT
         if length > limit:
             raise RecordOverflow(f"record of {length} bytes exceeds {limit}")
         end = HEADER_LEN + length

@@ -20,6 +20,7 @@ from .certs import select_certificate
 from .config import ServerConfig
 from .constants import (
     HELLO_RETRY_REQUEST_RANDOM,
+    MAX_INNER_PLAINTEXT,
     MAX_PLAINTEXT,
     TLS13,
     AlertDescription,
@@ -102,6 +103,9 @@ class ServerConnection:
         self._received_ccs = False
         self._early_data_budget = -1       # >= 0 while skipping rejected 0-RTT data
         self._max_send_fragment = MAX_PLAINTEXT
+        # Our record_size_limit binds the client only once it has seen it,
+        # which needs the client to have offered the extension (RFC 8449 4).
+        self._receive_limit = MAX_INNER_PLAINTEXT
         self._client_handshake_secret = b""
         self._server_handshake_secret = b""
         self._client_application_secret = b""
@@ -109,6 +113,9 @@ class ServerConnection:
         self._expected_client_finished = b""
         self._resumption_master = b""
         self._tickets_sent = 0
+        # One KeyUpdate answers any number of requests until we send data
+        # again (RFC 8446 4.6.3), so a flood of requests cannot grow our output.
+        self._key_update_answered = False
         self._peer_closed = False
         self._closed_write = False
         self.session: SessionInfo | None = None
@@ -151,6 +158,7 @@ class ServerConnection:
     def send_data(self, data: bytes) -> None:
         if self.state not in (State.WAIT_FINISHED, State.CONNECTED) or self._closed_write:
             raise ConnectionClosed("cannot send application data now")
+        self._key_update_answered = False
         step = self._max_send_fragment
         for start in range(0, len(data), step):
             self._rekey_if_worn()
@@ -209,7 +217,7 @@ class ServerConnection:
 
     def _process_records(self, events: list[Event]) -> None:
         while self.state is not State.CLOSED and not self._peer_closed:
-            record = self._records.next_record(protected=self._read is not None)
+            record = self._records.next_record(after_hello=self.state is not State.START)
             if record is None:
                 return
             self._process_record(*record, events)
@@ -244,15 +252,16 @@ class ServerConnection:
         self._receive_inner_plaintext(inner, events)
 
     def _receive_inner_plaintext(self, inner: bytes, events: list[Event]) -> None:
-        if len(inner) > self.config.record_size_limit:
+        if len(inner) > self._receive_limit:
             raise RecordOverflow(f"record plaintext of {len(inner)} bytes exceeds our limit")
-        content_type = inner[-1]
-        if content_type == 0:
+        if not inner or inner[-1] == 0:
             inner = inner.rstrip(b"\x00")
             if not inner:
                 raise UnexpectedMessage("protected record without a content type")
-            content_type = inner[-1]
+        content_type = inner[-1]
         content = inner[:-1]
+        if not content and content_type in (ContentType.HANDSHAKE, ContentType.ALERT):
+            raise UnexpectedMessage("zero-length handshake or alert record")  # RFC 8446 5.4
         if self._handshake_buffer and content_type != ContentType.HANDSHAKE:
             raise UnexpectedMessage("record interleaved with a fragmented handshake message")
         if content_type == ContentType.APPLICATION_DATA:
@@ -326,6 +335,8 @@ class ServerConnection:
     def _receive_client_hello(self, raw: bytes, events: list[Event]) -> None:
         hello = messages.parse_client_hello(raw)
         retry = self.state is State.WAIT_SECOND_HELLO
+        if retry:
+            self._early_data_budget = -1  # 0-RTT skipping after a HelloRetryRequest ends here
         _check_version(hello)
         if hello.compression_methods != b"\x00":
             raise IllegalParameter("TLS 1.3 allows only null compression")
@@ -341,7 +352,9 @@ class ServerConnection:
             return
 
         self.client_hello = hello
-        self._max_send_fragment = min(MAX_PLAINTEXT, (hello.record_size_limit or MAX_PLAINTEXT + 1) - 1)
+        if hello.record_size_limit is not None:
+            self._max_send_fragment = min(MAX_PLAINTEXT, hello.record_size_limit - 1)
+            self._receive_limit = self.config.record_size_limit
         alpn = self._choose_alpn(hello)
         resumed = self._accept_psk(hello, suite)  # binders cover the transcript before this hello
         self._transcript.add(raw)
@@ -591,8 +604,9 @@ class ServerConnection:
         if request not in (KeyUpdateRequest.NOT_REQUESTED, KeyUpdateRequest.REQUESTED):
             raise IllegalParameter(f"KeyUpdate request_update {request}")
         self._read = Protection(self._suite, next_traffic_secret(self._suite, self._read.secret))
-        if request == KeyUpdateRequest.REQUESTED and not self._closed_write:
+        if request == KeyUpdateRequest.REQUESTED and not self._closed_write and not self._key_update_answered:
             self._send_key_update(KeyUpdateRequest.NOT_REQUESTED)
+            self._key_update_answered = True
         events.append(KeyUpdateReceived(update_requested=request == KeyUpdateRequest.REQUESTED))
 
     def _send_key_update(self, request: int) -> None:

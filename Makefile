@@ -17,7 +17,6 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/test.txt -e .
 	touch $@
 

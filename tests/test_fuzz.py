@@ -334,7 +334,7 @@ def test_every_state_and_record_kind(setup, state, kind, payload):
 def buffered(server) -> dict[str, int]:
     """Bytes held inside the engine: input not yet parsed, a partial handshake message, output."""
     return {
-        "records": len(server._records._buffer),
+        "records": server._records.buffered(),
         "handshake": len(server._handshake_buffer),
         "pending": len(server._pending_handshake),
         "output": sum(len(piece) for piece in server._out),

@@ -20,9 +20,15 @@ _APPLICATION_DATA_HEADER = bytes([ContentType.APPLICATION_DATA, 3, 3])
 class RecordReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._pos = 0  # records before this offset are consumed
         self._seen_first = False
 
     def feed(self, data: bytes) -> None:
+        if self._pos:
+            # Drop consumed records once per read, not once per record: a
+            # 256 KiB read holds 16 records and moving the tail 16 times shows.
+            del self._buffer[:self._pos]
+            self._pos = 0
         self._buffer += data
 
     def next_record(self, after_hello: bool) -> tuple[int, bytes, bytes] | None:
@@ -31,31 +37,32 @@ class RecordReader:
         `after_hello`: the first ClientHello has been read, so application
         data records (0-RTT ones included) may be protected and larger.
         """
-        buf = self._buffer
-        if len(buf) < HEADER_LEN:
+        buf, pos = self._buffer, self._pos
+        if len(buf) - pos < HEADER_LEN:
             if not self._seen_first and len(buf) >= 3:
                 _refuse_sslv2_hello(buf)
             return None
-        content_type = buf[0]
+        content_type = buf[pos]
         if not self._seen_first:
             _refuse_sslv2_hello(buf)
         if content_type not in _VALID_TYPES:
             raise UnexpectedMessage(f"unknown record type {content_type}")
-        if buf[1] != 3:
+        if buf[pos + 1] != 3:
             raise UnexpectedMessage("record version is not TLS")
-        length = (buf[3] << 8) | buf[4]
+        length = (buf[pos + 3] << 8) | buf[pos + 4]
         protected = after_hello and content_type == ContentType.APPLICATION_DATA
         limit = MAX_CIPHERTEXT if protected else MAX_PLAINTEXT
         if length > limit:
             raise RecordOverflow(f"record of {length} bytes exceeds {limit}")
-        end = HEADER_LEN + length
+        end = pos + HEADER_LEN + length
         if len(buf) < end:
             return None
         self._seen_first = True
-        header = bytes(buf[:HEADER_LEN])
-        payload = bytes(buf[HEADER_LEN:end])
-        del buf[:end]
-        return content_type, header, payload
+        self._pos = end
+        return content_type, bytes(buf[pos:pos + HEADER_LEN]), bytes(buf[pos + HEADER_LEN:end])
+
+    def buffered(self) -> int:
+        return len(self._buffer) - self._pos
 
 
 def _refuse_sslv2_hello(buf: bytearray) -> None:

@@ -8,6 +8,7 @@ PY      = $(VENV)/bin/python
 .PHONY: test packages venv bench clean
 
 test: packages venv
+	$(VENV)/bin/ruff check relay tests bench
 	$(PY) -m pytest
 
 packages:

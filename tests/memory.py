@@ -61,7 +61,7 @@ class MemoryPair:
                 return
             except ssl.SSLWantReadError:
                 if not self._server_step():
-                    raise AssertionError("handshake stalled")
+                    raise AssertionError("handshake stalled") from None
 
     def client_read(self, n: int = 65536) -> bytes:
         self.pump()

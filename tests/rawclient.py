@@ -50,7 +50,6 @@ from relay.tls.keyschedule import (
     finished_mac,
     next_traffic_secret,
     resumption_psk,
-    traffic_keys,
 )
 from relay.tls.messages import extension, handshake_message
 from relay.tls.record import HEADER_LEN, Protection
@@ -129,25 +128,15 @@ def sslv2_client_hello() -> bytes:
     return u16(0x8000 | len(body)) + body
 
 
-class RecordKey:
-    """One direction's traffic key, sealing any TLSInnerPlaintext (padding, bad types, nothing)."""
-
-    def __init__(self, suite: Suite, secret: bytes):
-        key, iv = traffic_keys(suite, secret)
-        self.suite = suite
-        self.secret = secret
-        self._aead = suite.aead(key)
-        self._iv = int.from_bytes(iv, "big")
-        self.seq = 0
+class RecordKey(Protection):
+    """One direction's traffic key that can also seal any TLSInnerPlaintext (padding, bad types, nothing)."""
 
     def seal(self, content_type: int, content: bytes, padding: int = 0) -> bytes:
         return self.seal_inner(content + u8(content_type) + bytes(padding))
 
     def seal_inner(self, inner: bytes) -> bytes:
         header = u8(ContentType.APPLICATION_DATA) + u16(TLS12) + u16(len(inner) + TAG_LEN)
-        nonce = (self._iv ^ self.seq).to_bytes(12, "big")
-        self.seq += 1
-        return header + self._aead.encrypt(nonce, inner, header)
+        return header + self._aead.encrypt(self._nonce(), inner, header)
 
     def next(self) -> "RecordKey":
         """The key after a KeyUpdate."""

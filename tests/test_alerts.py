@@ -213,7 +213,7 @@ def test_hello_with_empty_cipher_suites_or_compression_gets_decode_error(new_cli
         client = new_client()
         hello = client.hello()
         setattr(hello, field_name, value)
-        expect_alert(client, AD.decode_error, lambda: client.send_hello(hello))
+        expect_alert(client, AD.decode_error, lambda c=client, h=hello: c.send_hello(h))
 
 
 @pytest.mark.parametrize("make_hello", [

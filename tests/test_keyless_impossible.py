@@ -335,7 +335,7 @@ def tls13_read_everything(recording: Tls13Recording) -> list[Seen]:
         if content_type != ContentType.APPLICATION_DATA:
             seen.append(Seen(content_type, payload, "plaintext"))
             continue
-        for name, protection in keys:
+        for name, protection in keys:  # noqa: B007 - `name` is read after the break
             inner = protection.open(header, payload)
             if inner is not None:
                 break

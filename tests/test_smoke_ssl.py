@@ -1,18 +1,17 @@
 """Python's ssl (OpenSSL) against the engine, in memory and over loopback."""
 
+import os
 import socket
-import ssl
 
 import pytest
+
+from relay.tls import ServerConfig, TicketKeyring
 
 from .memory import MemoryPair, client_context
 
 
 @pytest.mark.parametrize("key_type", ["ecdsa-p256", "ecdsa-p384", "rsa-2048", "ed25519"])
 def test_full_handshake_then_resumption_in_memory(pki, key_type):
-    from relay.tls import ServerConfig, TicketKeyring
-    import os
-
     leaf = pki.leaves[key_type]
     config = ServerConfig([leaf.chain], tickets=TicketKeyring(os.urandom))
     context = client_context(pki.ca_pem)

@@ -8,7 +8,7 @@ illegal_parameter, unknown extensions are ignored.
 from dataclasses import dataclass, field
 
 from .constants import ExtensionType, HandshakeType
-from .errors import DecodeError, IllegalParameter
+from .errors import IllegalParameter
 from .wire import Reader, u8, u16, u24, u32, vec8, vec16, vec24
 
 

@@ -121,7 +121,7 @@ class TLSServerProtocol(asyncio.Protocol):
             raise
         except Exception as error:  # noqa: BLE001 - any signer failure ends this handshake only
             log.warning("%s: signer failed (%s: %s); handshake aborted", self._peer(), type(error).__name__, error)
-            self.engine.signature_failed(str(error))
+            self.engine.signature_failed()
             self._flush()
             self._close_transport()
             return

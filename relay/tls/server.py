@@ -149,7 +149,7 @@ class ServerConnection:
             raise ConnectionClosed("no signature is pending")
         self._guard(self._finish_server_flight, signature)
 
-    def signature_failed(self, reason: str = "signer failed") -> None:
+    def signature_failed(self) -> None:
         """The signer could not sign: end the handshake with internal_error."""
         if self.state is State.WAIT_SIGNATURE:
             self._send_alert(AlertDescription.internal_error)
@@ -200,12 +200,12 @@ class ServerConnection:
 
     def _fail(self, alert: TLSAlert) -> None:
         if self.state is not State.CLOSED:
-            self._pending_handshake.clear()
             self._send_alert(alert.description)
         self.state = State.CLOSED
 
     def _send_alert(self, description: int) -> None:
-        self._flush_handshake()
+        # An alert ends what we were saying: a flight held for its signature is dropped.
+        self._pending_handshake.clear()
         level = AlertLevel.WARNING if description == AlertDescription.close_notify else AlertLevel.FATAL
         payload = bytes((level, description))
         if self._write is None:

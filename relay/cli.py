@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from relay.oracle import keys_cli
 from relay.tls.constants import Group
 
 GROUP_NAMES = {"X25519MLKEM768": Group.X25519MLKEM768, "x25519": Group.X25519,
@@ -25,10 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the TLS engine behind a minimal HTTP/1.0 responder (for TLS test tools)",
         description="Answer every request with HTTP/1.0 200 over the keyless TLS engine, signing in-process.",
     )
-    serve.add_argument("--cert", type=Path, action="append", required=True,
+    serve.add_argument("--cert", type=Path, action="append", default=[],
                        help="PEM certificate chain, leaf first (repeatable: several chains)")
-    serve.add_argument("--key", type=Path, action="append", required=True,
-                       help="PEM private key of the matching --cert")
+    serve.add_argument("--key", type=Path, action="append", default=[],
+                       help="PEM private key of the matching --cert (signs in-process)")
+    serve.add_argument("--oracle", action="append", default=[], metavar="HOST:PORT",
+                       help="sign with the key oracle at HOST:PORT instead (repeatable: failover)")
+    serve.add_argument("--identity-key", type=Path,
+                       help="this edge's identity key for the oracle (yestls keys identity-new)")
+    serve.add_argument("--oracle-wait", type=float, default=10.0, metavar="SECONDS",
+                       help="how long to wait at start for an oracle (default %(default)s)")
     serve.add_argument("--listen", default="127.0.0.1:4433", help="HOST:PORT (default %(default)s)")
     serve.add_argument("--groups", type=_group, nargs="+", metavar="GROUP",
                        help=f"key exchange groups in preference order ({', '.join(GROUP_NAMES)})")
@@ -38,12 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tickets", type=int, default=1, help="session tickets per handshake (0: no resumption)")
     serve.add_argument("--ticket-early-data", type=int, default=0, metavar="BYTES",
                        help="advertise this max_early_data_size in tickets (early data is still refused)")
+    oracle = commands.add_parser("oracle", help="the key oracle at home")
+    oracle_commands = oracle.add_subparsers(dest="oracle_command", required=True)
+    oracle_serve = oracle_commands.add_parser("serve", help="answer the edge's signature requests")
+    oracle_serve.add_argument("--config", type=Path, required=True, help="oracle.toml")
+
+    keys_cli.add_parsers(commands)
     return parser
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "tls-serve":
         from relay import tls_serve
 
         tls_serve.run(args)
+        return 0
+    if args.command == "oracle":
+        from relay.oracle import server
+
+        return server.run(args)
+    if args.command == "keys":
+        return keys_cli.run(args)
+    return 2

@@ -14,6 +14,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from relay.aio.tls import LocalKeySigner, Signer, TLSServerProtocol
+from relay.config import parse_address
+from relay.identity import IdentityError, load_identity
+from relay.oracle.client import OraclePool
 from relay.tls import CertificateChain, ServerConfig, TicketKeyring
 
 MAX_REQUEST = 64 * 1024
@@ -65,32 +68,61 @@ async def start_server(config: ServerConfig, signer: Signer, host: str, port: in
     return await loop.create_server(lambda: TLSServerProtocol(config, signer, app_factory()), host, port)
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise SystemExit(f"tls-serve: --listen wants HOST:PORT, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+def _address(option: str, value: str) -> tuple[str, int]:
+    try:
+        return parse_address(value)
+    except ValueError as error:
+        raise SystemExit(f"tls-serve: {option}: {error}") from None
+
+
+async def _signer_and_chains(args) -> tuple[Signer, list[CertificateChain], OraclePool | None]:
+    """Sign in-process with --cert/--key, or ask the key oracle(s) with --oracle."""
+    if not args.oracle:
+        if not args.cert:
+            raise SystemExit("tls-serve: give --cert and --key, or --oracle and --identity-key")
+        pairs = load_chains(args.cert, args.key)
+        return LocalKeySigner(pairs), [chain for chain, _ in pairs], None
+    if args.cert or args.key:
+        raise SystemExit("tls-serve: with --oracle the chains come from the oracle; drop --cert/--key")
+    if args.identity_key is None:
+        raise SystemExit("tls-serve: --oracle needs --identity-key (made by `yestls keys identity-new`)")
+    try:
+        identity = load_identity(args.identity_key)
+    except IdentityError as error:
+        raise SystemExit(f"tls-serve: {error}") from None
+    pool = OraclePool([_address("--oracle", o) for o in args.oracle], identity)
+    await pool.start()
+    if not await pool.wait_ready(args.oracle_wait):
+        health = "; ".join(f"{h.address}: {h.last_error}" for h in pool.health().links)
+        await pool.close()
+        raise SystemExit(f"tls-serve: no oracle ready after {args.oracle_wait:g}s ({health})")
+    chains = [chain for _, chain in await pool.certificates()]
+    return pool, chains, pool
 
 
 def run(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    pairs = load_chains(args.cert, args.key)
-    config = ServerConfig(
-        [chain for chain, _ in pairs],
-        tickets=TicketKeyring(os.urandom) if args.tickets else None,
-        tickets_per_handshake=args.tickets,
-        alpn_protocols=tuple(p.encode() for p in args.alpn),
-        insist_on_preferred_group=args.insist_on_preferred_group,
-        ticket_early_data_size=args.ticket_early_data,
-        **({"groups": tuple(args.groups)} if args.groups else {}),
-    )
-    host, port = parse_listen(args.listen)
+    host, port = _address("--listen", args.listen)
 
     async def main() -> None:
-        server = await start_server(config, LocalKeySigner(pairs), host, port)
+        signer, chains, pool = await _signer_and_chains(args)
+        config = ServerConfig(
+            chains,
+            tickets=TicketKeyring(os.urandom) if args.tickets else None,
+            tickets_per_handshake=args.tickets,
+            alpn_protocols=tuple(p.encode() for p in args.alpn),
+            insist_on_preferred_group=args.insist_on_preferred_group,
+            ticket_early_data_size=args.ticket_early_data,
+            **({"groups": tuple(args.groups)} if args.groups else {}),
+        )
+        server = await start_server(config, signer, host, port)
         logging.getLogger("yestls.tls").info("tls-serve listening on %s:%d", host, port)
-        async with server:
-            await server.serve_forever()
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:
+            if pool is not None:
+                await pool.close()
 
     try:
         asyncio.run(main())

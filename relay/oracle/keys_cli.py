@@ -1,0 +1,122 @@
+"""`yestls keys ...`: make keys and CSRs in the home keystore, import issued chains, list them;
+make the edge's identity key.
+
+Run these as the user the oracle (or, for identity-new, the edge service) runs
+as: the files they write are readable by that user only.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from cryptography import x509
+
+from relay.identity import IdentityError, generate_identity
+from relay.oracle.keystore import DEFAULT_KEY_TYPE, KEY_TYPES, Keystore, KeystoreError, key_type_of
+
+
+def add_parsers(subparsers) -> None:
+    keys = subparsers.add_parser(
+        "keys", help="manage the oracle's keystore and the edge's identity key",
+        description="Make TLS keys and CSRs in the home keystore, import issued chains, list them; "
+                    "make the edge's identity key.",
+    )
+    commands = keys.add_subparsers(dest="keys_command", required=True)
+
+    new = commands.add_parser("new", help="make a private key in the keystore and a CSR for it",
+                              description="Make a private key in the keystore and print its id; write a CSR "
+                                          "for the names (to --csr-out, or stdout with the id on stderr).")
+    new.add_argument("--keystore", type=Path, required=True, help="keystore directory (made 0700 if missing)")
+    new.add_argument("--name", action="append", required=True, dest="names", metavar="NAME",
+                     help="DNS name for the certificate, lower case, '*.' allowed (repeatable; the first is the CN)")
+    new.add_argument("--type", default=DEFAULT_KEY_TYPE, choices=KEY_TYPES, dest="key_type",
+                     help="key type (default %(default)s)")
+    new.add_argument("--csr-out", type=Path, metavar="FILE", help="write the CSR here instead of stdout")
+
+    imp = commands.add_parser("import", help="add an issued certificate chain to its key",
+                              description="Store a chain (PEM, leaf first) next to the keystore key it was "
+                                          "issued for.")
+    imp.add_argument("--keystore", type=Path, required=True, help="keystore directory")
+    imp.add_argument("chain", type=Path, metavar="CHAIN.pem", help="the issued chain, leaf first")
+
+    listing = commands.add_parser("list", help="list the keystore's keys",
+                                  description="One line per key: id, type, names, and expiry or "
+                                              "'awaiting certificate'. Opens no private key.")
+    listing.add_argument("--keystore", type=Path, required=True, help="keystore directory")
+
+    identity = commands.add_parser("identity-new", help="make the edge's identity key",
+                                   description="Make the edge's Ed25519 identity key (mode 0600, never "
+                                               "overwritten) and print the public key line for the oracle's "
+                                               "allowlist.")
+    identity.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the key")
+
+
+def run(args: argparse.Namespace) -> int:
+    commands = {"new": _new, "import": _import, "list": _list, "identity-new": _identity_new}
+    try:
+        commands[args.keys_command](args)
+    except (KeystoreError, IdentityError) as error:
+        print(f"yestls keys {args.keys_command}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _new(args) -> None:
+    keystore = Keystore(args.keystore)
+    key_id, csr_pem = keystore.new_key(args.key_type, args.names)
+    if args.csr_out is None:
+        # stdout is the CSR alone, so `> mx.csr` gives a clean file; the id goes beside it.
+        print(f"key {key_id}", file=sys.stderr)
+        sys.stdout.write(csr_pem.decode("ascii"))
+        return
+    try:
+        args.csr_out.write_bytes(csr_pem)
+    except OSError as error:
+        raise KeystoreError(f"cannot write {args.csr_out} ({error.strerror}); the CSR for key {key_id} is also "
+                            f"in {keystore.csr_path(key_id)}") from None
+    print(key_id)
+
+
+def _import(args) -> None:
+    try:
+        chain_pem = args.chain.read_bytes()
+    except OSError as error:
+        raise KeystoreError(f"cannot read {args.chain} ({error.strerror}); pass the chain file the CA "
+                            f"issued") from None
+    keystore = Keystore(args.keystore)
+    key_id = keystore.import_chain(chain_pem, source=str(args.chain))
+    print(f"{key_id}  {','.join(sorted(keystore.public_entry(key_id).chain.names))}")
+
+
+def _list(args) -> None:
+    keystore = Keystore(args.keystore)
+    if not keystore.directory.is_dir():
+        raise KeystoreError(f"keystore {keystore.directory} does not exist; make a key with "
+                            f"`yestls keys new --keystore {keystore.directory} --name NAME`")
+    lines = []
+    for entry in keystore.public_entries():
+        expiry = entry.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines.append((entry.key_id, entry.key_type, ",".join(sorted(entry.chain.names)), f"not-after {expiry}"))
+    for key_id in keystore.pending():
+        key_type, names = _requested(keystore, key_id)
+        lines.append((key_id, key_type, names, "awaiting certificate"))
+    for line in sorted(lines):
+        print("  ".join(line))
+
+
+def _requested(keystore: Keystore, key_id: str) -> tuple[str, str]:
+    """Type and names of a key still without a chain, from its CSR (so no private key is opened)."""
+    try:
+        csr = keystore.request(key_id)
+    except KeystoreError:
+        return "?", "(no CSR)"
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = ",".join(sorted(san.get_values_for_type(x509.DNSName)))
+    except x509.ExtensionNotFound:
+        names = "?"
+    return key_type_of(csr.public_key()) or "?", names
+
+
+def _identity_new(args) -> None:
+    print(generate_identity(args.out))

@@ -1,0 +1,305 @@
+"""`yestls oracle serve`: the key oracle's front process.
+
+It listens on the tunnel address only, accepts connections only from
+allowlisted peers, makes each connection prove it holds the edge's identity
+key, caps connections and requests in flight, rate-limits signatures, writes
+the audit log and the metrics, and hands sign requests to the signing
+processes (relay/oracle/signer.py), which alone hold the keys. It has no
+decrypt operation and no way to sign anything but a policy-checked TLS 1.3
+CertificateVerify.
+
+Methods: ping, hello, auth (the identity proof), certificates, sign.
+"""
+
+import asyncio
+import base64
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+
+from relay.oracle import config as oracle_config
+from relay.oracle.audit import AuditLog
+from relay.oracle.keystore import Keystore, KeystoreError, PublicEntry
+from relay.oracle.metrics import OracleMetrics
+from relay.oracle.protocol import CHALLENGE_LEN, MAX_FRAME, auth_message
+from relay.rpc import Code, Frame, RemoteError, RpcConnection
+
+log = logging.getLogger("yestls.oracle")
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, now: float):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.updated = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class SignerProcesses:
+    """The signing processes, each behind a socketpair, given work by least load."""
+
+    def __init__(self, keystore_dir, count: int):
+        self.keystore_dir = keystore_dir
+        self.count = count
+        self.workers: list[tuple[subprocess.Popen, RpcConnection]] = []
+        self.closing = False
+
+    async def start(self) -> set[str]:
+        key_ids = None
+        for _ in range(self.count):
+            key_ids = await self._spawn()
+        return key_ids
+
+    async def _spawn(self) -> set[str]:
+        front, back = socket.socketpair()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay.oracle.signer", "--keystore", str(self.keystore_dir),
+             "--fd", str(back.fileno())],
+            pass_fds=[back.fileno()], stderr=None,
+        )
+        back.close()
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(
+            lambda: RpcConnection(max_frame=MAX_FRAME, on_lost=self._lost), sock=front)
+        self.workers.append((process, connection))
+        try:
+            ready = await connection.call("ping", timeout=30)
+        except (ConnectionError, asyncio.TimeoutError):
+            code = process.wait(timeout=5)
+            raise RuntimeError(f"signing process exited ({code}) before it was ready; see its message above") from None
+        return set(ready.meta["keys"])
+
+    def _lost(self, connection: RpcConnection) -> None:
+        for entry in list(self.workers):
+            if entry[1] is connection:
+                self.workers.remove(entry)
+                log.error("a signing process ended (exit %s); starting another", entry[0].poll())
+                if not self.closing:
+                    asyncio.get_running_loop().create_task(self._respawn())
+
+    async def _respawn(self) -> None:
+        await asyncio.sleep(0.5)  # a process that dies at once must not spin
+        try:
+            await self._spawn()
+        except RuntimeError as error:
+            log.error("%s", error)
+
+    async def sign(self, key_id: str, scheme: int, messages: bytes) -> Frame:
+        if not self.workers:
+            raise RemoteError(Code.UNAVAILABLE, "no signing process is running")
+        _, connection = min(self.workers, key=lambda w: w[1].pending_calls)
+        try:
+            return await connection.call("sign", {"key_id": key_id, "scheme": scheme}, messages)
+        except ConnectionError:
+            raise RemoteError(Code.UNAVAILABLE, "the signing process ended; retry") from None
+
+    def stop(self) -> None:
+        self.closing = True
+        for process, connection in self.workers:
+            connection.close()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@dataclass
+class PeerState:
+    connections: int = 0
+    in_flight: int = 0
+    bucket: TokenBucket | None = None
+
+
+class OracleService:
+    def __init__(self, config: oracle_config.OracleConfig, entries: list[PublicEntry],
+                 signers: SignerProcesses, audit: AuditLog, metrics: OracleMetrics):
+        self.config = config
+        self.entries = {e.key_id: e for e in entries}
+        self.signers = signers
+        self.audit = audit
+        self.metrics = metrics
+        self.peers: dict[str, PeerState] = {}
+
+    # --- connections --------------------------------------------------------
+
+    def new_connection(self) -> RpcConnection:
+        return RpcConnection(self.handle, max_frame=MAX_FRAME, on_made=self._accept, on_lost=self._connection_lost)
+
+    def _accept(self, connection: RpcConnection) -> None:
+        peer_address = connection.transport.get_extra_info("peername")[0]
+        peer = self.config.peer_for_address(peer_address)
+        if peer is None:
+            self._refuse_connection(connection, peer_address, "peer_not_allowed")
+            return
+        state = self.peers.setdefault(peer.name, PeerState(bucket=TokenBucket(peer.rate, peer.burst, time.monotonic())))
+        if state.connections >= peer.max_connections:
+            self._refuse_connection(connection, peer_address, "too_many_connections", peer.name)
+            return
+        state.connections += 1
+        connection.state.update(peer=peer, peer_state=state, authenticated=False, challenge=None)
+        connection.max_in_flight = peer.max_in_flight
+        self.metrics.connections.inc()
+
+    def _refuse_connection(self, connection, address: str, reason: str, peer: str | None = None) -> None:
+        log.warning("refused connection from %s: %s", address, reason)
+        self.audit.record(peer=peer or address, method="connect", outcome=f"refused:{reason}")
+        self.metrics.refusals.labels(reason).inc()
+        connection.transport.abort()
+
+    def _connection_lost(self, connection: RpcConnection) -> None:
+        state = connection.state.get("peer_state")
+        if state is not None:
+            state.connections -= 1
+            self.metrics.connections.dec()
+
+    # --- requests -----------------------------------------------------------
+
+    async def handle(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
+        method = frame.meta.get("method")
+        peer = connection.state.get("peer")
+        if peer is None:  # refused at accept; requests may still be in the buffer
+            raise RemoteError(Code.NOT_AUTHENTICATED, "connection refused")
+        try:
+            if method == "ping":
+                result = ({}, b"")
+            elif method == "hello":
+                result = self._hello(connection, frame)
+            elif method == "auth":
+                result = self._auth(connection, frame)
+            elif not connection.state["authenticated"]:
+                raise RemoteError(Code.NOT_AUTHENTICATED, "prove the edge identity first (hello, auth)")
+            elif method == "certificates":
+                result = self._certificates()
+            elif method == "sign":
+                result = await self._sign(connection, frame)
+            else:
+                raise RemoteError(Code.UNKNOWN_METHOD, f"no method {method!r}; this oracle only signs")
+        except RemoteError as error:
+            self.metrics.requests.labels(str(method), "refused").inc()
+            self.metrics.refusals.labels(error.code).inc()
+            if method != "sign":  # sign refusals are audited with their details in _sign
+                self.audit.record(peer=peer.name, method=str(method), outcome=f"refused:{error.code}",
+                                  message=error.message)
+            raise
+        self.metrics.requests.labels(str(method), "ok").inc()
+        return result
+
+    def _hello(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
+        challenge = os.urandom(CHALLENGE_LEN)
+        connection.state["challenge"] = challenge
+        connection.state["authenticated"] = False
+        return {"version": 1, "service": "yestls-oracle", "challenge": challenge.hex()}, b""
+
+    def _auth(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
+        challenge = connection.state.get("challenge")
+        connection.state["challenge"] = None  # one answer per challenge: no second try, no replay
+        if challenge is None:
+            raise RemoteError(Code.NOT_AUTHENTICATED, "ask for a challenge (hello) first")
+        try:
+            signature = base64.b64decode(frame.meta.get("signature", ""), validate=True)
+        except (ValueError, TypeError):
+            raise RemoteError(Code.BAD_REQUEST, "signature must be base64") from None
+        transport = connection.transport
+        message = auth_message(challenge, transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
+        try:
+            connection.state["peer"].identity.verify(signature, message)
+        except InvalidSignature:
+            raise RemoteError(Code.NOT_AUTHENTICATED, "the signature is not the peer's identity key's") from None
+        connection.state["authenticated"] = True
+        self.audit.record(peer=connection.state["peer"].name, method="auth", outcome="ok")
+        return {}, b""
+
+    def _certificates(self) -> tuple[dict, bytes]:
+        listing = [
+            {"key_id": e.key_id, "key_type": e.key_type, "schemes": list(e.chain.schemes),
+             "chain": [base64.b64encode(der).decode() for der in e.chain.der_chain]}
+            for e in self.entries.values()
+        ]
+        return {"certificates": listing}, b""
+
+    async def _sign(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
+        peer = connection.state["peer"]
+        state: PeerState = connection.state["peer_state"]
+        started = time.monotonic()
+        key_id = frame.meta.get("key_id")
+        audit = {"peer": peer.name, "method": "sign", "key_id": key_id, "scheme": frame.meta.get("scheme")}
+        try:
+            if key_id not in self.entries:
+                raise RemoteError("unknown_key", "no key with that id; list certificates again")
+            if state.in_flight >= peer.max_in_flight:
+                raise RemoteError(Code.BUSY, f"more than {peer.max_in_flight} signatures in flight")
+            if not state.bucket.take(started):
+                raise RemoteError(Code.RATE_LIMITED, f"over {peer.rate:g} signatures per second")
+            state.in_flight += 1
+            self.metrics.in_flight.inc()
+            try:
+                reply = await self.signers.sign(key_id, frame.meta.get("scheme"), frame.tail)
+            finally:
+                state.in_flight -= 1
+                self.metrics.in_flight.dec()
+        except RemoteError as error:
+            self.audit.record(**audit, outcome=f"refused:{error.code}", message=error.message)
+            raise
+        self.metrics.sign_seconds.observe(time.monotonic() - started)
+        self.audit.record(**audit, **reply.meta, outcome="signed")
+        return {}, reply.tail
+
+
+async def serve(config: oracle_config.OracleConfig) -> None:
+    keystore = Keystore(config.keystore)
+    keystore.check_permissions()
+    entries = keystore.public_entries()
+    if not entries:
+        raise RuntimeError(f"keystore {config.keystore} has no key with a certificate yet: "
+                           "run `yestls keys new`, get it signed, then `yestls keys import`")
+    signers = SignerProcesses(config.keystore, config.signers)
+    signer_keys = await signers.start()
+    missing = {e.key_id for e in entries} - signer_keys
+    if missing:
+        signers.stop()
+        raise RuntimeError(f"the signing processes lack keys {sorted(missing)}")
+    metrics = OracleMetrics()
+    metrics_server = metrics.serve(*config.metrics_listen) if config.metrics_listen else None
+    audit = AuditLog(config.audit_log)
+    service = OracleService(config, entries, signers, audit, metrics)
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(service.new_connection, host, port) for host, port in config.listen]
+    log.info("oracle listening on %s with %d key(s), %d signing process(es)",
+             ", ".join(f"{h}:{p}" for h, p in config.listen), len(entries), config.signers)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for server in servers:
+            server.close()
+        signers.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        audit.close()
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = oracle_config.load(args.config)
+        asyncio.run(serve(config))
+    except (oracle_config.ConfigError, KeystoreError, RuntimeError) as error:
+        print(f"yestls oracle: {error}", file=sys.stderr)
+        return 2
+    return 0

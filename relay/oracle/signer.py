@@ -1,0 +1,91 @@
+"""The signing process: the only process that holds the private keys.
+
+The oracle's front process (network, peers, authentication, rate limits,
+audit) never loads a private key. It hands each sign request, as received,
+to one of these processes over a socketpair; the process checks it against
+the signing policy with its own copy of the certificate chain, and only then
+signs. A compromised front can ask for nothing the policy would refuse, like
+Postfix's small processes, each with the least it needs.
+
+It speaks the same frames as the tunnel (relay.rpc), blocking: read what is
+there, answer every whole request, write the answers in one go.
+
+    python -m relay.oracle.signer --keystore DIR --fd N
+"""
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+from relay.oracle import policy
+from relay.oracle.keystore import Keystore, KeystoreError
+from relay.rpc import Code, Frame, FrameDecoder, FrameError, Kind, encode_frame
+from relay.tls import signing
+
+MAX_FRAME = 1 << 20  # the front already capped what the peer sent
+
+
+def answer(frame: Frame, keys: dict) -> bytes:
+    method = frame.meta.get("method")
+    if method == "ping":
+        return encode_frame(Kind.RESPONSE, frame.id, {"keys": sorted(keys)})
+    if method != "sign":
+        return _error(frame.id, Code.UNKNOWN_METHOD, f"no method {method!r}")
+    entry = keys.get(frame.meta.get("key_id"))
+    scheme = frame.meta.get("scheme")
+    if entry is None:
+        return _error(frame.id, "unknown_key", "no key with that id in the keystore")
+    if not isinstance(scheme, int):
+        return _error(frame.id, Code.BAD_REQUEST, "scheme must be an integer")
+    try:
+        approved = policy.check_certificate_verify(frame.tail, scheme, entry.chain)
+    except policy.Refusal as refusal:
+        return _error(frame.id, refusal.code, str(refusal))
+    signature = signing.sign(entry.private_key, approved.scheme, approved.content)
+    facts = {
+        "server_name": approved.server_name,
+        "client_random": approved.client_random.hex(),
+        "transcript_hash": approved.transcript_hash.hex(),
+        "cipher_suite": approved.cipher_suite,
+    }
+    return encode_frame(Kind.RESPONSE, frame.id, facts, signature)
+
+
+def _error(frame_id: int, code: str, message: str) -> bytes:
+    return encode_frame(Kind.ERROR, frame_id, {"code": code, "message": message})
+
+
+def serve(sock: socket.socket, keys: dict) -> None:
+    decoder = FrameDecoder(MAX_FRAME)
+    while True:
+        data = sock.recv(1 << 18)
+        if not data:
+            return  # the front closed: it is shutting down
+        try:
+            frames = decoder.feed(data)
+        except FrameError as error:
+            print(f"yestls signer: front broke framing ({error}); exiting", file=sys.stderr)
+            return
+        answers = [answer(frame, keys) for frame in frames if frame.kind == Kind.REQUEST]
+        if answers:
+            sock.sendall(b"".join(answers))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m relay.oracle.signer")
+    parser.add_argument("--keystore", required=True)
+    parser.add_argument("--fd", type=int, required=True, help="the socketpair end inherited from the front")
+    args = parser.parse_args(argv)
+    try:
+        keys = {entry.key_id: entry for entry in Keystore(Path(args.keystore)).private_entries()}
+    except KeystoreError as error:
+        print(f"yestls signer: {error}", file=sys.stderr)
+        return 2
+    with socket.socket(fileno=args.fd) as sock:
+        serve(sock, keys)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

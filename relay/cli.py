@@ -1,6 +1,7 @@
 """The `yestls` command."""
 
 import argparse
+import sys
 from pathlib import Path
 
 from relay.oracle import keys_cli
@@ -68,3 +69,7 @@ def main(argv=None) -> int:
     if args.command == "keys":
         return keys_cli.run(args)
     return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

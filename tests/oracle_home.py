@@ -1,0 +1,131 @@
+"""A key oracle's home for tests: keystore from the test PKI, edge identity, oracle.toml.
+
+    home = make_oracle_home(tmp_path, pki, ("ecdsa-p256", "rsa-2048"))
+    with run_oracle(home) as oracle:       # `yestls oracle serve` in a subprocess
+        ... oracle.port ...
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from relay.identity import create_private_file, generate_identity, load_identity
+from relay.oracle.keystore import Keystore, key_id
+
+from .pki import TestPKI
+
+
+@dataclass
+class OracleHome:
+    directory: Path
+    config: Path
+    keystore: Path
+    audit_log: Path
+    identity_path: Path
+    port: int
+    key_ids: dict[str, str]   # key type -> key id
+
+    @property
+    def identity(self):
+        return load_identity(self.identity_path)
+
+    def audit_lines(self) -> list[dict]:
+        import json
+
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_oracle_home(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, signers: int = 1,
+                     peer_options: str = "", port: int | None = None, metrics_port: int | None = None) -> OracleHome:
+    directory.mkdir(parents=True, exist_ok=True)
+    keystore_dir = directory / "keystore"
+    keystore_dir.mkdir(mode=0o700, exist_ok=True)
+    keystore = Keystore(keystore_dir)
+    ids = {}
+    for key_type in key_types:
+        leaf = pki.leaves[key_type]
+        ids[key_type] = key_id(leaf.key.public_key())
+        pem = leaf.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+        create_private_file(keystore.key_path(ids[key_type]), pem)
+        keystore.import_chain(leaf.chain_pem.read_bytes())
+    identity_path = directory / "edge-identity.key"
+    identity_text = generate_identity(identity_path)
+    port = port or free_port()
+    metrics = f'metrics_listen = "127.0.0.1:{metrics_port}"\n' if metrics_port else ""
+    config = directory / "oracle.toml"
+    config.write_text(
+        f'listen = ["127.0.0.1:{port}"]\n'
+        f'keystore = "{keystore_dir}"\n'
+        f'audit_log = "{directory / "audit.jsonl"}"\n'
+        f"signers = {signers}\n{metrics}\n"
+        "[[peer]]\n"
+        'name = "edge"\n'
+        'addresses = ["127.0.0.1"]\n'
+        f'identity = "{identity_text}"\n'
+        f"{peer_options}\n"
+    )
+    return OracleHome(directory, config, keystore_dir, directory / "audit.jsonl", identity_path, port, ids)
+
+
+@dataclass
+class OracleProcess:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def start_oracle(home: OracleHome, timeout: float = 20.0) -> OracleProcess:
+    """`yestls oracle serve` in a subprocess, returned once it listens."""
+    log_path = home.directory / f"oracle-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "oracle", "serve", "--config", str(home.config)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if re.search(r"oracle listening on", log_path.read_text()):
+            return OracleProcess(process, home.port, log_path)
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"oracle did not start:\n{log_path.read_text()}")
+
+
+@contextmanager
+def run_oracle(home: OracleHome):
+    oracle = start_oracle(home)
+    try:
+        yield oracle
+    finally:
+        if oracle.process.poll() is None:
+            oracle.process.terminate()
+            try:
+                oracle.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                oracle.kill()

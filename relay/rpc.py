@@ -140,11 +140,13 @@ class RpcConnection(asyncio.Protocol):
 
     def __init__(self, handler: Handler | None = None, *, max_frame: int = DEFAULT_MAX_FRAME,
                  max_in_flight: int = 256, on_made: Callable[["RpcConnection"], None] | None = None,
-                 on_lost: Callable[["RpcConnection"], None] | None = None):
+                 on_lost: Callable[["RpcConnection"], None] | None = None,
+                 on_frame_error: Callable[["RpcConnection", FrameError], None] | None = None):
         self.handler = handler
         self.max_in_flight = max_in_flight
         self.on_made = on_made
         self.on_lost = on_lost
+        self.on_frame_error = on_frame_error
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self.state: dict = {}  # per-connection facts for the handler (peer, authenticated, ...)
@@ -166,6 +168,8 @@ class RpcConnection(asyncio.Protocol):
             frames = self._decoder.feed(data)
         except FrameError as error:
             log.info("%s: closing: %s", self.peer_text(), error)
+            if self.on_frame_error is not None:
+                self.on_frame_error(self, error)
             self.close()
             return
         for frame in frames:

@@ -137,7 +137,8 @@ class OracleService:
     # --- connections --------------------------------------------------------
 
     def new_connection(self) -> RpcConnection:
-        return RpcConnection(self.handle, max_frame=MAX_FRAME, on_made=self._accept, on_lost=self._connection_lost)
+        return RpcConnection(self.handle, max_frame=MAX_FRAME, on_made=self._accept, on_lost=self._connection_lost,
+                             on_frame_error=self._frame_error)
 
     def _accept(self, connection: RpcConnection) -> None:
         peer_address = connection.transport.get_extra_info("peername")[0]
@@ -159,6 +160,12 @@ class OracleService:
         self.audit.record(peer=peer or address, method="connect", outcome=f"refused:{reason}")
         self.metrics.refusals.labels(reason).inc()
         connection.transport.abort()
+
+    def _frame_error(self, connection: RpcConnection, error) -> None:
+        peer = connection.state.get("peer")
+        self.audit.record(peer=peer.name if peer else connection.peer_text(), method="frame",
+                          outcome="refused:bad_frame", message=str(error))
+        self.metrics.refusals.labels("bad_frame").inc()
 
     def _connection_lost(self, connection: RpcConnection) -> None:
         state = connection.state.get("peer_state")
@@ -191,7 +198,7 @@ class OracleService:
         except RemoteError as error:
             self.metrics.requests.labels(str(method), "refused").inc()
             self.metrics.refusals.labels(error.code).inc()
-            if method != "sign":  # sign refusals are audited with their details in _sign
+            if not (method == "sign" and connection.state["authenticated"]):  # else _sign audited it, with details
                 self.audit.record(peer=peer.name, method=str(method), outcome=f"refused:{error.code}",
                                   message=error.message)
             raise
@@ -236,8 +243,11 @@ class OracleService:
         state: PeerState = connection.state["peer_state"]
         started = time.monotonic()
         key_id = frame.meta.get("key_id")
-        audit = {"peer": peer.name, "method": "sign", "key_id": key_id, "scheme": frame.meta.get("scheme")}
+        scheme = frame.meta.get("scheme")
+        audit = {"peer": peer.name, "method": "sign", "key_id": key_id, "scheme": scheme}
         try:
+            if not isinstance(key_id, str) or not isinstance(scheme, int) or isinstance(scheme, bool):
+                raise RemoteError(Code.BAD_REQUEST, "sign needs a string key_id and an integer scheme")
             if key_id not in self.entries:
                 raise RemoteError("unknown_key", "no key with that id; list certificates again")
             if state.in_flight >= peer.max_in_flight:
@@ -247,7 +257,7 @@ class OracleService:
             state.in_flight += 1
             self.metrics.in_flight.inc()
             try:
-                reply = await self.signers.sign(key_id, frame.meta.get("scheme"), frame.tail)
+                reply = await self.signers.sign(key_id, scheme, frame.tail)
             finally:
                 state.in_flight -= 1
                 self.metrics.in_flight.dec()

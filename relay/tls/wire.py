@@ -4,10 +4,16 @@ Every read checks the length before it uses it; running past the end or
 leaving bytes behind is a `DecodeError` (the decode_error alert).
 """
 
+import struct
+
 from .errors import DecodeError
+
+_U16 = struct.Struct(">H").unpack_from
 
 
 class Reader:
+    # Hot: every ClientHello (edge) and every signature request (oracle) is
+    # read through it, so the common reads avoid nested calls.
     __slots__ = ("data", "pos", "end")
 
     def __init__(self, data: bytes, pos: int = 0, end: int | None = None):
@@ -19,20 +25,34 @@ class Reader:
         return self.end - self.pos
 
     def take(self, n: int) -> bytes:
-        if n > self.end - self.pos:
-            raise DecodeError("message truncated")
         start = self.pos
-        self.pos += n
-        return self.data[start:self.pos]
+        stop = start + n
+        if stop > self.end:
+            raise DecodeError("message truncated")
+        self.pos = stop
+        return self.data[start:stop]
 
     def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
+        start = self.pos
+        stop = start + size
+        if stop > self.end:
+            raise DecodeError("message truncated")
+        self.pos = stop
+        return int.from_bytes(self.data[start:stop], "big")
 
     def u8(self) -> int:
-        return self.uint(1)
+        pos = self.pos
+        if pos >= self.end:
+            raise DecodeError("message truncated")
+        self.pos = pos + 1
+        return self.data[pos]
 
     def u16(self) -> int:
-        return self.uint(2)
+        pos = self.pos
+        if pos + 2 > self.end:
+            raise DecodeError("message truncated")
+        self.pos = pos + 2
+        return _U16(self.data, pos)[0]
 
     def u24(self) -> int:
         return self.uint(3)
@@ -52,18 +72,24 @@ class Reader:
         n = self.uint(length_size)
         if n < minimum:
             raise DecodeError(f"vector length {n} below {minimum}")
-        if n > self.end - self.pos:
+        start = self.pos
+        stop = start + n
+        if stop > self.end:
             raise DecodeError("vector runs past its container")
-        inner = Reader(self.data, self.pos, self.pos + n)
-        self.pos += n
-        return inner
+        self.pos = stop
+        return Reader(self.data, start, stop)
 
     def uint_list(self, length_size: int, item_size: int, minimum: int = 0) -> list[int]:
         """A vector of fixed-size integers (cipher suites, groups, schemes, ...)."""
         inner = self.sub(length_size, minimum)
-        if inner.remaining() % item_size:
+        count, rest = divmod(inner.end - inner.pos, item_size)
+        if rest:
             raise DecodeError("list length is not a multiple of its item size")
-        return [inner.uint(item_size) for _ in range(inner.remaining() // item_size)]
+        if item_size == 2:
+            return list(struct.unpack_from(f">{count}H", inner.data, inner.pos))
+        if item_size == 1:
+            return list(inner.data[inner.pos:inner.end])
+        return [inner.uint(item_size) for _ in range(count)]
 
     def expect_end(self) -> None:
         if self.pos != self.end:

@@ -72,6 +72,7 @@ class Refusal(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.facts: dict = {}  # what was learnt before refusing (SNI, client random), for the audit log
 
     def __repr__(self) -> str:
         return f"Refusal({self.code!r}, {self.message!r})"
@@ -107,9 +108,11 @@ _SERVER_SHARE_LENGTHS = {
 
 def check_certificate_verify(handshake_messages: bytes, scheme: int, chain: CertificateChain) -> Approved:
     """What to sign for this request, or `Refusal`: nothing else escapes, whatever the input."""
+    seen: dict = {}
     try:
-        return _check(handshake_messages, scheme, chain)
-    except Refusal:
+        return _check(handshake_messages, scheme, chain, seen)
+    except Refusal as refusal:
+        refusal.facts = seen
         raise
     except TLSAlert as error:  # _parsed names the message; this is only a safety net
         raise Refusal(MALFORMED, error.message) from error
@@ -134,11 +137,12 @@ def _chain_facts(chain: CertificateChain) -> _ChainFacts:
     return _ChainFacts(messages.certificate(chain.der_chain), schemes)
 
 
-def _check(data: bytes, scheme: int, chain: CertificateChain) -> Approved:
+def _check(data: bytes, scheme: int, chain: CertificateChain, seen: dict) -> Approved:
     msgs = split_handshake_messages(data)
     if msgs[0][0] != HandshakeType.CLIENT_HELLO:
         raise Refusal(NOT_A_TRANSCRIPT, f"starts with handshake message type {msgs[0][0]}, not a ClientHello")
     first = _parsed(parse_client_hello, msgs[0], "ClientHello")
+    seen.update(server_name=first.server_name, client_random=first.random.hex())
     _check_offers_tls13(first)
 
     types = [m[0] for m in msgs]

@@ -33,6 +33,8 @@ from relay.rpc import Code, Frame, RemoteError, RpcConnection
 
 log = logging.getLogger("yestls.oracle")
 
+METHODS = frozenset({"ping", "hello", "auth", "certificates", "sign"})
+
 class TokenBucket:
     def __init__(self, rate: float, burst: int, now: float):
         self.rate = rate
@@ -177,32 +179,34 @@ class OracleService:
 
     async def handle(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
         method = frame.meta.get("method")
+        known = method if isinstance(method, str) and method in METHODS else None
+        label = known or "other"  # a peer must not mint metric labels
         peer = connection.state.get("peer")
         if peer is None:  # refused at accept; requests may still be in the buffer
             raise RemoteError(Code.NOT_AUTHENTICATED, "connection refused")
         try:
-            if method == "ping":
+            if known == "ping":
                 result = ({}, b"")
-            elif method == "hello":
+            elif known == "hello":
                 result = self._hello(connection, frame)
-            elif method == "auth":
+            elif known == "auth":
                 result = self._auth(connection, frame)
             elif not connection.state["authenticated"]:
                 raise RemoteError(Code.NOT_AUTHENTICATED, "prove the edge identity first (hello, auth)")
-            elif method == "certificates":
+            elif known == "certificates":
                 result = self._certificates()
-            elif method == "sign":
+            elif known == "sign":
                 result = await self._sign(connection, frame)
             else:
                 raise RemoteError(Code.UNKNOWN_METHOD, f"no method {method!r}; this oracle only signs")
         except RemoteError as error:
-            self.metrics.requests.labels(str(method), "refused").inc()
+            self.metrics.requests.labels(label, "refused").inc()
             self.metrics.refusals.labels(error.code).inc()
-            if not (method == "sign" and connection.state["authenticated"]):  # else _sign audited it, with details
-                self.audit.record(peer=peer.name, method=str(method), outcome=f"refused:{error.code}",
-                                  message=error.message)
+            if not (known == "sign" and connection.state["authenticated"]):  # else _sign audited it, with details
+                self.audit.record(peer=peer.name, method=str(method)[:64], outcome=f"refused:{error.code}",
+                                  message=error.message[:200])
             raise
-        self.metrics.requests.labels(str(method), "ok").inc()
+        self.metrics.requests.labels(label, "ok").inc()
         return result
 
     def _hello(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
@@ -262,7 +266,7 @@ class OracleService:
                 state.in_flight -= 1
                 self.metrics.in_flight.dec()
         except RemoteError as error:
-            self.audit.record(**audit, outcome=f"refused:{error.code}", message=error.message)
+            self.audit.record(**audit, **error.extra, outcome=f"refused:{error.code}", message=error.message)
             raise
         self.metrics.sign_seconds.observe(time.monotonic() - started)
         self.audit.record(**audit, **reply.meta, outcome="signed")

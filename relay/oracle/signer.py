@@ -41,7 +41,7 @@ def answer(frame: Frame, keys: dict) -> bytes:
     try:
         approved = policy.check_certificate_verify(frame.tail, scheme, entry.chain)
     except policy.Refusal as refusal:
-        return _error(frame.id, refusal.code, str(refusal))
+        return _error(frame.id, refusal.code, str(refusal), refusal.facts)
     signature = signing.sign(entry.private_key, approved.scheme, approved.content)
     facts = {
         "server_name": approved.server_name,
@@ -52,8 +52,8 @@ def answer(frame: Frame, keys: dict) -> bytes:
     return encode_frame(Kind.RESPONSE, frame.id, facts, signature)
 
 
-def _error(frame_id: int, code: str, message: str) -> bytes:
-    return encode_frame(Kind.ERROR, frame_id, {"code": code, "message": message})
+def _error(frame_id: int, code: str, message: str, facts: dict | None = None) -> bytes:
+    return encode_frame(Kind.ERROR, frame_id, {"code": code, "message": message, **(facts or {})})
 
 
 def serve(sock: socket.socket, keys: dict) -> None:

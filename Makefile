@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: test packages venv bench clean
+.PHONY: test packages venv bench bench-oracle clean
 
 test: packages venv
 	$(VENV)/bin/ruff check relay tests bench
@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml requirements/test.txt
 
 bench: packages venv
 	$(PY) bench/tls_handshake.py
+
+bench-oracle: packages venv
+	$(PY) bench/oracle.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

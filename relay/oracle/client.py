@@ -77,6 +77,7 @@ class OracleLink:
         self.backoff = backoff
         self.state = LinkState.DOWN
         self.rtt: float | None = None  # smoothed seconds per call
+        self.suspect_until = 0.0  # after a timed-out call, other oracles go first until then
         self.last_error: str | None = None
         self.connection: rpc.RpcConnection | None = None
         self.ready = asyncio.Event()
@@ -104,7 +105,7 @@ class OracleLink:
                 connection = await asyncio.wait_for(
                     rpc.connect(self.host, self.port, max_frame=MAX_FRAME), self.connect_timeout)
             except (OSError, asyncio.TimeoutError) as error:
-                self._down(f"connect: {error or type(error).__name__}")
+                self._down(f"connect: {_describe(error)}")
             else:
                 try:
                     await self._authenticate(connection)
@@ -148,6 +149,10 @@ class OracleLink:
             await asyncio.wait([connection.closed], timeout=self.ping_interval)
         raise ConnectionError("connection closed")
 
+    def suspect(self) -> None:
+        """A call timed out: the oracle may be stalled (home offline, tunnel dropping packets)."""
+        self.suspect_until = asyncio.get_running_loop().time() + self.ping_interval
+
     def _observe(self, seconds: float) -> None:
         self.rtt = seconds if self.rtt is None else 0.8 * self.rtt + 0.2 * seconds
 
@@ -170,11 +175,12 @@ class OraclePool:
     """The TLS engine's signer on the edge: signs through whichever oracle is up and fastest."""
 
     def __init__(self, endpoints: list[tuple[str, int]], identity: Ed25519PrivateKey, *,
-                 request_timeout: float = 2.0, **link_options):
+                 request_timeout: float = 2.0, attempt_floor: float = 0.25, **link_options):
         if not endpoints:
             raise ValueError("an oracle pool needs at least one oracle address")
         self.links = [OracleLink(host, port, identity, **link_options) for host, port in endpoints]
         self.request_timeout = request_timeout
+        self.attempt_floor = attempt_floor  # the least time one oracle gets before the next is tried
         self._key_ids: dict[bytes, str] = {}  # leaf certificate DER -> key id
 
     async def start(self) -> None:
@@ -199,8 +205,10 @@ class OraclePool:
         return PoolHealth(state, links)
 
     def _ready_links(self, tried: set) -> list[OracleLink]:
+        now = asyncio.get_running_loop().time()
         ready = [link for link in self.links if link.state is LinkState.READY and link not in tried]
-        return sorted(ready, key=lambda link: link.rtt if link.rtt is not None else float("inf"))
+        return sorted(ready, key=lambda link: (link.suspect_until > now,
+                                               link.rtt if link.rtt is not None else float("inf")))
 
     async def certificates(self) -> list[tuple[str, CertificateChain]]:
         """(key id, chain) for every key the oracles hold: the edge's public material."""
@@ -232,12 +240,23 @@ class OraclePool:
                 break
             link = candidates[0]
             tried.add(link)
+            # With another oracle to fall back on, a silent one must not eat the
+            # whole deadline: give it a few round trips, then move on.
+            attempt = remaining
+            if len(candidates) > 1:
+                attempt = min(remaining, max(self.attempt_floor, 8 * (link.rtt or 0.0)))
             try:
-                return await link.call(method, params, tail, timeout=remaining)
+                return await link.call(method, params, tail, timeout=attempt)
             except rpc.RemoteError as error:
                 if error.code not in RETRYABLE:
                     raise OracleRefused(error) from None
                 failures.append(f"{link.address}: {error}")
             except (ConnectionError, asyncio.TimeoutError) as error:
-                failures.append(f"{link.address}: {error or type(error).__name__}")
+                failures.append(f"{link.address}: {_describe(error)}")
+                if isinstance(error, asyncio.TimeoutError):
+                    link.suspect()
         raise OracleUnavailable("; ".join(failures) or "no oracle is connected")
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__

@@ -21,8 +21,8 @@ from enum import Enum
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from relay import rpc
-from relay.oracle.protocol import MAX_FRAME, auth_message
+from relay import rpc, tunnel
+from relay.oracle.protocol import MAX_FRAME, SERVICE
 from relay.tls import CertificateChain, SignatureRequest
 
 log = logging.getLogger("yestls.oracle.client")
@@ -108,7 +108,7 @@ class OracleLink:
                 self._down(f"connect: {_describe(error)}")
             else:
                 try:
-                    await self._authenticate(connection)
+                    await tunnel.authenticate(connection, SERVICE, self.identity, self.connect_timeout)
                     self.connection = connection
                     self.state = LinkState.READY
                     self.last_error = None
@@ -131,14 +131,6 @@ class OracleLink:
         self.state = LinkState.DOWN
         self.last_error = reason
         self.ready.clear()
-
-    async def _authenticate(self, connection: rpc.RpcConnection) -> None:
-        hello = await connection.call("hello", timeout=self.connect_timeout)
-        challenge = bytes.fromhex(hello.meta["challenge"])
-        transport = connection.transport
-        message = auth_message(challenge, transport.get_extra_info("peername"), transport.get_extra_info("sockname"))
-        signature = base64.b64encode(self.identity.sign(message)).decode()
-        await connection.call("auth", {"signature": signature}, timeout=self.connect_timeout)
 
     async def _keep_alive(self, connection: rpc.RpcConnection) -> None:
         loop = asyncio.get_running_loop()

@@ -8,48 +8,28 @@ processes (relay/oracle/signer.py), which alone hold the keys. It has no
 decrypt operation and no way to sign anything but a policy-checked TLS 1.3
 CertificateVerify.
 
-Methods: ping, hello, auth (the identity proof), certificates, sign.
+Methods: ping, hello, auth (relay.tunnel's identity proof), certificates, sign.
 """
 
 import asyncio
 import base64
 import logging
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-
+from relay import tunnel
 from relay.oracle import config as oracle_config
 from relay.oracle.audit import AuditLog
 from relay.oracle.keystore import Keystore, KeystoreError, PublicEntry
 from relay.oracle.metrics import OracleMetrics
-from relay.oracle.protocol import CHALLENGE_LEN, MAX_FRAME, auth_message
+from relay.oracle.protocol import MAX_FRAME, SERVICE
 from relay.rpc import Code, Frame, RemoteError, RpcConnection
+from relay.tunnel import PeerState, TunnelService
 
 log = logging.getLogger("yestls.oracle")
-
-METHODS = frozenset({"ping", "hello", "auth", "certificates", "sign"})
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: int, now: float):
-        self.rate = rate
-        self.burst = burst
-        self.tokens = float(burst)
-        self.updated = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
 
 class SignerProcesses:
     """The signing processes, each behind a socketpair, given work by least load."""
@@ -119,122 +99,20 @@ class SignerProcesses:
                 process.kill()
 
 
-@dataclass
-class PeerState:
-    connections: int = 0
-    in_flight: int = 0
-    bucket: TokenBucket | None = None
-
-
 class OracleService:
+    """The oracle's methods behind the tunnel gate: certificates and sign."""
+
     def __init__(self, config: oracle_config.OracleConfig, entries: list[PublicEntry],
                  signers: SignerProcesses, audit: AuditLog, metrics: OracleMetrics):
-        self.config = config
         self.entries = {e.key_id: e for e in entries}
         self.signers = signers
         self.audit = audit
         self.metrics = metrics
-        self.peers: dict[str, PeerState] = {}
+        self.gate = TunnelService(
+            SERVICE, config.peers, {"certificates": self._certificates, "sign": self._sign}, audit, metrics,
+            max_frame=MAX_FRAME, self_auditing=frozenset({"sign"}))
 
-    # --- connections --------------------------------------------------------
-
-    def new_connection(self) -> RpcConnection:
-        return RpcConnection(self.handle, max_frame=MAX_FRAME, on_made=self._accept, on_lost=self._connection_lost,
-                             on_frame_error=self._frame_error)
-
-    def _accept(self, connection: RpcConnection) -> None:
-        peer_address = connection.transport.get_extra_info("peername")[0]
-        peer = self.config.peer_for_address(peer_address)
-        if peer is None:
-            self._refuse_connection(connection, peer_address, "peer_not_allowed")
-            return
-        state = self.peers.setdefault(peer.name, PeerState(bucket=TokenBucket(peer.rate, peer.burst, time.monotonic())))
-        if state.connections >= peer.max_connections:
-            self._refuse_connection(connection, peer_address, "too_many_connections", peer.name)
-            return
-        state.connections += 1
-        connection.state.update(peer=peer, peer_state=state, authenticated=False, challenge=None)
-        connection.max_in_flight = peer.max_in_flight
-        self.metrics.connections.inc()
-
-    def _refuse_connection(self, connection, address: str, reason: str, peer: str | None = None) -> None:
-        log.warning("refused connection from %s: %s", address, reason)
-        self.audit.record(peer=peer or address, method="connect", outcome=f"refused:{reason}")
-        self.metrics.refusals.labels(reason).inc()
-        connection.transport.abort()
-
-    def _frame_error(self, connection: RpcConnection, error) -> None:
-        peer = connection.state.get("peer")
-        self.audit.record(peer=peer.name if peer else connection.peer_text(), method="frame",
-                          outcome="refused:bad_frame", message=str(error))
-        self.metrics.refusals.labels("bad_frame").inc()
-
-    def _connection_lost(self, connection: RpcConnection) -> None:
-        state = connection.state.get("peer_state")
-        if state is not None:
-            state.connections -= 1
-            self.metrics.connections.dec()
-
-    # --- requests -----------------------------------------------------------
-
-    async def handle(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
-        method = frame.meta.get("method")
-        known = method if isinstance(method, str) and method in METHODS else None
-        label = known or "other"  # a peer must not mint metric labels
-        peer = connection.state.get("peer")
-        if peer is None:  # refused at accept; requests may still be in the buffer
-            raise RemoteError(Code.NOT_AUTHENTICATED, "connection refused")
-        try:
-            if known == "ping":
-                result = ({}, b"")
-            elif known == "hello":
-                result = self._hello(connection, frame)
-            elif known == "auth":
-                result = self._auth(connection, frame)
-            elif not connection.state["authenticated"]:
-                raise RemoteError(Code.NOT_AUTHENTICATED, "prove the edge identity first (hello, auth)")
-            elif known == "certificates":
-                result = self._certificates()
-            elif known == "sign":
-                result = await self._sign(connection, frame)
-            else:
-                raise RemoteError(Code.UNKNOWN_METHOD, f"no method {method!r}; this oracle only signs")
-        except RemoteError as error:
-            self.metrics.requests.labels(label, "refused").inc()
-            self.metrics.refusals.labels(error.code).inc()
-            if not (known == "sign" and connection.state["authenticated"]):  # else _sign audited it, with details
-                self.audit.record(peer=peer.name, method=str(method)[:64], outcome=f"refused:{error.code}",
-                                  message=error.message[:200])
-            raise
-        self.metrics.requests.labels(label, "ok").inc()
-        return result
-
-    def _hello(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
-        challenge = os.urandom(CHALLENGE_LEN)
-        connection.state["challenge"] = challenge
-        connection.state["authenticated"] = False
-        return {"version": 1, "service": "yestls-oracle", "challenge": challenge.hex()}, b""
-
-    def _auth(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
-        challenge = connection.state.get("challenge")
-        connection.state["challenge"] = None  # one answer per challenge: no second try, no replay
-        if challenge is None:
-            raise RemoteError(Code.NOT_AUTHENTICATED, "ask for a challenge (hello) first")
-        try:
-            signature = base64.b64decode(frame.meta.get("signature", ""), validate=True)
-        except (ValueError, TypeError):
-            raise RemoteError(Code.BAD_REQUEST, "signature must be base64") from None
-        transport = connection.transport
-        message = auth_message(challenge, transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
-        try:
-            connection.state["peer"].identity.verify(signature, message)
-        except InvalidSignature:
-            raise RemoteError(Code.NOT_AUTHENTICATED, "the signature is not the peer's identity key's") from None
-        connection.state["authenticated"] = True
-        self.audit.record(peer=connection.state["peer"].name, method="auth", outcome="ok")
-        return {}, b""
-
-    def _certificates(self) -> tuple[dict, bytes]:
+    async def _certificates(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
         listing = [
             {"key_id": e.key_id, "key_type": e.key_type, "schemes": list(e.chain.schemes),
              "chain": [base64.b64encode(der).decode() for der in e.chain.der_chain]}
@@ -291,7 +169,7 @@ async def serve(config: oracle_config.OracleConfig) -> None:
     audit = AuditLog(config.audit_log)
     service = OracleService(config, entries, signers, audit, metrics)
     loop = asyncio.get_running_loop()
-    servers = [await loop.create_server(service.new_connection, host, port) for host, port in config.listen]
+    servers = await tunnel.serve(service.gate, config.listen)
     log.info("oracle listening on %s with %d key(s), %d signing process(es)",
              ", ".join(f"{h}:{p}" for h, p in config.listen), len(entries), config.signers)
     stop = asyncio.Event()

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     oracle_serve = oracle_commands.add_parser("serve", help="answer the edge's signature requests")
     oracle_serve.add_argument("--config", type=Path, required=True, help="oracle.toml")
 
+    edge = commands.add_parser("edge", help="the public MX on the cloud VM")
+    edge_commands = edge.add_subparsers(dest="edge_command", required=True)
+    edge_serve = edge_commands.add_parser("serve", help="accept mail, seal it, serve it to home")
+    edge_serve.add_argument("--config", type=Path, required=True, help="edge.toml")
+
     keys_cli.add_parsers(commands)
     return parser
 
@@ -66,6 +71,10 @@ def main(argv=None) -> int:
         from relay.oracle import server
 
         return server.run(args)
+    if args.command == "edge":
+        from relay.edge import server as edge_server
+
+        return edge_server.run(args)
     if args.command == "keys":
         return keys_cli.run(args)
     return 2

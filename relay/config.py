@@ -56,6 +56,28 @@ class Table:
             raise self.error(key, f"{value!r} is not valid{what}")
         return value
 
+    def address(self, key: str, default: Any = _REQUIRED, hint: str = "") -> tuple[str, int] | None:
+        """One "HOST:PORT" string, parsed; `default` (e.g. None) when absent."""
+        text = self.get(key, str, default=default, hint=hint or '"HOST:PORT"')
+        if text is None or isinstance(text, tuple):
+            return text
+        try:
+            return parse_address(text)
+        except ValueError as error:
+            raise self.error(key, f"{error}; write HOST:PORT") from None
+
+    def addresses(self, key: str, default: Any = _REQUIRED, hint: str = "") -> tuple[tuple[str, int], ...]:
+        """A list of "HOST:PORT" strings, parsed."""
+        texts = self.get(key, list, default=default, check=lambda v: all(isinstance(x, str) for x in v),
+                         hint=hint or 'a list of "HOST:PORT"')
+        result = []
+        for text in texts or ():
+            try:
+                result.append(parse_address(text))
+            except ValueError as error:
+                raise self.error(key, f"{error}; write HOST:PORT") from None
+        return tuple(result)
+
     def tables(self, key: str) -> list["Table"]:
         """An array of tables ([[key]]), each as a Table."""
         self._read.add(key)

@@ -54,7 +54,9 @@ class TLSServerProtocol(asyncio.Protocol):
         sign_timeout: float = 10.0,
         random: Callable[[int], bytes] = os.urandom,
         now: Callable[[], float] = time.time,
+        handshake_waiter: asyncio.Future | None = None,
     ):
+        """`handshake_waiter`, if given, gets the SessionInfo or the reason the handshake failed."""
         self.engine = ServerConnection(config, random=random, now=now)
         self._signer = signer
         self._app = app_protocol
@@ -65,6 +67,7 @@ class TLSServerProtocol(asyncio.Protocol):
         self._sign_task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._waiter = handshake_waiter
 
     # --- raw transport side ---------------------------------------------------
 
@@ -97,6 +100,7 @@ class TLSServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._resolve_waiter(ConnectionError("connection lost during the TLS handshake"))
         if self._timer:
             self._timer.cancel()
         if self._sign_task and not self._sign_task.done():
@@ -122,6 +126,7 @@ class TLSServerProtocol(asyncio.Protocol):
         except Exception as error:  # noqa: BLE001 - any signer failure ends this handshake only
             log.warning("%s: signer failed (%s: %s); handshake aborted", self._peer(), type(error).__name__, error)
             self.engine.signature_failed()
+            self._resolve_waiter(error)
             self._flush()
             self._close_transport()
             return
@@ -144,6 +149,7 @@ class TLSServerProtocol(asyncio.Protocol):
         )
         self._tls_transport = TLSTransport(self)
         self._app.connection_made(self._tls_transport)
+        self._resolve_waiter(None, event.session)
 
     def _handshake_timed_out(self) -> None:
         if not self.engine.handshake_complete and not self._closed:
@@ -161,10 +167,18 @@ class TLSServerProtocol(asyncio.Protocol):
 
     def _fail(self, error: TLSError) -> None:
         log.info("%s: TLS connection ended: %s", self._peer(), error)
+        self._resolve_waiter(error)
         self._flush()
         self._close_transport()
 
     # --- plumbing -------------------------------------------------------------
+
+    def _resolve_waiter(self, error: Exception | None, session=None) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            if error is None:
+                self._waiter.set_result(session)
+            else:
+                self._waiter.set_exception(error)
 
     def _flush(self) -> None:
         data = self.engine.data_to_send()

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.config import ConfigError, Table, parse_address
+from relay.config import ConfigError, Table
 from relay.tunnel import Peer, load_peers
 
 
@@ -34,30 +34,24 @@ class OracleConfig:
     peers: tuple[Peer, ...]
 
 
-def _address(table: Table, key: str, text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as error:
-        raise table.error(key, f"{error}; write HOST:PORT with the tunnel address") from None
-
-
 def load(path: Path) -> OracleConfig:
     table = Table.load(path)
-    listen = table.get("listen", list, check=lambda v: v and all(isinstance(x, str) for x in v),
-                       hint='a list of "HOST:PORT" on the tunnel address')
+    listen = table.addresses("listen", hint='a list of "HOST:PORT" on the tunnel address')
+    if not listen:
+        raise table.error("listen", "empty: give the tunnel address to listen on")
     keystore = Path(table.get("keystore", str, hint="the keystore directory made by `yestls keys new`"))
     audit_log = Path(table.get("audit_log", str, hint="a JSON-lines file the oracle appends to"))
     signers = table.get("signers", int, default=min(os.cpu_count() or 1, 4), check=lambda n: 1 <= n <= 64,
                         hint="the number of signing processes, 1..64")
-    metrics = table.get("metrics_listen", str, default=None, hint='"HOST:PORT" on the tunnel address')
+    metrics = table.address("metrics_listen", default=None, hint='"HOST:PORT" on the tunnel address')
     peers = load_peers(table, "the edge")
     table.done()
     return OracleConfig(
-        listen=tuple(_address(table, "listen", a) for a in listen),
+        listen=listen,
         keystore=keystore,
         audit_log=audit_log,
         signers=signers,
-        metrics_listen=_address(table, "metrics_listen", metrics) if metrics else None,
+        metrics_listen=metrics,
         peers=tuple(peers),
     )
 

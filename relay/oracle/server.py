@@ -21,8 +21,8 @@ import sys
 import time
 
 from relay import tunnel
+from relay.audit import AuditLog
 from relay.oracle import config as oracle_config
-from relay.oracle.audit import AuditLog
 from relay.oracle.keystore import Keystore, KeystoreError, PublicEntry
 from relay.oracle.metrics import OracleMetrics
 from relay.oracle.protocol import MAX_FRAME, SERVICE

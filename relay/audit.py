@@ -1,4 +1,4 @@
-"""The oracle's audit log: one JSON line per request, appended as it is decided.
+"""An audit log for a tunnel service (the key oracle, the spool): one JSON line per request, appended as it is decided.
 
 Each line is written with a single write(2) on an O_APPEND descriptor, so a
 crash loses at most the line being written, and lines from one process never

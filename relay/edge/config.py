@@ -1,0 +1,193 @@
+"""edge.toml: the public MX, its oracles, its spool, and home's access to the spool.
+
+    hostname = "mx.example.org"          # the MX name: greeting, EHLO, Received
+    domains = ["example.org"]            # we accept mail for these, nothing else
+    mailboxes = []                       # optional: only these addresses
+    mailboxes_from_home = false          # or: the list home publishes (cached on disk)
+    state_dir = "/var/lib/yestls-edge"   # the cached mailbox list
+    metrics_listen = "10.77.0.1:9465"    # optional; tunnel address only
+
+    [smtp]
+    listen = ["0.0.0.0:25"]
+    implicit_tls_listen = []             # optional, e.g. ["0.0.0.0:465"]
+    max_message_size = 26214400
+    max_recipients = 100
+    command_timeout = 300                # seconds (RFC 5321 4.5.3.2: at least 5 minutes)
+    data_timeout = 600                   # seconds without a byte during DATA
+    handshake_timeout = 30
+    max_connections = 200
+    max_connections_per_ip = 10
+    max_errors = 10
+    oracle_down = "tempfail"             # or "resume-only", or "plaintext" (opt-in)
+
+    [oracle]
+    servers = ["10.77.0.2:7443"]
+    identity_key = "/var/lib/yestls-edge/identity.key"
+    request_timeout = 2.0
+    refresh_certificates = 3600
+
+    [spool]
+    directory = "/var/spool/yestls"
+    public_key = "mlkem768-x25519:..."   # `yestls keys spool-new` at home prints it
+    max_bytes = 1073741824
+    max_files = 10000
+
+    [spool_service]
+    listen = ["10.77.0.1:7444"]
+    audit_log = "/var/log/yestls-edge/spool-audit.jsonl"
+    [[spool_service.peer]]
+    name = "home"
+    addresses = ["10.77.0.2"]
+    identity = "ed25519:..."             # home's `yestls keys identity-new`
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.config import ConfigError, Table
+from relay.edge.recipients import normal_address, normal_domain
+from relay.tunnel import Peer, load_peers
+
+ORACLE_DOWN_POLICIES = ("tempfail", "resume-only", "plaintext")
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen: tuple[tuple[str, int], ...]
+    implicit_tls_listen: tuple[tuple[str, int], ...]
+    max_message_size: int
+    max_recipients: int
+    command_timeout: float
+    data_timeout: float
+    handshake_timeout: float
+    max_connections: int
+    max_connections_per_ip: int
+    max_errors: int
+    oracle_down: str
+
+
+@dataclass(frozen=True)
+class OracleSettings:
+    servers: tuple[tuple[str, int], ...]
+    identity_key: Path
+    request_timeout: float
+    refresh_certificates: float
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    directory: Path
+    public_key: str
+    max_bytes: int
+    max_files: int
+
+
+@dataclass(frozen=True)
+class SpoolServiceSettings:
+    listen: tuple[tuple[str, int], ...]
+    audit_log: Path
+    peers: tuple[Peer, ...]
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    hostname: str
+    domains: frozenset[str]
+    mailboxes: frozenset[str] | None
+    mailboxes_from_home: bool
+    state_dir: Path
+    metrics_listen: tuple[str, int] | None
+    smtp: SmtpSettings
+    oracle: OracleSettings
+    spool: SpoolSettings
+    spool_service: SpoolServiceSettings | None
+
+
+def _positive(n) -> bool:
+    return n > 0
+
+
+def load(path: Path) -> EdgeConfig:
+    table = Table.load(path)
+    hostname = table.get("hostname", str, check=lambda h: normal_domain(h) is not None,
+                         hint="the MX host name, e.g. mx.example.org")
+    domains = table.get("domains", list, check=bool, hint="the mail domains this MX accepts mail for")
+    normal_domains = []
+    for domain in domains:
+        normal = normal_domain(domain) if isinstance(domain, str) else None
+        if normal is None:
+            raise table.error("domains", f"{domain!r} is not a domain name")
+        normal_domains.append(normal)
+    listed = table.get("mailboxes", list, default=[], hint="addresses like user@example.org")
+    mailboxes = []
+    for address in listed:
+        normal = normal_address(address) if isinstance(address, str) else None
+        if normal is None or normal.rpartition("@")[2] not in normal_domains:
+            raise table.error("mailboxes", f"{address!r} is not an address at one of `domains`")
+        mailboxes.append(normal)
+    from_home = table.get("mailboxes_from_home", bool, default=False)
+    if from_home and mailboxes:
+        raise table.error("mailboxes_from_home", "set either `mailboxes` or `mailboxes_from_home`, not both")
+    state_dir = Path(table.get("state_dir", str, default="/var/lib/yestls-edge"))
+    metrics = table.address("metrics_listen", default=None, hint='"HOST:PORT" on the tunnel address')
+
+    smtp = table.table("smtp")
+    oracle_down = smtp.get("oracle_down", str, default="tempfail", check=lambda p: p in ORACLE_DOWN_POLICIES,
+                           hint=" or ".join(ORACLE_DOWN_POLICIES))
+    smtp_settings = SmtpSettings(
+        listen=smtp.addresses("listen", default=["0.0.0.0:25"]),
+        implicit_tls_listen=smtp.addresses("implicit_tls_listen", default=[]),
+        max_message_size=smtp.get("max_message_size", int, default=25 * 1024 * 1024, check=_positive),
+        max_recipients=smtp.get("max_recipients", int, default=100, check=_positive),
+        command_timeout=float(smtp.get("command_timeout", (int, float), default=300, check=_positive)),
+        data_timeout=float(smtp.get("data_timeout", (int, float), default=600, check=_positive)),
+        handshake_timeout=float(smtp.get("handshake_timeout", (int, float), default=30, check=_positive)),
+        max_connections=smtp.get("max_connections", int, default=200, check=_positive),
+        max_connections_per_ip=smtp.get("max_connections_per_ip", int, default=10, check=_positive),
+        max_errors=smtp.get("max_errors", int, default=10, check=_positive),
+        oracle_down=oracle_down,
+    )
+    smtp.done()
+
+    oracle = table.table("oracle")
+    oracle_settings = OracleSettings(
+        servers=oracle.addresses("servers", hint='the oracles\' "HOST:PORT" on the tunnel'),
+        identity_key=Path(oracle.get("identity_key", str, hint="made by `yestls keys identity-new`")),
+        request_timeout=float(oracle.get("request_timeout", (int, float), default=2.0, check=_positive)),
+        refresh_certificates=float(oracle.get("refresh_certificates", (int, float), default=3600,
+                                              check=_positive)),
+    )
+    if not oracle_settings.servers:
+        raise oracle.error("servers", "empty: the edge needs at least one key oracle")
+    oracle.done()
+
+    spool = table.table("spool")
+    spool_settings = SpoolSettings(
+        directory=Path(spool.get("directory", str, default="/var/spool/yestls")),
+        public_key=spool.get("public_key", str, hint="the home spool key, printed by `yestls keys spool-new`"),
+        max_bytes=spool.get("max_bytes", int, default=1 << 30, check=_positive),
+        max_files=spool.get("max_files", int, default=10000, check=_positive),
+    )
+    spool.done()
+
+    service = None
+    if "spool_service" in table.data:
+        section = table.table("spool_service")
+        service = SpoolServiceSettings(
+            listen=section.addresses("listen", hint='"HOST:PORT" on the tunnel address'),
+            audit_log=Path(section.get("audit_log", str, default="/var/log/yestls-edge/spool-audit.jsonl")),
+            peers=load_peers(section, "home's intake"),
+        )
+        section.done()
+    else:
+        table.table("spool_service")  # marks the key as read: absent is allowed
+    table.done()
+    return EdgeConfig(
+        hostname=normal_domain(hostname), domains=frozenset(normal_domains),
+        mailboxes=frozenset(mailboxes) if mailboxes else None, mailboxes_from_home=from_home,
+        state_dir=state_dir, metrics_listen=metrics, smtp=smtp_settings, oracle=oracle_settings,
+        spool=spool_settings, spool_service=service,
+    )
+
+
+__all__ = ["ConfigError", "EdgeConfig", "load"]

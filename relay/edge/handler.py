@@ -1,0 +1,124 @@
+"""The edge's SMTP policy, as an aiosmtpd handler: who may send what, and sealing on DATA.
+
+Each hook returns the reply. A message is answered 250 only after its sealed
+file and the spool directory are on disk (`Spool.accept`, run in a thread so
+an fsync never stalls other sessions).
+"""
+
+import asyncio
+import email.utils
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relay.edge.recipients import RecipientPolicy
+from relay.spool.store import SpoolFull
+
+log = logging.getLogger("yestls.edge")
+
+# The sealing call may not block the event loop: it writes and fsyncs.
+SEAL_THREADS = 4
+
+
+@dataclass(frozen=True)
+class TransactionRules:
+    hostname: str
+    max_recipients: int
+    # True when a transaction needs TLS now (resume-only policy with the oracle away).
+    tls_required: Callable[[], bool]
+    recipients: Callable[[], RecipientPolicy]
+
+
+class EdgeHandler:
+    def __init__(self, rules: TransactionRules, spool, metrics):
+        self.rules = rules
+        self.spool = spool
+        self.metrics = metrics
+
+    async def handle_EHLO(self, server, session, envelope, hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        # An MX offers no AUTH; it does offer pipelining and enhanced codes.
+        lines = [line for line in responses if not line[4:].startswith("AUTH")]
+        last = lines.pop()
+        return lines + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
+
+    async def handle_MAIL(self, server, session, envelope, address: str, mail_options: list[str]) -> str:
+        if server.tls_session is None and self.rules.tls_required():
+            self.metrics.refused("tls_required")
+            return "451 4.7.0 TLS is required while our key service is away; please retry later"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.rules.max_recipients:
+            self.metrics.refused("too_many_recipients")
+            return "452 4.5.3 Too many recipients"
+        refusal = self.rules.recipients().check(address)
+        if refusal is not None:
+            self.metrics.refused("relay_denied" if refusal.startswith("550 5.7.1") else "unknown_mailbox")
+            log.info("%s: refused recipient %r", _peer(session), address)
+            return refusal
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        tls = server.tls_session
+        received = self.received_header(session, envelope, tls)
+        metadata = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": list(envelope.rcpt_tos),
+            "mail_options": list(envelope.mail_options),
+            "rcpt_options": list(envelope.rcpt_options),
+            "smtputf8": bool(envelope.smtp_utf8),
+            "client_address": _peer(session),
+            "helo": session.host_name,
+            "tls": None if tls is None else {"version": tls.version, "cipher": tls.cipher_suite, "group": tls.group,
+                                             "resumed": tls.resumed, "server_name": tls.server_name},
+            "received_at": time.time(),
+        }
+        content = envelope.original_content
+        loop = asyncio.get_running_loop()
+        accept = functools.partial(self.spool.accept, metadata, [received, content], size=len(received) + len(content))
+        try:
+            spool_id = await loop.run_in_executor(None, accept)
+        except SpoolFull as error:
+            self.metrics.refused("spool_full")
+            log.warning("spool full (%s): deferring %s", error.reason, _peer(session))
+            return "452 4.3.1 Insufficient system storage, please retry later"
+        except Exception:  # noqa: BLE001 - any failure: the sender keeps the message and retries
+            self.metrics.refused("spool_error")
+            log.exception("%s: sealing failed", _peer(session))
+            return "451 4.3.0 Temporary failure, please retry later"
+        self.metrics.accepted(len(content))
+        log.info("%s: accepted %s (%d bytes, %d recipients)", _peer(session), spool_id, len(content),
+                 len(envelope.rcpt_tos))
+        return f"250 2.0.0 OK queued as {spool_id}"
+
+    def received_header(self, session, envelope, tls) -> bytes:
+        """The trace header (RFC 5321 4.4), with the TLS parameters; prepended inside the sealed content."""
+        protocol = ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") + ("S" if tls else "")
+        if not session.extended_smtp:
+            protocol = "SMTP"
+        tls_clause = f"\r\n\t(version={tls.version} cipher={tls.cipher_suite} group={tls.group})" if tls else ""
+        recipient = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        helo = _clean(session.host_name or "unknown")
+        address = session.peer[0] if session.peer else "unknown"
+        header = (
+            f"Received: from {helo} ([{address}])\r\n\tby {self.rules.hostname} (YesTLS) with {protocol}"
+            f"{tls_clause}{recipient};\r\n\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n"
+        )
+        return header.encode("utf-8", "surrogateescape")
+
+
+def _peer(session) -> str:
+    peer = session.peer
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def _clean(text: str) -> str:
+    """A HELO argument as it may appear in a header: no line breaks, no parentheses games."""
+    return "".join(c for c in text if c.isprintable() and c not in "()\\")[:255]

@@ -1,0 +1,248 @@
+"""`yestls edge serve`: the public MX on the cloud VM.
+
+It runs, in one event loop: the SMTP listeners (aiosmtpd with STARTTLS through
+the keyless engine), the oracle pool that signs for it, the sealed spool and
+the spool service home pulls from, and the metrics. The edge's config names no
+private key: its certificate chains come from the oracle at start and are
+refreshed.
+
+When no oracle answers, `smtp.oracle_down` decides:
+- tempfail (default): new connections get `421 4.3.0` at greeting; senders
+  retry later and nothing travels in cleartext;
+- resume-only: STARTTLS is still offered; resumed sessions (which need no
+  signature) proceed, full handshakes fail, and transactions without TLS get
+  `451 4.7.0`;
+- plaintext (opt-in): STARTTLS is not offered; mail is accepted in cleartext.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import Counter as MetricCounter
+
+from relay.aio.starttls import KeylessSMTP, implicit_tls_protocol
+from relay.edge import config as edge_config
+from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
+from relay.edge.mailboxes import MailboxList
+from relay.edge.recipients import RecipientPolicy
+from relay.identity import IdentityError, load_identity
+from relay.oracle.client import OraclePool, OracleUnavailable
+from relay.spool.keys import parse_spool_public_key
+from relay.spool.metrics import SpoolMetrics
+from relay.spool.store import Spool
+from relay.tls import ServerConfig, TicketKeyring
+
+log = logging.getLogger("yestls.edge")
+
+
+class EdgeMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self._accepted = MetricCounter("yestls_edge_messages_accepted", "Messages sealed and spooled",
+                                       registry=registry)
+        self._accepted_bytes = MetricCounter("yestls_edge_accepted_bytes", "Message bytes sealed and spooled",
+                                             registry=registry)
+        self._refused = MetricCounter("yestls_edge_refused", "Refusals by reason", ["reason"], registry=registry)
+        self.connections = Gauge("yestls_edge_smtp_connections", "Open SMTP connections", registry=registry)
+        self.oracle_up = Gauge("yestls_edge_oracle_up", "1 when at least one key oracle answers", registry=registry)
+        self.policy = Gauge("yestls_edge_oracle_down_policy", "The configured oracle-down policy (always 1)",
+                            ["policy"], registry=registry)
+
+    def accepted(self, size: int) -> None:
+        self._accepted.inc()
+        self._accepted_bytes.inc(size)
+
+    def refused(self, reason: str) -> None:
+        self._refused.labels(reason).inc()
+
+
+class Admission:
+    """Connection caps and the greeting refusal of the tempfail policy."""
+
+    def __init__(self, edge: "Edge"):
+        self.edge = edge
+        self.total = 0
+        self.per_ip: Counter = Counter()
+
+    def admit(self, smtp: KeylessSMTP) -> str | None:
+        settings = self.edge.config.smtp
+        ip = smtp.peer[0] if isinstance(smtp.peer, tuple) else "unknown"
+        if self.total >= settings.max_connections:
+            self.edge.metrics.refused("too_many_connections")
+            return "421 4.7.0 Too many connections, please retry later"
+        if self.per_ip[ip] >= settings.max_connections_per_ip:
+            self.edge.metrics.refused("too_many_connections_from_ip")
+            return "421 4.7.0 Too many connections from your address, please retry later"
+        if settings.oracle_down == "tempfail" and not self.edge.oracle_available() and not smtp.implicit_tls:
+            self.edge.metrics.refused("oracle_down")
+            return f"421 4.3.0 {self.edge.config.hostname} Service temporarily unavailable, please retry later"
+        self.total += 1
+        self.per_ip[ip] += 1
+        self.edge.metrics.connections.set(self.total)
+        return None
+
+    def release(self, smtp: KeylessSMTP) -> None:
+        ip = smtp.peer[0] if isinstance(smtp.peer, tuple) else "unknown"
+        self.total -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+        self.edge.metrics.connections.set(self.total)
+
+
+class Edge:
+    def __init__(self, config: edge_config.EdgeConfig, pool: OraclePool, spool: Spool, metrics: EdgeMetrics):
+        self.config = config
+        self.pool = pool
+        self.spool = spool
+        self.metrics = metrics
+        self.tickets = TicketKeyring(os.urandom)  # in memory only; survives certificate refreshes
+        self.tls_config: ServerConfig | None = None
+        self.mailboxes = MailboxList(config.state_dir / "mailboxes.json") if config.mailboxes_from_home else None
+        self.admission = Admission(self)
+        self.handler = EdgeHandler(
+            TransactionRules(config.hostname, config.smtp.max_recipients, self.tls_required, self.recipient_policy),
+            spool, metrics)
+        metrics.policy.labels(config.smtp.oracle_down).set(1)
+
+    def oracle_available(self) -> bool:
+        return self.pool.health().available
+
+    def tls_required(self) -> bool:
+        return self.config.smtp.oracle_down == "resume-only" and not self.oracle_available()
+
+    def recipient_policy(self) -> RecipientPolicy:
+        mailboxes = self.config.mailboxes
+        if self.mailboxes is not None:
+            mailboxes = self.mailboxes.current()
+        return RecipientPolicy(self.config.domains, mailboxes)
+
+    def tls_setup(self):
+        if self.tls_config is None:
+            return None
+        if self.config.smtp.oracle_down == "plaintext" and not self.oracle_available():
+            return None
+        return self.tls_config, self.pool
+
+    async def refresh_certificates(self) -> None:
+        chains = [chain for _, chain in await self.pool.certificates()]
+        if not chains:
+            raise OracleUnavailable("the oracle lists no certificate")
+        self.tls_config = ServerConfig(chains, tickets=self.tickets)
+        names = sorted({name for chain in chains for name in chain.names})
+        log.info("certificates from the oracle: %d chain(s) for %s", len(chains), ", ".join(names))
+
+    async def keep_certificates_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.oracle.refresh_certificates if self.tls_config else 5)
+            try:
+                await self.refresh_certificates()
+            except Exception as error:  # noqa: BLE001 - keep the chains we have
+                log.warning("certificate refresh failed (%s); keeping the current chains", error)
+
+    async def watch_oracle(self) -> None:
+        """Log each change of the oracle's health, with the policy now in force."""
+        last = None
+        while True:
+            health = self.pool.health()
+            self.metrics.oracle_up.set(1 if health.available else 0)
+            if health.state != last:
+                details = "; ".join(f"{h.address} {h.state}" + (f" ({h.last_error})" if h.last_error else "")
+                                    for h in health.links)
+                policy = "normal" if health.available else f"oracle-down policy {self.config.smtp.oracle_down}"
+                level = logging.INFO if health.state == "up" else logging.WARNING
+                log.log(level, "key oracle %s: %s; %s in force", health.state, details, policy)
+                last = health.state
+            await asyncio.sleep(1)
+
+    def smtp_factory(self, implicit_tls: bool = False):
+        settings = self.config.smtp
+        return KeylessSMTP(
+            self.handler, tls_setup=self.tls_setup, admission=self.admission,
+            data_timeout=settings.data_timeout, handshake_timeout=settings.handshake_timeout,
+            max_errors=settings.max_errors, implicit_tls=implicit_tls,
+            hostname=self.config.hostname, ident="ESMTP YesTLS", data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True, decode_data=False, timeout=settings.command_timeout,
+        )
+
+
+async def serve(config: edge_config.EdgeConfig) -> None:
+    identity = load_identity(config.oracle.identity_key)
+    public_key = parse_spool_public_key(config.spool.public_key)
+    spool = Spool(config.spool.directory, public_key, config.spool.max_bytes, config.spool.max_files)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(SEAL_THREADS))
+
+    registry = CollectorRegistry()
+    metrics = EdgeMetrics(registry)
+    SpoolMetrics(spool, registry)
+    pool = OraclePool(list(config.oracle.servers), identity, request_timeout=config.oracle.request_timeout)
+    await pool.start()
+    edge = Edge(config, pool, spool, metrics)
+    if await pool.wait_ready(10):
+        try:
+            await edge.refresh_certificates()
+        except Exception as error:  # noqa: BLE001 - start anyway; the refresher retries
+            log.warning("no certificates yet (%s); STARTTLS is off until the oracle lists them", error)
+    else:
+        log.warning("no key oracle answered at start; policy %s applies until one does", config.smtp.oracle_down)
+
+    servers = []
+    for host, port in config.smtp.listen:
+        servers.append(await loop.create_server(edge.smtp_factory, host, port))
+    for host, port in config.smtp.implicit_tls_listen:
+        factory = implicit_tls_protocol(edge.tls_setup, lambda: edge.smtp_factory(implicit_tls=True),
+                                        config.smtp.handshake_timeout)
+        servers.append(await loop.create_server(factory, host, port))
+    service_servers = await _start_spool_service(config, spool, edge, registry)
+    metrics_server = None
+    if config.metrics_listen:
+        metrics_server, _ = start_http_server(config.metrics_listen[1], addr=config.metrics_listen[0],
+                                              registry=registry)
+    tasks = [loop.create_task(edge.keep_certificates_fresh()), loop.create_task(edge.watch_oracle())]
+    log.info("edge %s listening on %s", config.hostname,
+             ", ".join(f"{h}:{p}" for h, p in config.smtp.listen + config.smtp.implicit_tls_listen))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for server in servers + service_servers:
+            server.close()
+        await pool.close()
+        spool.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+
+
+async def _start_spool_service(config, spool, edge, registry) -> list:
+    if config.spool_service is None:
+        return []
+    from relay.audit import AuditLog
+    from relay.spool.service import SpoolService
+
+    audit = AuditLog(config.spool_service.audit_log)
+    extra = {"mailboxes": edge.mailboxes.publish} if edge.mailboxes is not None else {}
+    service = SpoolService(spool, config.spool_service.peers, audit, registry, extra_methods=extra)
+    return await service.serve(config.spool_service.listen)
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every line at INFO
+    try:
+        config = edge_config.load(args.config)
+        asyncio.run(serve(config))
+    except (edge_config.ConfigError, IdentityError, ValueError) as error:
+        print(f"yestls edge: {error}", file=sys.stderr)
+        return 2
+    return 0

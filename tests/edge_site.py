@@ -1,0 +1,139 @@
+"""An edge for tests: an oracle home, a home spool key, edge.toml, and `yestls edge serve`.
+
+    site = make_edge_site(tmp_path, pki)
+    with run_oracle(site.oracle), run_edge(site) as edge:
+        smtplib.SMTP("127.0.0.1", site.smtp_port) ...
+    unsealed = site.unseal(path_of_a_spool_file)
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.identity import generate_identity, load_identity
+from relay.spool.keys import generate_spool_key, load_spool_private_key
+
+from .oracle_home import OracleHome, free_port, make_oracle_home
+from .pki import TestPKI
+
+
+@dataclass
+class EdgeSite:
+    directory: Path
+    oracle: OracleHome
+    config: Path
+    spool_dir: Path
+    spool_key_path: Path        # home's private spool key (the test plays home)
+    home_identity_path: Path    # home's intake identity, allowlisted by the spool service
+    smtp_port: int
+    spool_service_port: int
+    metrics_port: int
+    implicit_tls_port: int | None
+
+    @property
+    def spool_private_key(self):
+        return load_spool_private_key(self.spool_key_path)
+
+    @property
+    def home_identity(self):
+        return load_identity(self.home_identity_path)
+
+    def spooled_files(self) -> list[Path]:
+        queue = self.spool_dir / "queue"
+        return sorted(p for p in queue.iterdir() if p.is_file()) if queue.exists() else []
+
+
+def make_edge_site(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, oracle_down: str = "tempfail",
+                   smtp_options: str = "", top_options: str = "", spool_options: str = "",
+                   implicit_tls: bool = False, domains=("example.org",), spool_suite: str | None = None,
+                   oracle_options: str = "") -> EdgeSite:
+    directory.mkdir(parents=True, exist_ok=True)
+    oracle = make_oracle_home(directory / "home", pki, key_types)
+    edge_dir = directory / "edge"
+    edge_dir.mkdir(exist_ok=True)
+    spool_key_path = directory / "home" / "spool.key"
+    spool_public = generate_spool_key(spool_key_path, *([spool_suite] if spool_suite else []))
+    home_identity_path = directory / "home" / "intake-identity.key"
+    home_identity = generate_identity(home_identity_path)
+    smtp_port, service_port, metrics_port = free_port(), free_port(), free_port()
+    implicit_port = free_port() if implicit_tls else None
+    implicit = f'implicit_tls_listen = ["127.0.0.1:{implicit_port}"]\n' if implicit_tls else ""
+    config = edge_dir / "edge.toml"
+    config.write_text(
+        'hostname = "mx.example.org"\n'
+        f"domains = {list(domains)!r}\n".replace("'", '"')
+        + f'state_dir = "{edge_dir / "state"}"\n'
+        f'metrics_listen = "127.0.0.1:{metrics_port}"\n'
+        f"{top_options}\n"
+        "[smtp]\n"
+        f'listen = ["127.0.0.1:{smtp_port}"]\n{implicit}'
+        f'oracle_down = "{oracle_down}"\n{smtp_options}\n'
+        "[oracle]\n"
+        f'servers = ["127.0.0.1:{oracle.port}"]\n'
+        f'identity_key = "{oracle.identity_path}"\n{oracle_options}\n'
+        "[spool]\n"
+        f'directory = "{edge_dir / "spool"}"\n'
+        f'public_key = "{spool_public}"\n{spool_options}\n'
+        "[spool_service]\n"
+        f'listen = ["127.0.0.1:{service_port}"]\n'
+        f'audit_log = "{edge_dir / "spool-audit.jsonl"}"\n'
+        "[[spool_service.peer]]\n"
+        'name = "home"\n'
+        'addresses = ["127.0.0.1"]\n'
+        f'identity = "{home_identity}"\n'
+    )
+    return EdgeSite(directory, oracle, config, edge_dir / "spool", spool_key_path, home_identity_path,
+                    smtp_port, service_port, metrics_port, implicit_port)
+
+
+@dataclass
+class EdgeProcess:
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def start_edge(site: EdgeSite, timeout: float = 30.0, ready: str = r"edge \S+ listening on") -> EdgeProcess:
+    """`yestls edge serve` in a subprocess, returned once it listens."""
+    log_path = site.directory / f"edge-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "edge", "serve", "--config", str(site.config)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    edge = EdgeProcess(process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if re.search(ready, edge.log()):
+            return edge
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    edge.kill()
+    raise AssertionError(f"edge did not start:\n{edge.log()}")
+
+
+@contextmanager
+def run_edge(site: EdgeSite, **options):
+    edge = start_edge(site, **options)
+    try:
+        yield edge
+    finally:
+        if edge.process.poll() is None:
+            edge.process.terminate()
+            try:
+                edge.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                edge.kill()

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     edge_serve = edge_commands.add_parser("serve", help="accept mail, seal it, serve it to home")
     edge_serve.add_argument("--config", type=Path, required=True, help="edge.toml")
 
+    intake = commands.add_parser("intake", help="home: pull sealed mail from the edge, deliver it to Dovecot")
+    intake_commands = intake.add_subparsers(dest="intake_command", required=True)
+    intake_serve = intake_commands.add_parser("serve", help="run the intake")
+    intake_serve.add_argument("--config", type=Path, required=True, help="intake.toml")
+
     keys_cli.add_parsers(commands)
     return parser
 
@@ -75,6 +80,10 @@ def main(argv=None) -> int:
         from relay.edge import server as edge_server
 
         return edge_server.run(args)
+    if args.command == "intake":
+        from relay.home import intake
+
+        return intake.run(args)
     if args.command == "keys":
         return keys_cli.run(args)
     return 2

@@ -13,6 +13,7 @@ from cryptography import x509
 
 from relay.identity import IdentityError, generate_identity
 from relay.oracle.keystore import DEFAULT_KEY_TYPE, KEY_TYPES, Keystore, KeystoreError, key_type_of
+from relay.spool.keys import DEFAULT_SUITE, SUITES, SpoolKeyError, generate_spool_key
 
 
 def add_parsers(subparsers) -> None:
@@ -50,12 +51,21 @@ def add_parsers(subparsers) -> None:
                                                "allowlist.")
     identity.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the key")
 
+    spool = commands.add_parser("spool-new", help="make home's spool key pair (run at home, as the intake's user)",
+                                description="Make the home spool key (the edge seals every message to it; mode "
+                                            "0600, never overwritten) and print the public key line for the "
+                                            "edge's [spool] public_key.")
+    spool.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the private key")
+    spool.add_argument("--suite", default=DEFAULT_SUITE, choices=SUITES,
+                       help="HPKE KEM: the hybrid post-quantum default, or x25519 (default %(default)s)")
+
 
 def run(args: argparse.Namespace) -> int:
-    commands = {"new": _new, "import": _import, "list": _list, "identity-new": _identity_new}
+    commands = {"new": _new, "import": _import, "list": _list, "identity-new": _identity_new,
+                "spool-new": _spool_new}
     try:
         commands[args.keys_command](args)
-    except (KeystoreError, IdentityError) as error:
+    except (KeystoreError, IdentityError, SpoolKeyError) as error:
         print(f"yestls keys {args.keys_command}: {error}", file=sys.stderr)
         return 2
     return 0
@@ -120,3 +130,7 @@ def _requested(keystore: Keystore, key_id: str) -> tuple[str, str]:
 
 def _identity_new(args) -> None:
     print(generate_identity(args.out))
+
+
+def _spool_new(args) -> None:
+    print(generate_spool_key(args.out, args.suite))

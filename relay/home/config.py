@@ -1,0 +1,86 @@
+"""intake.toml: where the edge's spool is, the keys, and where mail goes at home.
+
+    edge = "10.77.0.1:7444"                      # the edge's spool service (tunnel address)
+    identity_key = "/var/lib/yestls-intake/identity.key"   # `yestls keys identity-new`
+    spool_key = "/var/lib/yestls-intake/spool.key"         # `yestls keys spool-new`
+    lmtp = "/run/dovecot/lmtp"                   # a UNIX socket path, or "HOST:PORT"
+    ledger = "/var/lib/yestls-intake/ledger.sqlite"
+    quarantine = "/var/lib/yestls-intake/quarantine"
+    status_file = "/var/lib/yestls-intake/status.json"
+    authserv_id = "mx.example.org"               # names the Authentication-Results header
+    in_flight = 4                                # sealed messages fetched ahead
+    poll = 50                                    # seconds a long-poll waits
+    timeout = 10                                 # seconds per spool request
+    retry = [60, 300, 900, 3600]                 # backoff after LMTP 4xx, seconds
+    doveadm_url = "http://127.0.0.1:8080/doveadm/v1"     # optional: finds a delivery a crash hid
+    doveadm_api_key = "..."
+    dns_nameservers = []                         # optional: resolvers for SPF/DKIM/DMARC
+    dns_port = 53
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.config import ConfigError, Table, parse_address
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    edge: tuple[str, int]
+    identity_key: Path
+    spool_key: Path
+    lmtp: str | tuple[str, int]
+    ledger: Path
+    quarantine: Path
+    status_file: Path
+    authserv_id: str
+    in_flight: int
+    poll: float
+    timeout: float
+    retry: tuple[float, ...]
+    doveadm_url: str | None
+    doveadm_api_key: str | None
+    dns_nameservers: tuple[str, ...]
+    dns_port: int
+
+
+def load(path: Path) -> IntakeConfig:
+    table = Table.load(path)
+    lmtp_text = table.get("lmtp", str, default="/run/dovecot/lmtp", hint="a UNIX socket path or HOST:PORT")
+    if lmtp_text.startswith("/"):
+        lmtp = lmtp_text
+    else:
+        try:
+            lmtp = parse_address(lmtp_text)
+        except ValueError as error:
+            raise table.error("lmtp", f"{error}; give a socket path or HOST:PORT") from None
+    retry = table.get("retry", list, default=[60, 300, 900, 3600],
+                      check=lambda v: v and all(isinstance(x, (int, float)) and x > 0 for x in v),
+                      hint="a list of positive seconds")
+    state = Path("/var/lib/yestls-intake")
+    config = IntakeConfig(
+        edge=table.address("edge", hint="the edge's spool service, HOST:PORT on the tunnel"),
+        identity_key=Path(table.get("identity_key", str, hint="made by `yestls keys identity-new`")),
+        spool_key=Path(table.get("spool_key", str, hint="made by `yestls keys spool-new`")),
+        lmtp=lmtp,
+        ledger=Path(table.get("ledger", str, default=str(state / "ledger.sqlite"))),
+        quarantine=Path(table.get("quarantine", str, default=str(state / "quarantine"))),
+        status_file=Path(table.get("status_file", str, default=str(state / "status.json"))),
+        authserv_id=table.get("authserv_id", str, check=bool, hint="your MX name, e.g. mx.example.org"),
+        in_flight=table.get("in_flight", int, default=4, check=lambda n: 1 <= n <= 64),
+        poll=float(table.get("poll", (int, float), default=50, check=lambda n: 0 < n <= 60)),
+        timeout=float(table.get("timeout", (int, float), default=10, check=lambda n: n > 0)),
+        retry=tuple(float(x) for x in retry),
+        doveadm_url=table.get("doveadm_url", str, default=None),
+        doveadm_api_key=table.get("doveadm_api_key", str, default=None),
+        dns_nameservers=tuple(table.get("dns_nameservers", list, default=[],
+                                        check=lambda v: all(isinstance(x, str) for x in v))),
+        dns_port=table.get("dns_port", int, default=53, check=lambda p: 0 < p < 65536),
+    )
+    if config.doveadm_url and not config.doveadm_api_key:
+        raise table.error("doveadm_api_key", "doveadm_url needs the API key Dovecot's doveadm_api_key has")
+    table.done()
+    return config
+
+
+__all__ = ["ConfigError", "IntakeConfig", "load"]

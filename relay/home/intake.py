@@ -1,0 +1,294 @@
+"""`yestls intake serve`: pull sealed mail from the edge, unseal it at home, deliver it to Dovecot once.
+
+The loop: keep a long-poll open to the edge's spool service; for each sealed
+message, in order of acceptance, fetch it (several fetches in flight), unseal
+it with the home spool key, and deliver it over LMTP with its original
+envelope. Per recipient, Dovecot's answer decides: 2xx delivered, 5xx failed
+(recorded; bounced once outbound mail exists), 4xx tried again later with
+backoff. Only when every recipient has a final answer is the message
+acknowledged to the edge, which deletes it. The ledger (relay/home/ledger.py)
+makes that exactly once across crashes. A message that cannot be unsealed or
+parsed is moved, still sealed, to the quarantine directory and acknowledged:
+it never blocks the queue and is never silently dropped.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from relay.home import config as intake_config
+from relay.home.authresults import AuthenticationChecker
+from relay.home.doveadm import DeliveryFinder, DoveadmError
+from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, QUARANTINED, Entry, Ledger
+from relay.home.lmtp import LmtpError, deliver
+from relay.identity import load_identity
+from relay.rpc import RemoteError
+from relay.spool.client import SpoolClient
+from relay.spool.keys import load_spool_private_key
+from relay.spool.sealed import SealedError, unseal
+
+log = logging.getLogger("yestls.intake")
+
+SPOOL_ID_HEADER = b"X-YesTLS-Spool-Id"
+
+
+@dataclass
+class IntakeStats:
+    last_contact: float | None = None
+    pulled: int = 0
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    edge_depth: int | None = None
+    edge_oldest_age: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class Intake:
+    def __init__(self, config: intake_config.IntakeConfig):
+        self.config = config
+        self.identity = load_identity(config.identity_key)
+        self.private_key = load_spool_private_key(config.spool_key)
+        self.ledger = Ledger(config.ledger)
+        self.finder = DeliveryFinder(config.doveadm_url, config.doveadm_api_key) if config.doveadm_url else None
+        self.auth = AuthenticationChecker(config.authserv_id, config.dns_nameservers, config.dns_port)
+        self.stats = IntakeStats()
+        self.retry_at: dict[str, float] = {}  # spool id -> when a 4xx'd message may be tried again
+        config.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # --- the loop -------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 1.0
+        while not stop.is_set():
+            host, port = self.config.edge
+            client = SpoolClient(host, port, self.identity, timeout=self.config.timeout)
+            try:
+                await client.connect()
+                log.info("connected to the edge's spool at %s:%d", host, port)
+                delay = 1.0
+                await self._serve(client, stop)
+            except (OSError, ConnectionError, asyncio.TimeoutError, RemoteError) as error:
+                log.warning("edge spool %s:%d: %s; retrying in %.0fs", host, port,
+                            str(error) or type(error).__name__, delay)
+            finally:
+                await client.close()
+            self._write_status()
+            try:
+                await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.0))
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, 60.0)
+
+    async def _serve(self, client: SpoolClient, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            listed = await client.list()
+            self._contact(await client.stats())
+            now = time.time()
+            due = [m for m in listed if self.retry_at.get(m.id, 0) <= now]
+            await self._process_in_order(client, due)
+            self._write_status()
+            # Long-poll: back at once when new mail arrives, or when a retry is due.
+            retry_in = min((t - time.time() for t in self.retry_at.values()), default=self.config.poll)
+            timeout = max(0.05, min(self.config.poll, retry_in))
+            newest = listed[-1].id if listed else None
+            await client.wait(newest, timeout)
+
+    async def _process_in_order(self, client: SpoolClient, messages) -> None:
+        """Fetch several at once, deliver strictly in the edge's order of acceptance."""
+        upcoming = iter(messages)
+        fetching: deque = deque()  # at most `in_flight` fetched ahead: a backlog is not all in memory
+
+        def top_up() -> None:
+            while len(fetching) < self.config.in_flight and (message := next(upcoming, None)) is not None:
+                fetching.append((message, asyncio.ensure_future(client.fetch(message.id))))
+
+        top_up()
+        try:
+            while fetching:
+                message, fetch = fetching.popleft()
+                top_up()
+                sealed = await fetch
+                self.stats.pulled += 1
+                if await self.process(message.id, sealed):
+                    await client.ack(message.id)
+                    self._mark_acked(message.id)
+        finally:
+            for _, fetch in fetching:
+                fetch.cancel()
+
+    # --- one message ------------------------------------------------------------
+
+    async def process(self, spool_id: str, sealed: bytes) -> bool:
+        """Deliver one sealed message as far as possible; True when it may be acknowledged."""
+        entry = self.ledger.get(spool_id)
+        if entry is not None and entry.state in (DONE, QUARANTINED):
+            return True  # finished before a crash, not yet acknowledged: do not deliver again
+        try:
+            opened = unseal(sealed, self.private_key)
+            if opened.spool_id.hex() != spool_id:
+                raise SealedError(f"the file's spool id {opened.spool_id.hex()} is not {spool_id}")
+            metadata = opened.metadata
+            recipients = list(metadata["rcpt_tos"])
+            mail_from = metadata["mail_from"]
+        except (SealedError, KeyError, TypeError, ValueError) as error:
+            self._quarantine(spool_id, sealed, error)
+            return True
+        entry = self.ledger.start(spool_id, recipients)
+        if entry.state != DELIVERING:
+            return True
+        message = self._with_trace_headers(spool_id, opened.message, metadata)
+        if not await self._settle_in_doubt(entry):
+            self._schedule_retry(entry)
+            return False
+        pending = entry.pending()
+        if pending:
+            await self._deliver(entry, mail_from, pending, message, bool(metadata.get("smtputf8")))
+        if entry.final():
+            entry.state = DONE
+            self.ledger.save(entry)
+            self.retry_at.pop(spool_id, None)
+            delivered = sum(r.status == DELIVERED for r in entry.recipients.values())
+            log.info("%s: delivered to %d of %d recipient(s)", spool_id, delivered, len(entry.recipients))
+            return True
+        return False
+
+    async def _settle_in_doubt(self, entry: Entry) -> bool:
+        """Recipients whose delivery may have happened before a crash: ask Dovecot, don't guess.
+
+        False when Dovecot cannot be asked now: better late than twice.
+        """
+        doubtful = [r for r, info in entry.recipients.items() if info.status == IN_DOUBT]
+        for recipient in doubtful:
+            if self.finder is None:
+                log.warning("%s: delivery to %s in doubt and no doveadm_url to check: delivering again "
+                            "(configure doveadm for exactly-once)", entry.spool_id, recipient)
+                found = False
+            else:
+                try:
+                    found = await self.finder.delivered(recipient, entry.spool_id)
+                except DoveadmError as error:
+                    log.warning("%s: cannot check %s's mailbox (%s); will retry", entry.spool_id, recipient, error)
+                    return False
+            entry.recipients[recipient].status = DELIVERED if found else PENDING
+            if found:
+                log.info("%s: already in %s's mailbox (delivered before a crash)", entry.spool_id, recipient)
+        if doubtful:
+            self.ledger.save(entry)
+        return True
+
+    async def _deliver(self, entry: Entry, mail_from: str, recipients: list[str], message: bytes,
+                       smtputf8: bool) -> None:
+        for recipient in recipients:
+            entry.recipients[recipient].status = IN_DOUBT
+            entry.recipients[recipient].attempts += 1
+        self.ledger.save(entry)  # committed before Dovecot can have the message
+        try:
+            replies = await deliver(self.config.lmtp, mail_from, recipients, message,
+                                    lhlo=self.config.authserv_id, smtputf8=smtputf8)
+        except LmtpError as error:
+            # Nothing reached Dovecot for sure? A dropped connection after DATA
+            # could have; the in-doubt marks make the next try ask first.
+            log.warning("%s: LMTP failed (%s); will retry", entry.spool_id, error)
+            self._schedule_retry(entry)
+            return
+        for recipient, reply in replies.items():
+            info = entry.recipients[recipient]
+            info.reply = str(reply)
+            if 200 <= reply.code < 300:
+                info.status = DELIVERED
+                self.stats.delivered += 1
+            elif reply.code >= 500:
+                info.status = FAILED
+                self.stats.failed += 1
+                log.warning("%s: %s refused permanently: %s (bounce once outbound mail exists)",
+                            entry.spool_id, recipient, reply)
+            else:
+                info.status = PENDING
+                log.info("%s: %s deferred: %s", entry.spool_id, recipient, reply)
+        self.ledger.save(entry)
+        if not entry.final():
+            self._schedule_retry(entry)
+
+    def _schedule_retry(self, entry: Entry) -> None:
+        attempts = max(info.attempts for info in entry.recipients.values())
+        backoff = self.config.retry[min(attempts, len(self.config.retry)) - 1]
+        entry.next_attempt = time.time() + backoff
+        self.ledger.save(entry)
+        self.retry_at[entry.spool_id] = entry.next_attempt
+        self.stats.retried += 1
+
+    def _with_trace_headers(self, spool_id: str, message: bytes, metadata: dict) -> bytes:
+        results = self.auth.header(message, metadata)
+        return SPOOL_ID_HEADER + b": " + spool_id.encode() + b"\r\n" + results + message
+
+    def _quarantine(self, spool_id: str, sealed: bytes, error: Exception) -> None:
+        path = self.config.quarantine / f"{spool_id}.sealed"
+        temporary = path.with_suffix(".tmp")
+        with open(temporary, "wb") as f:
+            f.write(sealed)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        dir_fd = os.open(self.config.quarantine, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.ledger.save(Entry(spool_id, QUARANTINED))
+        self.stats.quarantined += 1
+        log.error("%s: QUARANTINED, not delivered: %s; the sealed file is kept at %s", spool_id, error, path)
+
+    def _mark_acked(self, spool_id: str) -> None:
+        entry = self.ledger.get(spool_id)
+        if entry is not None:
+            entry.acked = True
+            self.ledger.save(entry)
+
+    # --- status -----------------------------------------------------------------
+
+    def _contact(self, edge_stats: dict) -> None:
+        self.stats.last_contact = time.time()
+        self.stats.edge_depth = edge_stats.get("depth")
+        self.stats.edge_oldest_age = edge_stats.get("oldest_age")
+
+    def _write_status(self) -> None:
+        """The status file `yestls status` reads: what the intake knows, as of now."""
+        status = {"updated": time.time(), **vars(self.stats), "ledger": self.ledger.counts(),
+                  "retrying": len(self.retry_at)}
+        path = self.config.status_file
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(status))
+        os.replace(temporary, path)
+
+
+async def serve(config: intake_config.IntakeConfig) -> None:
+    intake = Intake(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("intake pulling from %s:%d, delivering to %s", *config.edge, config.lmtp)
+    try:
+        await intake.run(stop)
+    finally:
+        intake.ledger.close()
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = intake_config.load(args.config)
+        asyncio.run(serve(config))
+    except (intake_config.ConfigError, ValueError, OSError) as error:
+        print(f"yestls intake: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,86 @@
+"""The intake's ledger: what happened to each sealed message, so a crash loses or repeats nothing.
+
+One row per spool id. A message is `delivering` until every recipient has a
+final answer, then `done` (or `quarantined`); only then is it acknowledged to
+the edge, which deletes it. Before the message goes to Dovecot the recipients
+about to be tried are marked `in_doubt`: if the intake dies before recording
+Dovecot's answer, the next run asks Dovecot whether the message (found by its
+X-YesTLS-Spool-Id header) is already there instead of delivering it twice.
+
+SQLite in WAL mode with synchronous=FULL: a committed step survives a crash.
+"""
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PENDING, IN_DOUBT, DELIVERED, FAILED = "pending", "in_doubt", "delivered", "failed"
+DELIVERING, DONE, QUARANTINED = "delivering", "done", "quarantined"
+
+
+@dataclass
+class Recipient:
+    status: str = PENDING
+    attempts: int = 0
+    reply: str = ""
+
+
+@dataclass
+class Entry:
+    spool_id: str
+    state: str
+    recipients: dict[str, Recipient] = field(default_factory=dict)
+    next_attempt: float = 0.0
+    acked: bool = False
+
+    def pending(self) -> list[str]:
+        return [r for r, info in self.recipients.items() if info.status in (PENDING, IN_DOUBT)]
+
+    def final(self) -> bool:
+        return not self.pending()
+
+
+class Ledger:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS messages (spool_id TEXT PRIMARY KEY, state TEXT NOT NULL, "
+            "recipients TEXT NOT NULL, next_attempt REAL NOT NULL, acked INTEGER NOT NULL, updated REAL NOT NULL)")
+
+    def get(self, spool_id: str) -> Entry | None:
+        row = self.db.execute("SELECT state, recipients, next_attempt, acked FROM messages WHERE spool_id = ?",
+                              (spool_id,)).fetchone()
+        if row is None:
+            return None
+        recipients = {r: Recipient(**info) for r, info in json.loads(row[1]).items()}
+        return Entry(spool_id, row[0], recipients, row[2], bool(row[3]))
+
+    def save(self, entry: Entry) -> None:
+        recipients = json.dumps({r: vars(info) for r, info in entry.recipients.items()})
+        self.db.execute(
+            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(spool_id) DO UPDATE SET "
+            "state = excluded.state, recipients = excluded.recipients, next_attempt = excluded.next_attempt, "
+            "acked = excluded.acked, updated = excluded.updated",
+            (entry.spool_id, entry.state, recipients, entry.next_attempt, int(entry.acked), time.time()))
+
+    def start(self, spool_id: str, recipients: list[str]) -> Entry:
+        entry = self.get(spool_id)
+        if entry is None:
+            entry = Entry(spool_id, DELIVERING, {r: Recipient() for r in dict.fromkeys(recipients)})
+            self.save(entry)
+        return entry
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
+
+    def forget_acked_before(self, seconds: float) -> None:
+        """Rows of acknowledged messages are kept a while (a late duplicate is recognised), then pruned."""
+        self.db.execute("DELETE FROM messages WHERE acked = 1 AND updated < ?", (time.time() - seconds,))
+
+    def close(self) -> None:
+        self.db.close()

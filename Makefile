@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: test packages venv bench bench-oracle clean
+.PHONY: test packages venv bench bench-oracle bench-smtp clean
 
 test: packages venv
 	$(VENV)/bin/ruff check relay tests bench
@@ -26,6 +26,11 @@ bench: packages venv
 
 bench-oracle: packages venv
 	$(PY) bench/oracle.py
+
+# Postfix is the reference: installed (unconfigured, not started) only for this target.
+bench-smtp: packages venv
+	./scripts/install-packages bench
+	$(PY) bench/smtp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

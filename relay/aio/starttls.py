@@ -72,8 +72,13 @@ class KeylessSMTP(SMTP):
 
     def __init__(self, handler, *, tls_setup: Callable[[], tuple[ServerConfig, Signer] | None],
                  admission=None, data_timeout: float = 600.0, handshake_timeout: float = 30.0,
-                 max_errors: int = 10, implicit_tls: bool = False, **options):
+                 max_errors: int = 10, implicit_tls: bool = False,
+                 on_refusal: Callable[[str], None] | None = None, **options):
+        """`on_refusal(enhanced code)` counts each 4xx/5xx reply the handler did not count itself
+        (the handler sets `refusal_counted` when it did)."""
         self._tls_setup = tls_setup
+        self._on_refusal = on_refusal
+        self.refusal_counted = False
         self._admission = admission
         self._released = False
         self._data_timeout = data_timeout
@@ -140,7 +145,11 @@ class KeylessSMTP(SMTP):
         if not self._greeting_lines:
             reply = with_enhanced_code(reply)
         await super().push(reply)
-        if reply[:1] in (b"4", b"5") and reply[:3] != b"421":
+        refusal = reply[:1] in (b"4", b"5")
+        if refusal and not self.refusal_counted and self._on_refusal is not None:
+            self._on_refusal(reply[4:9].decode("ascii", "replace").strip() or reply[:3].decode())
+        self.refusal_counted = False
+        if refusal and reply[:3] != b"421":
             self._errors += 1
             if self._errors >= self._max_errors and self.transport is not None:
                 await super().push(b"421 4.7.0 Too many errors in this session, goodbye")
@@ -166,6 +175,7 @@ class KeylessSMTP(SMTP):
             await super().smtp_DATA(arg)
         finally:
             self._in_data = False
+        if self.transport is not None:  # not after the connection was lost mid-DATA
             self._reset_timeout()
 
     async def smtp_STARTTLS(self, arg: str) -> None:

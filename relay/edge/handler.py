@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aiosmtpd.smtp import TLSSetupException
+
 from relay.edge.recipients import RecipientPolicy
 from relay.spool.store import SpoolFull
 
@@ -25,6 +27,7 @@ SEAL_THREADS = 4
 @dataclass(frozen=True)
 class TransactionRules:
     hostname: str
+    primary_domain: str   # where a bare "postmaster" goes
     max_recipients: int
     # True when a transaction needs TLS now (resume-only policy with the oracle away).
     tls_required: Callable[[], bool]
@@ -37,6 +40,21 @@ class EdgeHandler:
         self.spool = spool
         self.metrics = metrics
 
+    def _refuse(self, server, reason: str, reply: str) -> str:
+        self.metrics.refused(reason)
+        server.refusal_counted = True  # named here; the adapter counts the rest by code
+        return reply
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default logs a traceback: a failed handshake is a client's
+        # doing (or the oracle's absence), worth one line, not twenty-five.
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__
+            log.info("STARTTLS handshake failed: %s", f"{type(cause).__name__}: {cause}" if cause else "unknown")
+            return "454 4.7.0 TLS handshake failed"
+        log.error("SMTP session error: %s: %s", type(error).__name__, error)
+        return "451 4.3.0 Internal error, please retry later"
+
     async def handle_EHLO(self, server, session, envelope, hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         # An MX offers no AUTH; it does offer pipelining and enhanced codes.
@@ -46,21 +64,23 @@ class EdgeHandler:
 
     async def handle_MAIL(self, server, session, envelope, address: str, mail_options: list[str]) -> str:
         if server.tls_session is None and self.rules.tls_required():
-            self.metrics.refused("tls_required")
-            return "451 4.7.0 TLS is required while our key service is away; please retry later"
+            return self._refuse(server, "tls_required",
+                                "451 4.7.0 TLS is required while our key service is away; please retry later")
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.rules.max_recipients:
-            self.metrics.refused("too_many_recipients")
-            return "452 4.5.3 Too many recipients"
+            return self._refuse(server, "too_many_recipients", "452 4.5.3 Too many recipients")
+        if address.lower() == "postmaster":
+            # RFC 5321 4.5.1: "postmaster" without a domain must be accepted: it is ours.
+            address = f"postmaster@{self.rules.primary_domain}"
         refusal = self.rules.recipients().check(address)
         if refusal is not None:
-            self.metrics.refused("relay_denied" if refusal.startswith("550 5.7.1") else "unknown_mailbox")
             log.info("%s: refused recipient %r", _peer(session), address)
-            return refusal
+            reason = "relay_denied" if refusal.startswith("550 5.7.1") else "unknown_mailbox"
+            return self._refuse(server, reason, refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -86,13 +106,11 @@ class EdgeHandler:
         try:
             spool_id = await loop.run_in_executor(None, accept)
         except SpoolFull as error:
-            self.metrics.refused("spool_full")
             log.warning("spool full (%s): deferring %s", error.reason, _peer(session))
-            return "452 4.3.1 Insufficient system storage, please retry later"
+            return self._refuse(server, "spool_full", "452 4.3.1 Insufficient system storage, please retry later")
         except Exception:  # noqa: BLE001 - any failure: the sender keeps the message and retries
-            self.metrics.refused("spool_error")
             log.exception("%s: sealing failed", _peer(session))
-            return "451 4.3.0 Temporary failure, please retry later"
+            return self._refuse(server, "spool_error", "451 4.3.0 Temporary failure, please retry later")
         self.metrics.accepted(len(content))
         log.info("%s: accepted %s (%d bytes, %d recipients)", _peer(session), spool_id, len(content),
                  len(envelope.rcpt_tos))

@@ -40,7 +40,9 @@ class RecipientPolicy:
         normal = normal_domain(domain)
         if normal is None or normal not in self.domains:
             return REFUSED
-        if self.mailboxes is not None and f"{local.lower()}@{normal}" not in self.mailboxes:
+        # postmaster@ each of our domains is always accepted (RFC 5321 4.5.1).
+        if self.mailboxes is not None and local.lower() != "postmaster" \
+                and f"{local.lower()}@{normal}" not in self.mailboxes:
             return UNKNOWN_MAILBOX
         return None
 

@@ -107,7 +107,8 @@ class Edge:
         self.mailboxes = MailboxList(config.state_dir / "mailboxes.json") if config.mailboxes_from_home else None
         self.admission = Admission(self)
         self.handler = EdgeHandler(
-            TransactionRules(config.hostname, config.smtp.max_recipients, self.tls_required, self.recipient_policy),
+            TransactionRules(config.hostname, sorted(config.domains)[0], config.smtp.max_recipients,
+                             self.tls_required, self.recipient_policy),
             spool, metrics)
         metrics.policy.labels(config.smtp.oracle_down).set(1)
 
@@ -140,7 +141,7 @@ class Edge:
 
     async def keep_certificates_fresh(self) -> None:
         while True:
-            await asyncio.sleep(self.config.oracle.refresh_certificates if self.tls_config else 5)
+            await asyncio.sleep(self.config.oracle.refresh_certificates if self.tls_config else 1)
             try:
                 await self.refresh_certificates()
             except Exception as error:  # noqa: BLE001 - keep the chains we have
@@ -166,7 +167,7 @@ class Edge:
         return KeylessSMTP(
             self.handler, tls_setup=self.tls_setup, admission=self.admission,
             data_timeout=settings.data_timeout, handshake_timeout=settings.handshake_timeout,
-            max_errors=settings.max_errors, implicit_tls=implicit_tls,
+            max_errors=settings.max_errors, implicit_tls=implicit_tls, on_refusal=self.metrics.refused,
             hostname=self.config.hostname, ident="ESMTP YesTLS", data_size_limit=settings.max_message_size,
             enable_SMTPUTF8=True, decode_data=False, timeout=settings.command_timeout,
         )
@@ -185,7 +186,9 @@ async def serve(config: edge_config.EdgeConfig) -> None:
     pool = OraclePool(list(config.oracle.servers), identity, request_timeout=config.oracle.request_timeout)
     await pool.start()
     edge = Edge(config, pool, spool, metrics)
-    if await pool.wait_ready(10):
+    # Listen soon even without an oracle: senders then get the policy's answer
+    # (421 under tempfail) instead of a refused connection.
+    if await pool.wait_ready(2):
         try:
             await edge.refresh_certificates()
         except Exception as error:  # noqa: BLE001 - start anyway; the refresher retries

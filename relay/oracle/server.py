@@ -89,12 +89,17 @@ class SignerProcesses:
         except ConnectionError:
             raise RemoteError(Code.UNAVAILABLE, "the signing process ended; retry") from None
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Close each socketpair (the process sees EOF and exits), then reap; kill what lingers."""
         self.closing = True
-        for process, connection in self.workers:
+        workers = list(self.workers)
+        for _, connection in workers:
             connection.close()
+        # The close takes effect on the loop's next turns: let them run before waiting.
+        await asyncio.wait([connection.closed for _, connection in workers], timeout=5)
+        for process, _ in workers:
             try:
-                process.wait(timeout=5)
+                await asyncio.to_thread(process.wait, 5)
             except subprocess.TimeoutExpired:
                 process.kill()
 
@@ -162,7 +167,7 @@ async def serve(config: oracle_config.OracleConfig) -> None:
     signer_keys = await signers.start()
     missing = {e.key_id for e in entries} - signer_keys
     if missing:
-        signers.stop()
+        await signers.stop()
         raise RuntimeError(f"the signing processes lack keys {sorted(missing)}")
     metrics = OracleMetrics()
     metrics_server = metrics.serve(*config.metrics_listen) if config.metrics_listen else None
@@ -180,7 +185,7 @@ async def serve(config: oracle_config.OracleConfig) -> None:
     finally:
         for server in servers:
             server.close()
-        signers.stop()
+        await signers.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
         audit.close()

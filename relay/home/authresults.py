@@ -26,6 +26,27 @@ class AuthenticationChecker:
             resolver.lifetime = 5.0
             dns.resolver.default_resolver = resolver
 
+    def without_forged_results(self, message: bytes) -> bytes:
+        """The message without Authentication-Results headers claiming to be ours (RFC 8601 5)."""
+        end = message.find(b"\r\n\r\n")
+        if end < 0 or b"authentication-results" not in message[:end].lower():
+            return message
+        lines = message[:end + 2].split(b"\r\n")[:-1]
+        kept, dropping = [], False
+        for line in lines:
+            if line[:1] in (b" ", b"\t"):  # a continuation belongs to the header before it
+                if not dropping:
+                    kept.append(line)
+                continue
+            name, _, value = line.partition(b":")
+            dropping = (name.strip().lower() == b"authentication-results"
+                        and value.split(b";", 1)[0].strip().lower() == self.authserv_id.lower().encode())
+            if dropping:
+                log.warning("removed an incoming Authentication-Results header forged with our name")
+            else:
+                kept.append(line)
+        return b"\r\n".join(kept) + b"\r\n" + message[end + 2:]
+
     def header(self, message: bytes, metadata: dict) -> bytes:
         """The Authentication-Results header line(s), CRLF-terminated; a temperror result if checking fails."""
         client = str(metadata.get("client_address") or "")

@@ -10,6 +10,9 @@ import base64
 import json
 import urllib.request
 
+# doveadm's exit code for "user doesn't exist" (EX_NOUSER).
+NO_SUCH_USER = 67
+
 
 class DoveadmError(Exception):
     pass
@@ -36,6 +39,8 @@ class DeliveryFinder:
         except (OSError, ValueError) as error:
             raise DoveadmError(f"doveadm at {self.url}: {error}") from None
         kind, result, _ = answer[0]
+        if kind == "error" and isinstance(result, dict) and result.get("exitCode") == NO_SUCH_USER:
+            return False  # Dovecot has no such user: nothing can have been delivered to it
         if kind != "doveadmResponse":
             raise DoveadmError(f"doveadm search for {user}: {result}")
         return bool(result)

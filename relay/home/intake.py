@@ -62,6 +62,7 @@ class Intake:
         self.auth = AuthenticationChecker(config.authserv_id, config.dns_nameservers, config.dns_port)
         self.stats = IntakeStats()
         self.retry_at: dict[str, float] = {}  # spool id -> when a 4xx'd message may be tried again
+        self.failures: dict[str, int] = {}    # spool id -> failed rounds so far (the backoff step)
         config.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # --- the loop -------------------------------------------------------------
@@ -100,7 +101,13 @@ class Intake:
             retry_in = min((t - time.time() for t in self.retry_at.values()), default=self.config.poll)
             timeout = max(0.05, min(self.config.poll, retry_in))
             newest = listed[-1].id if listed else None
-            await client.wait(newest, timeout)
+            waiting = asyncio.ensure_future(client.wait(newest, timeout))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+            for task in (waiting, stopping):
+                task.cancel()
+            if waiting.done() and not waiting.cancelled() and waiting.exception() is not None:
+                raise waiting.exception()
 
     async def _process_in_order(self, client: SpoolClient, messages) -> None:
         """Fetch several at once, deliver strictly in the edge's order of acceptance."""
@@ -156,6 +163,7 @@ class Intake:
             entry.state = DONE
             self.ledger.save(entry)
             self.retry_at.pop(spool_id, None)
+            self.failures.pop(spool_id, None)
             delivered = sum(r.status == DELIVERED for r in entry.recipients.values())
             log.info("%s: delivered to %d of %d recipient(s)", spool_id, delivered, len(entry.recipients))
             return True
@@ -219,14 +227,16 @@ class Intake:
             self._schedule_retry(entry)
 
     def _schedule_retry(self, entry: Entry) -> None:
-        attempts = max(info.attempts for info in entry.recipients.values())
-        backoff = self.config.retry[min(attempts, len(self.config.retry)) - 1]
+        # Each failed round (LMTP 4xx, Dovecot unreachable, doveadm unreachable) waits longer.
+        self.failures[entry.spool_id] = failures = self.failures.get(entry.spool_id, 0) + 1
+        backoff = self.config.retry[min(failures, len(self.config.retry)) - 1]
         entry.next_attempt = time.time() + backoff
         self.ledger.save(entry)
         self.retry_at[entry.spool_id] = entry.next_attempt
         self.stats.retried += 1
 
     def _with_trace_headers(self, spool_id: str, message: bytes, metadata: dict) -> bytes:
+        message = self.auth.without_forged_results(message)
         results = self.auth.header(message, metadata)
         return SPOOL_ID_HEADER + b": " + spool_id.encode() + b"\r\n" + results + message
 

@@ -10,12 +10,13 @@ other process on the edge can use the oracle.
 import base64
 import binascii
 import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from relay.private_files import create_private_file, read_private_file
 
 PREFIX = "ed25519:"
 
@@ -44,28 +45,8 @@ def generate_identity(path: Path) -> str:
 def load_identity(path: Path, owner_uid: int | None = None) -> Ed25519PrivateKey:
     """The identity key at `path`, refused unless only `owner_uid` (default: this process's user) can read it."""
     owner_uid = os.getuid() if owner_uid is None else owner_uid
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise IdentityError(f"identity key {path} does not exist; make it with "
-                            f"`yestls keys identity-new --out {path}`") from None
-    except OSError as error:
-        raise IdentityError(f"identity key {path} cannot be opened ({error.strerror}); "
-                            f"it must be readable by the edge service's user") from None
-    with os.fdopen(fd, "rb") as file:
-        # fstat the open file, not the path: what was checked is what is read.
-        st = os.fstat(file.fileno())
-        mode = stat.S_IMODE(st.st_mode)
-        if not stat.S_ISREG(st.st_mode):
-            raise IdentityError(f"identity key {path} is not a regular file; "
-                                f"make one with `yestls keys identity-new --out FILE`")
-        if mode & 0o077:
-            raise IdentityError(f"identity key {path} has mode {mode:04o}: it must be readable by its owner only; "
-                                f"run chmod 600 {path}")
-        if st.st_uid != owner_uid:
-            raise IdentityError(f"identity key {path} is owned by uid {st.st_uid}, not uid {owner_uid} that runs "
-                                f"the edge; run chown {owner_uid} {path}")
-        data = file.read()
+    data = read_private_file(Path(path), owner_uid, IdentityError, "identity key",
+                             f"yestls keys identity-new --out {path}")
     try:
         private_key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -97,29 +78,3 @@ def parse_public_key_text(text: str) -> Ed25519PublicKey:
     if public_key_text(public_key) != text:
         raise ValueError(f"identity public key {text[:60]!r} is not in canonical base64")
     return public_key
-
-
-def create_private_file(path: Path, data: bytes) -> None:
-    """Create `path` readable by its owner only (whatever the umask), never replacing a file; fsync it."""
-    # O_EXCL: never overwrite; O_NOFOLLOW: never write through a planted link; the mode is set at
-    # creation, so the secret is never readable by others, not even for an instant.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(fd, 0o600)  # a umask can only have removed bits; make it exact
-            file.write(data)
-            file.flush()
-            os.fsync(fd)
-    except BaseException:
-        os.unlink(path)
-        raise
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a new or renamed entry in `directory` survive a crash."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from relay.identity import create_private_file, generate_identity, load_identity
+from relay.identity import generate_identity, load_identity
 from relay.oracle.keystore import Keystore, key_id
+from relay.private_files import create_private_file
 
 from .pki import TestPKI
 

@@ -26,7 +26,6 @@ can read or that another user owns, like relay.identity's edge key.
 import base64
 import binascii
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from relay.identity import create_private_file
+from relay.private_files import create_private_file, read_private_file
 
 FILE_FORMAT = "yestls-spool-private-key"
 FILE_VERSION = "1"
@@ -141,38 +140,12 @@ def generate_spool_key(path: Path, suite: str = DEFAULT_SUITE) -> str:
 
 def load_spool_private_key(path: Path, owner_uid: int | None = None) -> SpoolPrivateKey:
     """The spool key at `path`, refused unless only `owner_uid` (default: this process's user) can read it."""
-    data = _read_owner_only_file(Path(path), os.getuid() if owner_uid is None else owner_uid)
+    data = read_private_file(Path(path), os.getuid() if owner_uid is None else owner_uid, SpoolKeyError,
+                             "spool key", f"yestls keys spool-new --out {path}")
     try:
         return _parse_private_key(data)
     except ValueError as error:
         raise SpoolKeyError(f"spool key {path}: {error}; make a key with `yestls keys spool-new --out FILE`") from None
-
-
-def _read_owner_only_file(path: Path, owner_uid: int) -> bytes:
-    # The checks of relay.identity.load_identity, for this key.
-    make = "`yestls keys spool-new --out FILE`"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise SpoolKeyError(f"spool key {path} does not exist; make it with "
-                            f"`yestls keys spool-new --out {path}`") from None
-    except OSError as error:
-        raise SpoolKeyError(f"spool key {path} cannot be opened ({error.strerror}); "
-                            f"it must be a regular file readable by the intake's user") from None
-    # fstat the open file, not the path: what was checked is what is read.
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise SpoolKeyError(f"spool key {path} is not a regular file; make one with {make}")
-    with os.fdopen(fd, "rb") as file:
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise SpoolKeyError(f"spool key {path} has mode {mode:04o}: it must be readable by its owner only; "
-                                f"run chmod 600 {path}")
-        if st.st_uid != owner_uid:
-            raise SpoolKeyError(f"spool key {path} is owned by uid {st.st_uid}, not uid {owner_uid} that runs "
-                                f"the intake; run chown {owner_uid} {path}")
-        return file.read(64 * 1024)
 
 
 def _parse_private_key(data: bytes) -> SpoolPrivateKey:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.identity import fsync_directory
+from relay.private_files import fsync_directory
 from relay.spool.keys import SpoolPublicKey
 from relay.spool.sealed import DEFAULT_CHUNK_SIZE, seal, sealed_size
 

@@ -6,11 +6,6 @@
     unsealed = site.unseal(path_of_a_spool_file)
 """
 
-import os
-import re
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +15,7 @@ from relay.spool.keys import generate_spool_key, load_spool_private_key
 
 from .oracle_home import OracleHome, free_port, make_oracle_home
 from .pki import TestPKI
+from .services import ServiceProcess, running, start_service
 
 
 @dataclass
@@ -91,49 +87,16 @@ def make_edge_site(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, 
                     smtp_port, service_port, metrics_port, implicit_port)
 
 
-@dataclass
-class EdgeProcess:
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+EdgeProcess = ServiceProcess
 
 
-def start_edge(site: EdgeSite, timeout: float = 30.0, ready: str = r"edge \S+ listening on") -> EdgeProcess:
+def start_edge(site: EdgeSite, timeout: float = 30.0, ready: str = r"edge \S+ listening on") -> ServiceProcess:
     """`yestls edge serve` in a subprocess, returned once it listens."""
-    log_path = site.directory / f"edge-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "edge", "serve", "--config", str(site.config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    edge = EdgeProcess(process, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if re.search(ready, edge.log()):
-            return edge
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    edge.kill()
-    raise AssertionError(f"edge did not start:\n{edge.log()}")
+    return start_service(["edge", "serve", "--config", str(site.config)], site.directory, ready, name="edge",
+                         timeout=timeout)
 
 
 @contextmanager
 def run_edge(site: EdgeSite, **options):
-    edge = start_edge(site, **options)
-    try:
+    with running(start_edge(site, **options)) as edge:
         yield edge
-    finally:
-        if edge.process.poll() is None:
-            edge.process.terminate()
-            try:
-                edge.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                edge.kill()

@@ -7,17 +7,13 @@
             ... send mail to the edge; dovecot.fetch_all("user@example.org") ...
 """
 
-import os
-import re
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .dovecot import Dovecot
 from .edge_site import EdgeSite
+from .services import ServiceProcess, running, start_service
 
 
 @dataclass
@@ -52,48 +48,16 @@ def make_intake(site: EdgeSite, dovecot: Dovecot, *, options: str = "") -> Intak
                       directory / "status.json")
 
 
-@dataclass
-class IntakeProcess:
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+IntakeProcess = ServiceProcess
 
 
-def start_intake(intake: IntakeSite, timeout: float = 30.0, ready: str = r"intake pulling from") -> IntakeProcess:
-    log_path = intake.directory / f"intake-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "intake", "serve", "--config", str(intake.config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    started = IntakeProcess(process, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if re.search(ready, started.log()):
-            return started
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    started.kill()
-    raise AssertionError(f"intake did not start:\n{started.log()}")
+def start_intake(intake: IntakeSite, timeout: float = 30.0, ready: str = r"intake pulling from") -> ServiceProcess:
+    """`yestls intake serve` in a subprocess, returned once it runs."""
+    return start_service(["intake", "serve", "--config", str(intake.config)], intake.directory, ready,
+                         name="intake", timeout=timeout)
 
 
 @contextmanager
 def run_intake(intake: IntakeSite, **options):
-    started = start_intake(intake, **options)
-    try:
+    with running(start_intake(intake, **options)) as started:
         yield started
-    finally:
-        if started.process.poll() is None:
-            started.process.terminate()
-            try:
-                started.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                started.kill()

@@ -5,12 +5,7 @@
         ... oracle.port ...
 """
 
-import os
-import re
 import socket
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +17,7 @@ from relay.oracle.keystore import Keystore, key_id
 from relay.private_files import create_private_file
 
 from .pki import TestPKI
+from .services import ServiceProcess, running, start_service
 
 
 @dataclass
@@ -85,48 +81,16 @@ def make_oracle_home(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *
     return OracleHome(directory, config, keystore_dir, directory / "audit.jsonl", identity_path, port, ids)
 
 
-@dataclass
-class OracleProcess:
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
+OracleProcess = ServiceProcess
 
 
-def start_oracle(home: OracleHome, timeout: float = 20.0) -> OracleProcess:
+def start_oracle(home: OracleHome, timeout: float = 20.0) -> ServiceProcess:
     """`yestls oracle serve` in a subprocess, returned once it listens."""
-    log_path = home.directory / f"oracle-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "oracle", "serve", "--config", str(home.config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if re.search(r"oracle listening on", log_path.read_text()):
-            return OracleProcess(process, home.port, log_path)
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"oracle did not start:\n{log_path.read_text()}")
+    return start_service(["oracle", "serve", "--config", str(home.config)], home.directory, r"oracle listening on",
+                         name="oracle", timeout=timeout, port=home.port)
 
 
 @contextmanager
 def run_oracle(home: OracleHome):
-    oracle = start_oracle(home)
-    try:
+    with running(start_oracle(home)) as oracle:
         yield oracle
-    finally:
-        if oracle.process.poll() is None:
-            oracle.process.terminate()
-            try:
-                oracle.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                oracle.kill()

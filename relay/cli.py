@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     intake_serve = intake_commands.add_parser("serve", help="run the intake")
     intake_serve.add_argument("--config", type=Path, required=True, help="intake.toml")
 
+    status = commands.add_parser("status", help="tunnel, oracle, policy, spool, intake and certificate expiry, "
+                                                "as this host sees them")
+    for name in ("edge", "oracle", "intake"):
+        status.add_argument(f"--{name}-config", type=Path, metavar="PATH",
+                            help=f"{name}.toml (default /etc/yestls/{name}.toml when present)")
+    status.add_argument("--json", action="store_true", help="JSON for scripts instead of the table")
+
     keys_cli.add_parsers(commands)
     return parser
 
@@ -84,6 +91,10 @@ def main(argv=None) -> int:
         from relay.home import intake
 
         return intake.run(args)
+    if args.command == "status":
+        from relay import status
+
+        return status.run(args)
     if args.command == "keys":
         return keys_cli.run(args)
     return 2

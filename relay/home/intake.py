@@ -39,6 +39,16 @@ log = logging.getLogger("yestls.intake")
 SPOOL_ID_HEADER = b"X-YesTLS-Spool-Id"
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A message unsealed and ready for LMTP."""
+
+    mail_from: str
+    recipients: list[str]
+    message: bytes   # with our trace headers
+    smtputf8: bool
+
+
 @dataclass
 class IntakeStats:
     last_contact: float | None = None
@@ -63,6 +73,7 @@ class Intake:
         self.stats = IntakeStats()
         self.retry_at: dict[str, float] = {}  # spool id -> when a 4xx'd message may be tried again
         self.failures: dict[str, int] = {}    # spool id -> failed rounds so far (the backoff step)
+        self._status_written = 0.0
         config.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # --- the loop -------------------------------------------------------------
@@ -114,54 +125,74 @@ class Intake:
         upcoming = iter(messages)
         fetching: deque = deque()  # at most `in_flight` fetched ahead: a backlog is not all in memory
 
+        async def fetch_and_prepare(spool_id: str) -> tuple[bytes, Prepared | Exception]:
+            sealed = await client.fetch(spool_id)
+            return sealed, await self.prepare(spool_id, sealed)
+
         def top_up() -> None:
+            # Fetching, unsealing and the SPF/DKIM/DMARC checks of the next
+            # messages overlap with the delivery of this one.
             while len(fetching) < self.config.in_flight and (message := next(upcoming, None)) is not None:
-                fetching.append((message, asyncio.ensure_future(client.fetch(message.id))))
+                fetching.append((message, asyncio.ensure_future(fetch_and_prepare(message.id))))
 
         top_up()
+        acks: list[tuple[str, asyncio.Future]] = []  # in flight while the next message is delivered
         try:
             while fetching:
                 message, fetch = fetching.popleft()
                 top_up()
-                sealed = await fetch
+                sealed, prepared = await fetch
                 self.stats.pulled += 1
-                if await self.process(message.id, sealed):
-                    await client.ack(message.id)
-                    self._mark_acked(message.id)
+                if await self.process(message.id, sealed, prepared):
+                    acks.append((message.id, asyncio.ensure_future(client.ack(message.id))))
+                if time.time() - self._status_written > 2:
+                    self._write_status()  # a long backlog shows its progress
         finally:
             for _, fetch in fetching:
                 fetch.cancel()
+            results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
+            # Unacknowledged ones are listed again next time; done in the ledger, they are not redelivered.
+            self.ledger.mark_acked([i for (i, _), r in zip(acks, results) if not isinstance(r, BaseException)])
 
     # --- one message ------------------------------------------------------------
 
-    async def process(self, spool_id: str, sealed: bytes) -> bool:
-        """Deliver one sealed message as far as possible; True when it may be acknowledged."""
-        entry = self.ledger.get(spool_id)
-        if entry is not None and entry.state in (DONE, QUARANTINED):
-            return True  # finished before a crash, not yet acknowledged: do not deliver again
+    async def prepare(self, spool_id: str, sealed: bytes) -> "Prepared | Exception":
+        """Unseal and add the trace headers; the reason it cannot be, for the quarantine."""
         try:
             opened = unseal(sealed, self.private_key)
             if opened.spool_id.hex() != spool_id:
                 raise SealedError(f"the file's spool id {opened.spool_id.hex()} is not {spool_id}")
             metadata = opened.metadata
-            recipients = list(metadata["rcpt_tos"])
-            mail_from = metadata["mail_from"]
+            recipients = [str(r) for r in metadata["rcpt_tos"]]
+            mail_from = str(metadata["mail_from"])
         except (SealedError, KeyError, TypeError, ValueError) as error:
-            self._quarantine(spool_id, sealed, error)
+            return error
+        message = await self._with_trace_headers(spool_id, opened.message, metadata)
+        return Prepared(mail_from, recipients, message, bool(metadata.get("smtputf8")))
+
+    async def process(self, spool_id: str, sealed: bytes, prepared: "Prepared | Exception | None" = None) -> bool:
+        """Deliver one sealed message as far as possible; True when it may be acknowledged."""
+        entry = self.ledger.get(spool_id)
+        if entry is not None and entry.state in (DONE, QUARANTINED):
+            return True  # finished before a crash, not yet acknowledged: do not deliver again
+        if prepared is None:
+            prepared = await self.prepare(spool_id, sealed)
+        if isinstance(prepared, Exception):
+            self._quarantine(spool_id, sealed, prepared)
             return True
-        entry = self.ledger.start(spool_id, recipients)
+        entry = self.ledger.start(spool_id, prepared.recipients)
         if entry.state != DELIVERING:
             return True
-        message = self._with_trace_headers(spool_id, opened.message, metadata)
         if not await self._settle_in_doubt(entry):
             self._schedule_retry(entry)
             return False
         pending = entry.pending()
         if pending:
-            await self._deliver(entry, mail_from, pending, message, bool(metadata.get("smtputf8")))
+            await self._deliver(entry, prepared.mail_from, pending, prepared.message, prepared.smtputf8)
         if entry.final():
-            entry.state = DONE
-            self.ledger.save(entry)
+            if entry.state != DONE:
+                entry.state = DONE
+                self.ledger.save(entry)
             self.retry_at.pop(spool_id, None)
             self.failures.pop(spool_id, None)
             delivered = sum(r.status == DELIVERED for r in entry.recipients.values())
@@ -210,7 +241,7 @@ class Intake:
             return
         for recipient, reply in replies.items():
             info = entry.recipients[recipient]
-            info.reply = str(reply)
+            info.reply = str(reply)[:500]
             if 200 <= reply.code < 300:
                 info.status = DELIVERED
                 self.stats.delivered += 1
@@ -222,6 +253,8 @@ class Intake:
             else:
                 info.status = PENDING
                 log.info("%s: %s deferred: %s", entry.spool_id, recipient, reply)
+        if entry.final():
+            entry.state = DONE  # recorded with the replies: one commit
         self.ledger.save(entry)
         if not entry.final():
             self._schedule_retry(entry)
@@ -235,9 +268,10 @@ class Intake:
         self.retry_at[entry.spool_id] = entry.next_attempt
         self.stats.retried += 1
 
-    def _with_trace_headers(self, spool_id: str, message: bytes, metadata: dict) -> bytes:
+    async def _with_trace_headers(self, spool_id: str, message: bytes, metadata: dict) -> bytes:
         message = self.auth.without_forged_results(message)
-        results = self.auth.header(message, metadata)
+        # DNS lookups block: keep them off the event loop, where fetches and acks run.
+        results = await asyncio.get_running_loop().run_in_executor(None, self.auth.header, message, metadata)
         return SPOOL_ID_HEADER + b": " + spool_id.encode() + b"\r\n" + results + message
 
     def _quarantine(self, spool_id: str, sealed: bytes, error: Exception) -> None:
@@ -257,12 +291,6 @@ class Intake:
         self.stats.quarantined += 1
         log.error("%s: QUARANTINED, not delivered: %s; the sealed file is kept at %s", spool_id, error, path)
 
-    def _mark_acked(self, spool_id: str) -> None:
-        entry = self.ledger.get(spool_id)
-        if entry is not None:
-            entry.acked = True
-            self.ledger.save(entry)
-
     # --- status -----------------------------------------------------------------
 
     def _contact(self, edge_stats: dict) -> None:
@@ -272,7 +300,8 @@ class Intake:
 
     def _write_status(self) -> None:
         """The status file `yestls status` reads: what the intake knows, as of now."""
-        status = {"updated": time.time(), **vars(self.stats), "ledger": self.ledger.counts(),
+        self._status_written = time.time()
+        status = {"updated": self._status_written, **vars(self.stats), "ledger": self.ledger.counts(),
                   "retrying": len(self.retry_at)}
         path = self.config.status_file
         temporary = path.with_suffix(".tmp")

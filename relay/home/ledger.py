@@ -69,11 +69,18 @@ class Ledger:
             (entry.spool_id, entry.state, recipients, entry.next_attempt, int(entry.acked), time.time()))
 
     def start(self, spool_id: str, recipients: list[str]) -> Entry:
+        """The message's entry; a new one is first written with its in-doubt marks (one commit, not two)."""
         entry = self.get(spool_id)
         if entry is None:
             entry = Entry(spool_id, DELIVERING, {r: Recipient() for r in dict.fromkeys(recipients)})
-            self.save(entry)
         return entry
+
+    def mark_acked(self, spool_ids: list[str]) -> None:
+        """The edge deleted these: one commit for a whole batch."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("UPDATE messages SET acked = 1, updated = ? WHERE spool_id = ?",
+                                [(time.time(), spool_id) for spool_id in spool_ids])
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())

@@ -1,0 +1,454 @@
+"""`yestls status`: how this host's part of YesTLS is doing, from what its services publish.
+
+One table (or `--json`) on either host, read-only, each part optional:
+
+    tunnel        `wg show all latest-handshakes`: each WireGuard peer's last handshake
+    oracle        on the edge: is an oracle up (the edge's metrics) and a `ping` round trip to each
+                  oracle in edge.toml (the tunnel gate answers ping before authentication, so no key
+                  is read and nothing is audited); at home: the oracle's metrics (requests, sign time)
+    policy        the oracle-down policy the edge runs with, and what is in force now
+    spool         the edge's sealed spool: depth and oldest age (the edge's metrics; at home, what
+                  the edge last told the intake)
+    intake        the intake's status file: last contact with the edge, pulled, delivered, retried,
+                  failed, quarantined, the ledger's counts
+    certificates  the oracle keystore's chains and when each leaf expires (chain files only: no
+                  private key is opened); the edge does not report its chains' expiry
+
+Configs default to /etc/yestls/{edge,oracle,intake}.toml where present. A part
+that cannot be read shows "unknown (why)"; `yestls status` itself does not fail.
+"""
+
+import asyncio
+import datetime
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_DIRECTORY = Path("/etc/yestls")
+SECTIONS = ("tunnel", "oracle", "policy", "spool", "intake", "certificates")
+TIMEOUT = 2.0   # seconds for each endpoint asked
+POLICY_MEANING = {
+    "tempfail": "new connections get 421 until an oracle answers; senders retry",
+    "resume-only": "only resumed TLS sessions proceed (no signature needed); others are deferred",
+    "plaintext": "mail is accepted WITHOUT TLS until an oracle answers",
+}
+
+
+@dataclass
+class Row:
+    section: str
+    item: str
+    value: object = None         # JSON-ready; None when unknown
+    text: str = ""               # what the table shows
+    unknown: str | None = None   # why the value is not known
+
+    def shown(self) -> str:
+        return f"unknown ({self.unknown})" if self.unknown is not None else self.text
+
+
+def unknown(section: str, item: str, why: str) -> Row:
+    return Row(section, item, unknown=why)
+
+
+@dataclass
+class Status:
+    host: str
+    time: float
+    configs: dict[str, str | None]
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, *rows: Row) -> None:
+        self.rows.extend(rows)
+
+    def as_json(self) -> dict:
+        sections: dict[str, dict] = {name: {} for name in SECTIONS}
+        for row in self.rows:
+            sections[row.section][row.item] = {"unknown": row.unknown} if row.unknown is not None else row.value
+        return {"host": self.host, "time": _iso(self.time), "configs": self.configs, **sections}
+
+    def as_table(self) -> str:
+        order = {name: i for i, name in enumerate(SECTIONS)}
+        rows = sorted(self.rows, key=lambda row: order[row.section])  # stable: items keep their order
+        header = ("SECTION", "ITEM", "STATUS")
+        cells = [(row.section, row.item, row.shown()) for row in rows]
+        width = [max(len(line[i]) for line in [header, *cells]) for i in range(2)]
+        lines = [f"YesTLS status of {self.host} at {_iso(self.time)}",
+                 "  ".join(h.ljust(w) for h, w in zip(header, width + [0])).rstrip()]
+        previous = None
+        for section, item, text in cells:
+            shown_section = section if section != previous else ""
+            previous = section
+            lines.append(f"{shown_section.ljust(width[0])}  {item.ljust(width[1])}  {text}")
+        return "\n".join(lines) + "\n"
+
+
+# --- small helpers ------------------------------------------------------------------------------------
+
+def _iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def ago(seconds: float) -> str:
+    """A duration for people: 42 s, 5 min, 3 h 10 min, 12 days."""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+    return f"{seconds / 86400:.0f} days"
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+        error = error.reason if isinstance(error.reason, BaseException) else error
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower() if not error.filename else f"{error.filename}: {error.strerror.lower()}"
+    return str(error) or type(error).__name__
+
+
+def _connect_host(host: str) -> str:
+    """Where to reach a service listening on `host` from this host (a wildcard address means loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def load_config(kind: str, path: Path):
+    """The parsed config, or raises with a message naming the file."""
+    if kind == "edge":
+        from relay.edge import config
+    elif kind == "oracle":
+        from relay.oracle import config
+    else:
+        from relay.home import config
+    return config.load(path)
+
+
+# --- Prometheus metrics -----------------------------------------------------------------------------------
+
+class Metrics:
+    """One scrape of a /metrics endpoint: samples by name, each a list of (labels, value)."""
+
+    def __init__(self, samples: dict[str, list[tuple[dict, float]]]):
+        self.samples = samples
+
+    @classmethod
+    def scrape(cls, host: str, port: int, timeout: float = TIMEOUT) -> "Metrics":
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://{_endpoint(_connect_host(host), port)}/metrics"
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
+        with direct.open(url, timeout=timeout) as response:
+            text = response.read(4 * 1024 * 1024).decode("utf-8", "replace")
+        samples: dict[str, list[tuple[dict, float]]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+        return cls(samples)
+
+    def value(self, name: str, **labels) -> float | None:
+        for sample_labels, value in self.samples.get(name, []):
+            if all(sample_labels.get(k) == v for k, v in labels.items()):
+                return value
+        return None
+
+    def labelled(self, name: str) -> list[tuple[dict, float]]:
+        return self.samples.get(name, [])
+
+
+def scrape_or_why(kind: str, config) -> tuple["Metrics | None", str | None, str]:
+    """(metrics, None, endpoint) or (None, why, endpoint) for a service's metrics_listen."""
+    if config.metrics_listen is None:
+        return None, f"{kind}.toml sets no metrics_listen", ""
+    host, port = config.metrics_listen
+    endpoint = _endpoint(_connect_host(host), port)
+    try:
+        return Metrics.scrape(host, port), None, endpoint
+    except (OSError, ValueError) as error:
+        return None, f"the {kind}'s metrics at {endpoint}: {_reason(error)}", endpoint
+
+
+# --- the parts ----------------------------------------------------------------------------------------------
+
+def tunnel_rows(now: float, run: Callable = subprocess.run) -> list[Row]:
+    """Each WireGuard peer's latest handshake (`wg show all latest-handshakes`)."""
+    if shutil.which("wg") is None:
+        return [unknown("tunnel", "last handshake", "wg is not installed")]
+    try:
+        result = run(["wg", "show", "all", "latest-handshakes"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return [unknown("tunnel", "last handshake", f"wg show: {_reason(error)}")]
+    if result.returncode != 0:
+        first = (result.stderr or result.stdout).strip().splitlines()
+        return [unknown("tunnel", "last handshake", f"wg show: {first[0] if first else f'exit {result.returncode}'}")]
+    rows = []
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].isdigit():
+            continue
+        interface, peer, stamp = parts[0], parts[1], int(parts[2])
+        item = f"{interface} peer {peer[:10]}..."
+        value = {"interface": interface, "peer": peer, "latest_handshake": _iso(stamp) if stamp else None,
+                 "age_seconds": round(now - stamp, 1) if stamp else None}
+        if stamp == 0:
+            rows.append(Row("tunnel", item, value, "no handshake yet (peer unreachable or idle since start)"))
+        else:
+            stale = "; older than 3 min: the tunnel is idle or down" if now - stamp > 180 else ""
+            rows.append(Row("tunnel", item, value, f"last handshake {ago(now - stamp)} ago ({_iso(stamp)}){stale}"))
+    return rows or [unknown("tunnel", "last handshake", "no WireGuard interface is up on this host")]
+
+
+async def _ping(host: str, port: int, timeout: float) -> float:
+    """Seconds for one `ping` round trip to a tunnel service (connection set up first, not counted)."""
+    from relay.rpc import RpcConnection
+
+    loop = asyncio.get_running_loop()
+    _, connection = await asyncio.wait_for(loop.create_connection(RpcConnection, host, port), timeout)
+    try:
+        started = time.perf_counter()
+        await connection.call("ping", {}, timeout=timeout)
+        return time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+def ping_rows(servers) -> list[Row]:
+    async def all_pings():
+        return await asyncio.gather(*(_ping(host, port, TIMEOUT) for host, port in servers), return_exceptions=True)
+
+    rows = []
+    for (host, port), result in zip(servers, asyncio.run(all_pings())):
+        item = f"ping {_endpoint(host, port)}"
+        if isinstance(result, BaseException):
+            why = "timed out" if isinstance(result, asyncio.TimeoutError) else _reason(result)
+            rows.append(Row("oracle", item, {"reachable": False, "error": why}, f"UNREACHABLE ({why})"))
+        else:
+            rows.append(Row("oracle", item, {"reachable": True, "rtt_ms": round(result * 1e3, 2)},
+                            f"reachable, round trip {result * 1e3:.1f} ms"))
+    return rows
+
+
+def edge_rows(path: Path | None) -> list[Row]:
+    """The edge's view: oracle up (and a ping to each), the policy, the spool."""
+    if path is None:
+        return []
+    try:
+        config = load_config("edge", path)
+    except Exception as error:  # noqa: BLE001 - any unreadable config is shown, not raised
+        why = f"{path}: {error}"
+        return [unknown("oracle", "reachable", why), unknown("policy", "oracle down", why),
+                unknown("spool", "depth", why)]
+    rows: list[Row] = []
+    metrics, why, endpoint = scrape_or_why("edge", config)
+    configured = config.smtp.oracle_down
+    if metrics is None:
+        rows.append(unknown("oracle", "reachable", why))
+        rows.append(Row("policy", "oracle down", {"policy": configured, "source": "edge.toml"},
+                        f"{configured} (from {path}; the running edge's metrics: {why}): {POLICY_MEANING[configured]}"))
+        rows.append(unknown("spool", "depth", why))
+        rows.append(unknown("spool", "oldest", why))
+    else:
+        up = metrics.value("yestls_edge_oracle_up")
+        policy = next((labels.get("policy") for labels, value in metrics.labelled("yestls_edge_oracle_down_policy")
+                       if value == 1), None)
+        if up is None:
+            rows.append(unknown("oracle", "reachable", f"{endpoint} has no yestls_edge_oracle_up"))
+        else:
+            rows.append(Row("oracle", "reachable", bool(up),
+                            "up: the edge has a working oracle connection" if up else
+                            "DOWN: no oracle answers the edge"))
+        if policy is None:
+            rows.append(unknown("policy", "oracle down", f"{endpoint} has no yestls_edge_oracle_down_policy"))
+        else:
+            rows.append(Row("policy", "oracle down", {"policy": policy, "source": "edge metrics"},
+                            f"{policy}: {POLICY_MEANING.get(policy, '')}"))
+            if up is not None:
+                now_text = "normal: TLS with the oracle's signatures" if up else f"{policy} (the oracle is down)"
+                rows.append(Row("policy", "in force now", "normal" if up else policy, now_text))
+        depth = metrics.value("yestls_spool_depth")
+        oldest = metrics.value("yestls_spool_oldest_age_seconds")
+        size = metrics.value("yestls_spool_bytes")
+        if depth is None:
+            rows.append(unknown("spool", "depth", f"{endpoint} has no yestls_spool_depth"))
+        else:
+            extra = f", {size / 1024:.0f} KiB sealed" if size is not None else ""
+            rows.append(Row("spool", "depth", int(depth), f"{int(depth)} message(s) waiting for home{extra}"))
+        if oldest is None:
+            rows.append(unknown("spool", "oldest", f"{endpoint} has no yestls_spool_oldest_age_seconds"))
+        else:
+            rows.append(Row("spool", "oldest", round(oldest, 1),
+                            f"{ago(oldest)} waiting" if depth else "none waiting"))
+    rows.extend(ping_rows(config.oracle.servers))
+    return rows
+
+
+def oracle_rows(path: Path | None, now: float) -> list[Row]:
+    """Home's oracle: its metrics and its keystore's certificates."""
+    if path is None:
+        return [unknown("certificates", "expiry", "no oracle.toml on this host; the key oracle at home reads "
+                                                  "its keystore, the edge does not report its chains' expiry")]
+    try:
+        config = load_config("oracle", path)
+    except Exception as error:  # noqa: BLE001
+        why = f"{path}: {error}"
+        return [unknown("oracle", "service", why), unknown("certificates", "expiry", why)]
+    rows: list[Row] = []
+    metrics, why, endpoint = scrape_or_why("oracle", config)
+    if metrics is None:
+        rows.append(unknown("oracle", "service", why))
+    else:
+        requests = {}
+        for labels, value in metrics.labelled("yestls_oracle_requests_total"):
+            requests[f"{labels.get('method')} {labels.get('outcome')}"] = int(value)
+        rows.append(Row("oracle", "service", {"metrics": endpoint, "up": True}, f"running (metrics at {endpoint})"))
+        text = ", ".join(f"{k} {v}" for k, v in sorted(requests.items())) or "none since start"
+        rows.append(Row("oracle", "requests", requests, text))
+        count = metrics.value("yestls_oracle_sign_seconds_count")
+        total = metrics.value("yestls_oracle_sign_seconds_sum")
+        if count:
+            mean = total / count
+            rows.append(Row("oracle", "sign time", {"mean_ms": round(mean * 1e3, 2), "signatures": int(count)},
+                            f"mean {mean * 1e3:.1f} ms over {int(count)} signature(s)"))
+        refusals = {labels.get("reason"): int(value)
+                    for labels, value in metrics.labelled("yestls_oracle_refusals_total") if value}
+        rows.append(Row("oracle", "refusals", refusals,
+                        ", ".join(f"{k} {v}" for k, v in sorted(refusals.items())) or "none since start"))
+    rows.extend(certificate_rows(config.keystore, now))
+    return rows
+
+
+def certificate_rows(keystore_dir: Path, now: float) -> list[Row]:
+    from relay.oracle.keystore import Keystore, KeystoreError
+
+    try:
+        keystore = Keystore(keystore_dir)
+        entries = keystore.public_entries()
+        pending = keystore.pending()
+    except (KeystoreError, OSError) as error:
+        return [unknown("certificates", "expiry", f"keystore {keystore_dir}: {_reason(error)}")]
+    rows = []
+    for entry in entries:
+        expires = entry.not_after.timestamp()
+        left = expires - now
+        names = sorted(entry.chain.names)
+        value = {"key_id": entry.key_id, "key_type": entry.key_type, "names": names,
+                 "not_after": _iso(expires), "days_left": round(left / 86400, 1)}
+        if left <= 0:
+            text = f"EXPIRED {_iso(expires)} ({ago(-left)} ago)"
+        else:
+            warn = ": RENEW SOON" if left < 21 * 86400 else ""
+            text = f"expires {_iso(expires)} (in {ago(left)}){warn}"
+        rows.append(Row("certificates", f"{entry.key_type} {', '.join(names)}", value, text))
+    for key_id in pending:
+        rows.append(Row("certificates", f"key {key_id}", {"key_id": key_id, "chain": None},
+                        "no certificate yet (`yestls keys import`)"))
+    return rows or [unknown("certificates", "expiry", f"keystore {keystore_dir} holds no certificate chain")]
+
+
+def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[Row]:
+    """The intake's status file (relay/home/intake.py writes it after each pull)."""
+    if path is None:
+        return [unknown("intake", "progress", "no intake.toml on this host")]
+    try:
+        config = load_config("intake", path)
+    except Exception as error:  # noqa: BLE001
+        return [unknown("intake", "progress", f"{path}: {error}")]
+    try:
+        status = json.loads(config.status_file.read_text())
+        if not isinstance(status, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return [unknown("intake", "progress", f"no status file at {config.status_file}: the intake has not run")]
+    except (OSError, ValueError) as error:
+        return [unknown("intake", "progress", f"status file {config.status_file}: {_reason(error)}")]
+    rows = []
+    updated = status.get("updated")
+    if isinstance(updated, (int, float)):
+        # Written after every pull, and at least every `poll` seconds while the intake waits for mail.
+        stale = (f"; not rewritten for {ago(now - updated)}: the intake is stopped, or busy with a long backlog"
+                 if now - updated > 2 * config.poll + 30 else "")
+        rows.append(Row("intake", "status written", _iso(updated),
+                        f"{ago(now - updated)} ago ({config.status_file}){stale}"))
+    contact = status.get("last_contact")
+    if isinstance(contact, (int, float)):
+        rows.append(Row("intake", "last contact", _iso(contact), f"with the edge {ago(now - contact)} ago"))
+    else:
+        rows.append(unknown("intake", "last contact", "the intake has not reached the edge since it started"))
+    counters = {k: status.get(k) for k in ("pulled", "delivered", "retried", "failed", "quarantined")}
+    rows.append(Row("intake", "progress", counters,
+                    ", ".join(f"{k} {v}" for k, v in counters.items()) + " (since the intake started)"))
+    ledger = status.get("ledger") if isinstance(status.get("ledger"), dict) else {}
+    rows.append(Row("intake", "ledger", ledger,
+                    ", ".join(f"{k} {v}" for k, v in sorted(ledger.items())) or "empty"))
+    if status.get("retrying"):
+        rows.append(Row("intake", "retrying", status["retrying"],
+                        f"{status['retrying']} message(s) waiting for a retry"))
+    if not edge_spool_known and status.get("edge_depth") is not None and isinstance(contact, (int, float)):
+        depth, oldest = status["edge_depth"], status.get("edge_oldest_age") or 0
+        rows.append(Row("spool", "depth", depth,
+                        f"{depth} message(s) waiting, as the edge told the intake {ago(now - contact)} ago"))
+        rows.append(Row("spool", "oldest", oldest, f"{ago(oldest)} waiting" if depth else "none waiting"))
+    return rows
+
+
+# --- putting it together ------------------------------------------------------------------------------------
+
+def default_config(name: str, directory: Path = CONFIG_DIRECTORY) -> Path | None:
+    path = directory / f"{name}.toml"
+    return path if path.exists() else None
+
+
+def collect(edge: Path | None, oracle: Path | None, intake: Path | None, *,
+            now: float | None = None, run: Callable = subprocess.run) -> Status:
+    now = time.time() if now is None else now
+    status = Status(socket.gethostname(), now,
+                    {"edge": str(edge) if edge else None, "oracle": str(oracle) if oracle else None,
+                     "intake": str(intake) if intake else None})
+    status.add(*tunnel_rows(now, run))
+    rows = edge_rows(edge)
+    status.add(*rows)
+    status.add(*oracle_rows(oracle, now))
+    edge_spool_known = any(r.section == "spool" and r.item == "depth" and r.unknown is None for r in rows)
+    status.add(*intake_rows(intake, now, edge_spool_known))
+    present = {row.section for row in status.rows}
+    for section, (item, why) in MISSING.items():
+        if section not in present:
+            status.add(unknown(section, item, why))
+    return status
+
+
+MISSING = {   # a section nothing on this host reports: its main item, and why
+    "oracle": ("reachable", "no edge.toml or oracle.toml on this host"),
+    "policy": ("oracle down", "no edge.toml on this host; the edge runs the policy"),
+    "spool": ("depth", "no edge.toml on this host, and no intake status reports the edge's spool"),
+    "intake": ("progress", "no intake.toml on this host"),
+}
+
+
+def run(args) -> int:
+    """`yestls status`: args has edge_config, oracle_config, intake_config (None: the default if present), json."""
+    configs = {}
+    for name in ("edge", "oracle", "intake"):
+        given = getattr(args, f"{name}_config")
+        configs[name] = given if given is not None else default_config(name)
+    status = collect(configs["edge"], configs["oracle"], configs["intake"])
+    if args.json:
+        json.dump(status.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(status.as_table())
+    return 0
+
+

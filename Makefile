@@ -4,21 +4,43 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+# molecule and ansible-lint run ansible-playbook & co. from the virtualenv
+IN_VENV = PATH="$(abspath $(VENV))/bin:$$PATH"
+ANSIBLE_LINT = $(IN_VENV) ansible-lint roles playbooks
 
-.PHONY: test packages venv bench bench-oracle bench-smtp clean
+.PHONY: test molecule lint-ansible packages venv bench bench-oracle bench-smtp bench-intake clean
 
+# ruff, the unit tests, ansible-lint, then the two-host deployment in containers.
 test: packages venv
-	$(VENV)/bin/ruff check relay tests bench
+	$(VENV)/bin/ruff check relay tests bench molecule
 	$(PY) -m pytest
+	$(ANSIBLE_LINT)
+	$(MOLECULE_TEST)
+
+# The Molecule scenario alone (molecule/default): build or reuse the base
+# image, then molecule test: create, prepare, converge, idempotence, check,
+# verify, destroy (molecule/default/molecule.yml).
+molecule: packages venv
+	$(MOLECULE_TEST)
+
+# ansible-lint alone (production profile, .ansible-lint)
+lint-ansible: venv
+	$(ANSIBLE_LINT)
+
+define MOLECULE_TEST
+./scripts/ensure-docker
+./scripts/build-base-image
+$(IN_VENV) molecule test --scenario-name default
+endef
 
 packages:
 	./scripts/install-packages
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements/test.txt
+$(VENV)/.installed: pyproject.toml requirements/test.txt requirements/deploy.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements/test.txt -e .
+	$(PY) -m pip install -q -r requirements/test.txt -r requirements/deploy.txt -e .
 	touch $@
 
 bench: packages venv
@@ -31,6 +53,10 @@ bench-oracle: packages venv
 bench-smtp: packages venv
 	./scripts/install-packages bench
 	$(PY) bench/smtp.py
+
+# The intake against Dovecot's own LMTP fed directly (Dovecot: installed by `packages`).
+bench-intake: packages venv
+	$(PY) bench/intake.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -121,6 +121,7 @@ class KeylessSMTP(SMTP):
             # the session records the TLS parameters as after STARTTLS.
             self._tls_protocol = True
             self.session.ssl = {"tls_session": transport.get_extra_info("tls_session")}
+            _log_tls(self.session.peer, self.tls_session)
 
     def connection_lost(self, error) -> None:
         if self.session is None:  # refused at greeting
@@ -201,12 +202,24 @@ class KeylessSMTP(SMTP):
             raise
         except Exception as error:  # the handshake failed: aiosmtpd closes the connection
             raise TLSSetupException() from error
+        _log_tls(self.session.peer, tls.engine.session)
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push("502 5.5.1 AUTH is not offered: this is an MX, not a submission server")
 
     async def smtp_VRFY(self, arg: str) -> None:
         await self.push("502 5.5.1 VRFY command is disabled")
+
+
+def _log_tls(peer, session) -> None:
+    # One line per TLS session; its client random is the key to the oracle's
+    # audit line for the same handshake (none when resumed: nothing was signed).
+    if session is None:
+        return
+    address = peer[0] if peer else "unknown"
+    log.info("%s: TLS established: %s %s %s sni=%s %s client_random=%s", address, session.version,
+             session.cipher_suite, session.group, session.server_name or "-",
+             "resumed" if session.resumed else f"signed={session.signature_scheme}", session.client_random.hex())
 
 
 def implicit_tls_protocol(config_and_signer: Callable[[], tuple[ServerConfig, Signer] | None],

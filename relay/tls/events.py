@@ -34,6 +34,7 @@ class SessionInfo:
     resumed: bool
     server_name: str | None
     alpn: bytes | None
+    client_random: bytes   # names the session in logs: the oracle's audit line carries it too
 
 
 @dataclass(frozen=True)

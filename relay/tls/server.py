@@ -379,6 +379,7 @@ class ServerConnection:
         self._session_fields = dict(
             version="TLSv1.3", cipher_suite=self._suite.name, group=_group_name(group),
             signature_scheme=None, resumed=state is not None, server_name=hello.server_name, alpn=alpn,
+            client_random=hello.random,
         )
         self._send_encrypted_extensions(hello, alpn)
         if chain_and_scheme is None:

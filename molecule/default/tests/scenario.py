@@ -1,0 +1,176 @@
+"""What the Molecule tests share: the containers, the site settings, and probes
+that look at the deployment from outside (other hosts, the controller).
+
+The containers are reached with `docker exec` (testinfra's docker backend);
+addresses come from `docker inspect`. Nothing here puts one host's secret on
+another host: secrets are searched for on the controller, in streams read out
+of the containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+import time
+from functools import cache
+from pathlib import Path
+
+import testinfra
+import yaml
+
+SCENARIO_DIR = Path(os.environ.get("MOLECULE_SCENARIO_DIRECTORY", Path(__file__).resolve().parent.parent))
+INTERNET = "yestls-internet"  # the Internet of the scenario (molecule.yml)
+HOME_LAN = "yestls-homelan"  # home's LAN: only home and the controller are on it
+
+# What a port looks like from a client: "open" (connected), "closed" (the
+# host answered with a reset: reachable, nothing listening), "filtered" (no
+# answer: the firewall dropped it).
+OPEN, CLOSED, FILTERED = "open", "closed", "filtered"
+REACHABLE = (OPEN, CLOSED)
+PROBE_TIMEOUT = 2.0
+
+
+@cache
+def site() -> dict:
+    """The site_* settings the scenario deploys with: the group_vars Molecule
+    wrote into its inventory (with ${...} expanded), or molecule.yml's when
+    the tests run outside Molecule."""
+    written = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / "inventory/group_vars/all"
+    if written.exists():
+        return yaml.safe_load(written.read_text())
+    config = yaml.safe_load(os.path.expandvars((SCENARIO_DIR / "molecule.yml").read_text()))
+    return config["provisioner"]["inventory"]["group_vars"]["all"]
+
+
+@cache
+def container(name: str) -> testinfra.host.Host:
+    return testinfra.get_host(f"docker://{name}")
+
+
+@cache
+def address(name: str, network: str = INTERNET) -> str:
+    """The container's address on a docker network of the scenario."""
+    out = subprocess.run(
+        ["docker", "inspect", "--format", "{{json .NetworkSettings.Networks}}", name],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out)[network]["IPAddress"]
+
+
+_PROBE = """
+import json, socket, sys
+from concurrent.futures import ThreadPoolExecutor
+timeout, targets = json.loads(sys.argv[1])
+def probe(target):
+    s = socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET)
+    s.settimeout(timeout)
+    try:
+        s.connect(tuple(target))
+        return "open"
+    except ConnectionRefusedError:
+        return "closed"
+    except (socket.timeout, TimeoutError):
+        return "filtered"
+    except OSError as e:
+        return "error: %s" % e
+    finally:
+        s.close()
+with ThreadPoolExecutor(len(targets)) as pool:
+    print(json.dumps(list(pool.map(probe, targets))))
+"""
+
+
+def tcp_probe(source: str | None, targets: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """Connect to each (address, port) from the container `source` (or from the
+    controller when None), all at once; say what each port looked like."""
+    args = json.dumps([PROBE_TIMEOUT, targets])
+    if source is None:
+        out = subprocess.run(
+            ["python3", "-c", _PROBE, args], check=True, capture_output=True, text=True, timeout=30
+        ).stdout
+    else:
+        out = container(source).check_output("python3 -c %s %s", _PROBE, args)
+    return dict(zip([tuple(t) for t in targets], json.loads(out)))
+
+
+def read_secret(name: str, path: str) -> bytes:
+    """A file's bytes, read out of a container (for tests that search for it elsewhere)."""
+    return subprocess.run(["docker", "exec", name, "cat", path], check=True, capture_output=True).stdout
+
+
+def _search_tar(stream, needles: dict[str, bytes], prefix: str) -> list[tuple[str, str]]:
+    longest = max(len(n) for n in needles.values())
+    found = []
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            f = tar.extractfile(member)
+            path = prefix + member.name.removeprefix("./")
+            seen = set()
+            tail = b""
+            while chunk := f.read(1 << 20):
+                window = tail + chunk
+                for what, needle in needles.items():
+                    if what not in seen and needle in window:
+                        seen.add(what)
+                        found.append((path, what))
+                tail = window[-(longest - 1) :]
+    return found
+
+
+def find_in_filesystem(name: str, needles: dict[str, bytes]) -> list[tuple[str, str]]:
+    """Search every file of a container for each needle; return (path, needle
+    name) for each hit. The container's files are streamed to the controller
+    (`docker export` for its root filesystem, `tar` for the tmpfs mounts that
+    export leaves out), so the needles never go into the container."""
+    found = []
+    export = subprocess.Popen(["docker", "export", name], stdout=subprocess.PIPE)
+    try:
+        found += _search_tar(export.stdout, needles, "/")
+    finally:
+        export.stdout.close()
+        assert export.wait(timeout=300) == 0, "docker export failed"
+    for mount in ("/run", "/run/lock"):
+        tar = subprocess.Popen(
+            ["docker", "exec", name, "tar", "-C", mount, "--one-file-system", "-cf", "-", "."],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            found += _search_tar(tar.stdout, needles, mount + "/")
+        finally:
+            tar.stdout.close()
+            tar.wait(timeout=300)
+    return found
+
+
+def find_in_directory(directory: Path, needles: dict[str, bytes]) -> list[tuple[str, str]]:
+    """Search every file under a directory of the controller for each needle."""
+    found = []
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            found += [(str(path), what) for what, needle in needles.items() if needle in data]
+    return found
+
+
+def local_address_towards(ip: str) -> str:
+    """The controller's source address for packets to ip (on a docker
+    network: the bridge's address there)."""
+    out = subprocess.run(["ip", "-o", "route", "get", ip], check=True, capture_output=True, text=True).stdout
+    return out.split(" src ", 1)[1].split()[0]
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 1.0):
+    """Poll until predicate() is truthy; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

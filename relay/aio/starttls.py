@@ -216,7 +216,7 @@ def _log_tls(peer, session) -> None:
     # audit line for the same handshake (none when resumed: nothing was signed).
     if session is None:
         return
-    address = peer[0] if peer else "unknown"
+    address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
     log.info("%s: TLS established: %s %s %s sni=%s %s client_random=%s", address, session.version,
              session.cipher_suite, session.group, session.server_name or "-",
              "resumed" if session.resumed else f"signed={session.signature_scheme}", session.client_random.hex())

@@ -9,8 +9,11 @@ of the containers.
 
 from __future__ import annotations
 
+import imaplib
 import json
 import os
+import socket
+import ssl
 import subprocess
 import tarfile
 import time
@@ -174,3 +177,40 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 1.0):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+IMAP_CERTIFICATE = "/etc/dovecot/yestls-imap.pem"
+
+
+def mailbox() -> str:
+    return f"{site()['site_mailboxes'][0]}@{site()['site_domains'][0]}"
+
+
+def imap_password() -> str:
+    password = site()["site_mailbox_passwords"][site()["site_mailboxes"][0]]
+    assert password.startswith("{PLAIN}"), "the scenario's mailbox password must be {PLAIN}"
+    return password.removeprefix("{PLAIN}")
+
+
+class IMAPSAtHome(imaplib.IMAP4_SSL):
+    """IMAPS to home's certificate name, connected to home's LAN address."""
+
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((address("home", HOME_LAN), self.port), timeout)
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+def messages_with(token: str) -> list[bytes]:
+    """Every message in the user's INBOX whose Subject holds token, read over
+    IMAPS from home's LAN (the controller is on it), home's own certificate
+    trusted."""
+    trusted = ssl.create_default_context(cadata=container("home").file(IMAP_CERTIFICATE).content_string)
+    with IMAPSAtHome("home", 993, ssl_context=trusted, timeout=10) as imap:
+        imap.login(mailbox(), imap_password())
+        imap.select("INBOX", readonly=True)
+        _, numbers = imap.search(None, "SUBJECT", token)
+        found = []
+        for number in numbers[0].split():
+            _, parts = imap.fetch(number, "(RFC822)")
+            found.append(parts[0][1])
+        return found

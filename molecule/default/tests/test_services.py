@@ -8,7 +8,6 @@ real message sent to the edge and read back over IMAPS at home.
 from __future__ import annotations
 
 import base64
-import imaplib
 import json
 import os
 import re
@@ -23,10 +22,20 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from scenario import HOME_LAN, address, container, find_in_directory, find_in_filesystem, read_secret, site, wait_for
+from scenario import (
+    address,
+    container,
+    find_in_directory,
+    find_in_filesystem,
+    mailbox,
+    messages_with,
+    read_secret,
+    site,
+    wait_for,
+)
 
 MX = site()["site_mx_name"]
-MAILBOX = f"{site()['site_mailboxes'][0]}@{site()['site_domains'][0]}"
+MAILBOX = mailbox()
 EDGE_TUNNEL = site()["site_tunnel_edge_address"]
 HOME_TUNNEL = site()["site_tunnel_home_address"]
 TEST_CA = site()["site_test_ca"]["cert"]
@@ -38,7 +47,6 @@ EDGE_IDENTITY = "/var/lib/yestls-edge/identity.key"
 SPOOL_KEY = "/var/lib/yestls-intake/spool.key"
 INTAKE_IDENTITY = "/var/lib/yestls-intake/identity.key"
 IMAP_KEY = "/etc/dovecot/private/yestls-imap.key"
-IMAP_CERTIFICATE = "/etc/dovecot/yestls-imap.pem"
 DOVEADM_API_KEY = "/etc/dovecot/private/doveadm-api.key"
 SPOOL_QUEUE = "/var/spool/yestls/queue"
 
@@ -284,20 +292,6 @@ class SMTPToEdge(smtplib.SMTP):
         return socket.create_connection((edge_address(), port), timeout)
 
 
-class IMAPSAtHome(imaplib.IMAP4_SSL):
-    """IMAPS to home's certificate name, connected to home's LAN address."""
-
-    def _create_socket(self, timeout):
-        sock = socket.create_connection((address("home", HOME_LAN), self.port), timeout)
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
-
-
-def imap_password() -> str:
-    password = site()["site_mailbox_passwords"][site()["site_mailboxes"][0]]
-    assert password.startswith("{PLAIN}"), "the scenario's mailbox password must be {PLAIN}"
-    return password.removeprefix("{PLAIN}")
-
-
 def test_a_message_sent_to_the_edge_is_read_over_imaps_at_home():
     """The whole path: from outside, STARTTLS to the edge (home's certificate,
     signed by the oracle at home), sealed into the edge's spool, pulled by the
@@ -314,17 +308,9 @@ def test_a_message_sent_to_the_edge_is_read_over_imaps_at_home():
         smtp.starttls(context=tls)
         assert smtp.send_message(message) == {}
 
-    imaps = ssl.create_default_context(cadata=container("home").file(IMAP_CERTIFICATE).content_string)
-
     def delivered() -> bytes | None:
-        with IMAPSAtHome("home", 993, ssl_context=imaps, timeout=10) as imap:
-            imap.login(MAILBOX, imap_password())
-            imap.select("INBOX", readonly=True)
-            _, numbers = imap.search(None, "SUBJECT", token)
-            if not numbers[0]:
-                return None
-            _, parts = imap.fetch(numbers[0].split()[-1], "(RFC822)")
-            return parts[0][1]
+        found = messages_with(token)
+        return found[-1] if found else None
 
     received = wait_for(delivered, timeout=90, interval=2)
     assert received, "the message did not arrive in the mailbox at home"

@@ -1,0 +1,52 @@
+"""`yestls status` on each host of the deployment: every part the operator
+needs, read from the running services (relay/status.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from scenario import container, site
+
+
+def status(name: str) -> dict:
+    return json.loads(container(name).check_output("yestls status --json"))
+
+
+def rows_of(section: dict, prefix: str) -> list:
+    return [value for item, value in section.items() if item.startswith(prefix)]
+
+
+@pytest.mark.parametrize("name", ["edge", "home"])
+def test_status_shows_a_recent_tunnel_handshake(name):
+    (peer,) = rows_of(status(name)["tunnel"], "wg0 peer ")
+    assert peer["age_seconds"] is not None and peer["age_seconds"] < 180, peer
+
+
+def test_status_on_the_edge_shows_oracle_policy_and_spool():
+    edge = status("edge")
+    assert edge["oracle"]["reachable"] is True
+    (ping,) = rows_of(edge["oracle"], "ping ")
+    assert ping["reachable"] is True and ping["rtt_ms"] > 0
+    assert edge["policy"]["oracle down"]["policy"] == site()["site_oracle_down"]
+    assert edge["policy"]["in force now"] == "normal"
+    assert isinstance(edge["spool"]["depth"], int) and edge["spool"]["depth"] >= 0
+    assert isinstance(edge["spool"]["oldest"], (int, float))
+
+
+def test_status_at_home_shows_oracle_intake_and_certificate_expiry():
+    home = status("home")
+    assert home["oracle"]["service"]["up"] is True
+    assert isinstance(home["intake"]["progress"]["delivered"], int)
+    assert home["intake"]["last contact"] is not None and "unknown" not in home["intake"]["last contact"]
+    (certificate,) = [v for v in home["certificates"].values() if isinstance(v, dict) and "names" in v]
+    assert site()["site_mx_name"] in certificate["names"]
+    assert certificate["days_left"] > 0
+
+
+@pytest.mark.parametrize("name", ["edge", "home"])
+def test_status_table_is_readable_text(name):
+    table = container(name).check_output("yestls status")
+    assert table.startswith("YesTLS status of ")
+    for section in ("tunnel", "oracle", "policy", "spool", "intake", "certificates"):
+        assert f"\n{section}" in table, table

@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+DEMO_LOG = .demo-converge.log
 # molecule and ansible-lint run ansible-playbook & co. from the virtualenv
 IN_VENV = PATH="$(abspath $(VENV))/bin:$$PATH"
 ANSIBLE_LINT = $(IN_VENV) ansible-lint roles playbooks
@@ -23,7 +24,9 @@ test: packages venv
 demo: packages venv
 	./scripts/ensure-docker
 	./scripts/build-base-image
-	$(IN_VENV) molecule converge --scenario-name default
+	@echo "Deploying edge, home and internet with the playbooks (molecule converge, a few minutes; log: $(DEMO_LOG))"
+	@$(IN_VENV) molecule converge --scenario-name default >$(DEMO_LOG) 2>&1 || \
+	  { tail -n 40 $(DEMO_LOG); echo "molecule converge failed; the whole log: $(DEMO_LOG)"; exit 1; }
 	$(PY) molecule/default/demo.py
 
 # Removes the demo's containers and networks.

@@ -12,7 +12,7 @@ One table (or `--json`) on either host, read-only, each part optional:
     intake        the intake's status file: last contact with the edge, pulled, delivered, retried,
                   failed, quarantined, the ledger's counts
     certificates  the oracle keystore's chains and when each leaf expires (chain files only: no
-                  private key is opened); the edge does not report its chains' expiry
+                  private key is opened); on the edge, the chains it serves (its metrics)
 
 Configs default to /etc/yestls/{edge,oracle,intake}.toml where present. A part
 that cannot be read shows "unknown (why)"; `yestls status` itself does not fail.
@@ -240,8 +240,8 @@ def ping_rows(servers) -> list[Row]:
     return rows
 
 
-def edge_rows(path: Path | None) -> list[Row]:
-    """The edge's view: oracle up (and a ping to each), the policy, the spool."""
+def edge_rows(path: Path | None, now: float) -> list[Row]:
+    """The edge's view: oracle up (and a ping to each), the policy, the spool, the chains it serves."""
     if path is None:
         return []
     try:
@@ -290,6 +290,9 @@ def edge_rows(path: Path | None) -> list[Row]:
         else:
             rows.append(Row("spool", "oldest", round(oldest, 1),
                             f"{ago(oldest)} waiting" if depth else "none waiting"))
+        for labels, expires in metrics.labelled("yestls_edge_certificate_not_after_seconds"):
+            name = labels.get("name", "?")
+            rows.append(expiry_row(f"served {name}", expires, now, name=name, source="edge metrics"))
     rows.extend(ping_rows(config.oracle.servers))
     return rows
 
@@ -297,8 +300,7 @@ def edge_rows(path: Path | None) -> list[Row]:
 def oracle_rows(path: Path | None, now: float) -> list[Row]:
     """Home's oracle: its metrics and its keystore's certificates."""
     if path is None:
-        return [unknown("certificates", "expiry", "no oracle.toml on this host; the key oracle at home reads "
-                                                  "its keystore, the edge does not report its chains' expiry")]
+        return []
     try:
         config = load_config("oracle", path)
     except Exception as error:  # noqa: BLE001
@@ -329,6 +331,17 @@ def oracle_rows(path: Path | None, now: float) -> list[Row]:
     return rows
 
 
+def expiry_row(item: str, expires: float, now: float, **value) -> Row:
+    """A certificate's row: when its leaf expires, loudly when soon or past."""
+    left = expires - now
+    if left <= 0:
+        text = f"EXPIRED {_iso(expires)} ({ago(-left)} ago)"
+    else:
+        warn = ": RENEW SOON" if left < 21 * 86400 else ""
+        text = f"expires {_iso(expires)} (in {ago(left)}){warn}"
+    return Row("certificates", item, {**value, "not_after": _iso(expires), "days_left": round(left / 86400, 1)}, text)
+
+
 def certificate_rows(keystore_dir: Path, now: float) -> list[Row]:
     from relay.oracle.keystore import Keystore, KeystoreError
 
@@ -340,17 +353,9 @@ def certificate_rows(keystore_dir: Path, now: float) -> list[Row]:
         return [unknown("certificates", "expiry", f"keystore {keystore_dir}: {_reason(error)}")]
     rows = []
     for entry in entries:
-        expires = entry.not_after.timestamp()
-        left = expires - now
         names = sorted(entry.chain.names)
-        value = {"key_id": entry.key_id, "key_type": entry.key_type, "names": names,
-                 "not_after": _iso(expires), "days_left": round(left / 86400, 1)}
-        if left <= 0:
-            text = f"EXPIRED {_iso(expires)} ({ago(-left)} ago)"
-        else:
-            warn = ": RENEW SOON" if left < 21 * 86400 else ""
-            text = f"expires {_iso(expires)} (in {ago(left)}){warn}"
-        rows.append(Row("certificates", f"{entry.key_type} {', '.join(names)}", value, text))
+        rows.append(expiry_row(f"{entry.key_type} {', '.join(names)}", entry.not_after.timestamp(), now,
+                               key_id=entry.key_id, key_type=entry.key_type, names=names))
     for key_id in pending:
         rows.append(Row("certificates", f"key {key_id}", {"key_id": key_id, "chain": None},
                         "no certificate yet (`yestls keys import`)"))
@@ -417,7 +422,7 @@ def collect(edge: Path | None, oracle: Path | None, intake: Path | None, *,
                     {"edge": str(edge) if edge else None, "oracle": str(oracle) if oracle else None,
                      "intake": str(intake) if intake else None})
     status.add(*tunnel_rows(now, run))
-    rows = edge_rows(edge)
+    rows = edge_rows(edge, now)
     status.add(*rows)
     status.add(*oracle_rows(oracle, now))
     edge_spool_known = any(r.section == "spool" and r.item == "depth" and r.unknown is None for r in rows)
@@ -434,6 +439,7 @@ MISSING = {   # a section nothing on this host reports: its main item, and why
     "policy": ("oracle down", "no edge.toml on this host; the edge runs the policy"),
     "spool": ("depth", "no edge.toml on this host, and no intake status reports the edge's spool"),
     "intake": ("progress", "no intake.toml on this host"),
+    "certificates": ("expiry", "no oracle.toml on this host, and no edge metrics report the chains served"),
 }
 
 

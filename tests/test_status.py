@@ -111,6 +111,9 @@ def test_status_shows_what_the_running_site_reports(world, pki, fake_wg):
     assert before["oracle"]["sign time"]["signatures"] >= 2
     assert before["certificates"][certificate_item]["not_after"] == expiry
     assert before["certificates"][certificate_item]["days_left"] > 0
+    # the edge reports the chain it serves, from what the oracle gave it
+    assert before["certificates"]["served localhost"]["not_after"] == expiry
+    assert before["certificates"]["served localhost"]["source"] == "edge metrics"
     assert "no status file" in before["intake"]["progress"]["unknown"]
     assert before["tunnel"][f"wg0 peer {PEER_SEEN[:10]}..."]["latest_handshake"] == time.strftime(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(seen))

@@ -53,6 +53,15 @@ class EdgeMetrics:
         self.oracle_up = Gauge("yestls_edge_oracle_up", "1 when at least one key oracle answers", registry=registry)
         self.policy = Gauge("yestls_edge_oracle_down_policy", "The configured oracle-down policy (always 1)",
                             ["policy"], registry=registry)
+        self.certificate_not_after = Gauge(
+            "yestls_edge_certificate_not_after_seconds",
+            "When the leaf of each chain the edge serves expires (Unix time), by the chain's first name",
+            ["name"], registry=registry)
+
+    def serving(self, chains) -> None:
+        self.certificate_not_after.clear()
+        for chain in chains:
+            self.certificate_not_after.labels(min(chain.names, default="(no DNS name)")).set(chain.not_after().timestamp())
 
     def accepted(self, size: int) -> None:
         self._accepted.inc()
@@ -136,6 +145,7 @@ class Edge:
         if not chains:
             raise OracleUnavailable("the oracle lists no certificate")
         self.tls_config = ServerConfig(chains, tickets=self.tickets)
+        self.metrics.serving(chains)
         names = sorted({name for chain in chains for name in chain.names})
         log.info("certificates from the oracle: %d chain(s) for %s", len(chains), ", ".join(names))
 

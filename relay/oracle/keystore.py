@@ -75,7 +75,7 @@ class PublicEntry:
     @property
     def not_after(self):
         """The leaf certificate's expiry (an aware UTC datetime)."""
-        return x509.load_der_x509_certificate(self.chain.der_chain[0]).not_valid_after_utc
+        return self.chain.not_after()
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,10 @@ class CertificateChain:
     def from_pem(cls, pem: bytes) -> "CertificateChain":
         return cls.from_certificates(x509.load_pem_x509_certificates(pem))
 
+    def not_after(self):
+        """The leaf certificate's expiry (an aware UTC datetime)."""
+        return x509.load_der_x509_certificate(self.der_chain[0]).not_valid_after_utc
+
     def is_key_of(self, private_key) -> bool:
         """True when `private_key` is the leaf certificate's key."""
         spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)

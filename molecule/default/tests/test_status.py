@@ -23,7 +23,7 @@ def test_status_shows_a_recent_tunnel_handshake(name):
     assert peer["age_seconds"] is not None and peer["age_seconds"] < 180, peer
 
 
-def test_status_on_the_edge_shows_oracle_policy_and_spool():
+def test_status_on_the_edge_shows_oracle_policy_spool_and_certificate():
     edge = status("edge")
     assert edge["oracle"]["reachable"] is True
     (ping,) = rows_of(edge["oracle"], "ping ")
@@ -32,6 +32,8 @@ def test_status_on_the_edge_shows_oracle_policy_and_spool():
     assert edge["policy"]["in force now"] == "normal"
     assert isinstance(edge["spool"]["depth"], int) and edge["spool"]["depth"] >= 0
     assert isinstance(edge["spool"]["oldest"], (int, float))
+    served = edge["certificates"][f"served {site()['site_mx_name']}"]
+    assert served["days_left"] > 0
 
 
 def test_status_at_home_shows_oracle_intake_and_certificate_expiry():

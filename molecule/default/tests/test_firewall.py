@@ -59,11 +59,12 @@ def test_reload_leaves_other_tables_and_docker_dns_alone(name):
     assert host.run(f"getent hosts {other}").rc == 0
 
 
-def test_edge_from_the_internet():
-    """From home's Internet side: SMTP and SSH reachable; the spool service,
-    metrics and anything else dropped."""
+@pytest.mark.parametrize("source", ["home", "internet"])
+def test_edge_from_the_internet(source):
+    """From home's Internet side and from a stranger (the sending MTA): SMTP
+    and SSH reachable; the spool service, metrics and anything else dropped."""
     edge = address("edge")
-    seen = tcp_probe("home", [(edge, 25), (edge, 22), (edge, 7444), (edge, 9465), (edge, UNUSED)])
+    seen = tcp_probe(source, [(edge, 25), (edge, 22), (edge, 7444), (edge, 9465), (edge, UNUSED)])
     assert seen[(edge, 25)] in REACHABLE
     assert seen[(edge, 22)] in REACHABLE
     assert seen[(edge, 7444)] == FILTERED
@@ -88,10 +89,11 @@ def test_edge_through_the_tunnel_from_home():
 
 
 def test_home_from_the_internet():
-    """From the edge's Internet side and from the controller: nothing at home."""
+    """From the edge's Internet side, from a stranger and from the controller:
+    nothing at home."""
     home = address("home")
     ports = [993, 22, 7443, 9464, UNUSED]
-    for source in ("edge", None):
+    for source in ("edge", "internet", None):
         seen = tcp_probe(source, [(home, port) for port in ports])
         assert set(seen.values()) == {FILTERED}, f"from {source or 'the controller'}: {seen}"
 

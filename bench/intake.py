@@ -47,15 +47,13 @@ What it prints
     `value direct_lmtp_msgs_per_s` over all rounds, and
     `ratio intake_lmtp` (intake ÷ direct); the target is >= 0.8.
 
-    `--profile`: three more intake rounds, run inside this process (the
+    `--profile`: two more intake rounds, run inside this process (the
     same relay.home.intake.Intake the command runs) so that it can be
     looked into: one with wall-clock timers on each step of a message
     (fetch wait, unseal, authentication checks, ledger writes, LMTP,
-    acknowledgement, status file); one the same but with authheaders'
-    Public Suffix List parsed once instead of per DMARC check (a patch in
-    this process only, to show what fixing that would give); and that one
-    again under cProfile (wall clock; time the event loop spends idle shows
-    as epoll), whose top functions are printed. The profiler slows the
+    acknowledgement, status file); the same again under cProfile (wall
+    clock; time the event loop spends idle shows as epoll), whose top
+    functions are printed. The profiler slows the
     intake: read its shares, not its times.
 
 Run it
@@ -296,14 +294,8 @@ def authentication_results(bench: Bench, content: bytes) -> bytes:
 STEPS = ("fetch wait", "unseal", "auth checks", "ledger", "lmtp", "ack", "status file", "list/stats/wait")
 
 
-def in_process_round(bench: Bench, contents: list[bytes], *, profiler=None, psl_once: bool = False) -> dict:
-    """An intake round with relay.home.intake.Intake running in this process, each step timed (wall clock).
-
-    `psl_once`: what if the Public Suffix List were parsed once? authheaders parses the whole list (about
-    10,000 rules, IDNA-encoding each) every time DMARC needs an organizational domain; here
-    authheaders.dmarc_lookup.get_org_domain_from_suffix_list is replaced, in this process only, by one that
-    keeps the parsed list. relay/ is not changed.
-    """
+def in_process_round(bench: Bench, contents: list[bytes], *, profiler=None) -> dict:
+    """An intake round with relay.home.intake.Intake running in this process, each step timed (wall clock)."""
     from relay.home import config as intake_config
     from relay.home import intake as intake_module
     from relay.home.ledger import Ledger
@@ -339,21 +331,6 @@ def in_process_round(bench: Bench, contents: list[bytes], *, profiler=None, psl_
                     calls[step] += 1
         patched.append((owner, name, original))
         setattr(owner, name, wrapper)
-
-    if psl_once:
-        from authheaders import dmarc_lookup
-
-        parsed: dict[str, object] = {}
-
-        def org_domain_from_suffix_list(location, domain):
-            if str(location) not in parsed:
-                with open(location) as suffixes:
-                    parsed[str(location)] = dmarc_lookup.PublicSuffixList(suffixes)
-            return parsed[str(location)].get_public_suffix(domain)
-
-        patched.append((dmarc_lookup, "get_org_domain_from_suffix_list",
-                        dmarc_lookup.get_org_domain_from_suffix_list))
-        dmarc_lookup.get_org_domain_from_suffix_list = org_domain_from_suffix_list
 
     async def run() -> tuple[float, float]:
         config = intake_config.load(bench.intake.config)
@@ -439,7 +416,7 @@ def run(args) -> None:
     contents = [bench_message(i) for i in range(args.messages)]
     tmp = Path(tempfile.mkdtemp(prefix="yestls-bench-intake-"))
     rounds = []
-    steps = steps_psl_once = profiler = None
+    steps = profiler = None
     try:
         with ExitStack() as stack:
             bench = Bench(tmp, stack)
@@ -452,9 +429,8 @@ def run(args) -> None:
                     rounds.append({"round": number + 1, "side": side, **result})
             if args.profile:
                 steps = in_process_round(bench, contents)
-                steps_psl_once = in_process_round(bench, contents, psl_once=True)
                 profiler = cProfile.Profile()
-                in_process_round(bench, contents, profiler=profiler, psl_once=True)
+                in_process_round(bench, contents, profiler=profiler)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(args, version, rounds, trace, time.perf_counter() - started)
@@ -462,12 +438,9 @@ def run(args) -> None:
         direct = [r for r in rounds if r["side"] == "direct"]
         direct_rate = sum(r["messages"] for r in direct) / sum(r["seconds"] for r in direct)
         print_steps(steps, "steps of a message, wall clock, the intake as it is (in this process)")
-        print_steps(steps_psl_once, "the same, the Public Suffix List parsed once (authheaders patched in this "
-                                    "process only)")
-        for name, result in (("as is", steps), ("PSL parsed once", steps_psl_once)):
-            print(f"# PROFILE {name}: {result['messages'] / result['seconds']:.1f} msg/s in process, "
-                  f"{result['messages'] / result['seconds'] / direct_rate:.2f} of the direct rate")
-        print_cprofile(profiler, args.messages, "the intake with the PSL parsed once")
+        print(f"# PROFILE: {steps['messages'] / steps['seconds']:.1f} msg/s in process, "
+              f"{steps['messages'] / steps['seconds'] / direct_rate:.2f} of the direct rate")
+        print_cprofile(profiler, args.messages, "the intake")
 
 
 def report(args, version: str, rounds: list[dict], trace: bytes, elapsed: float) -> None:

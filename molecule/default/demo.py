@@ -29,7 +29,16 @@ from mailpath import (  # noqa: E402 - the tests' helpers, found through the pat
     submit,
     wait_until_sent,
 )
-from scenario import container, mailbox, messages_with, read_secret, wait_for  # noqa: E402
+from scenario import (  # noqa: E402
+    HOME_LAN,
+    address,
+    container,
+    imap_password,
+    mailbox,
+    messages_with,
+    read_secret,
+    wait_for,
+)
 
 INTAKE_UNIT = "yestls-intake.service"
 
@@ -99,8 +108,12 @@ def main() -> int:
     assert found, "the message did not arrive"
     show(found[0].decode(errors="replace").replace("\r\n", "\n").rstrip())
 
+    imap = f"imaps://{address('home', HOME_LAN)}/INBOX"
     print(f"\n\033[1mTry it yourself\033[0m: docker exec -it internet sendmail {mailbox()}  (end with a dot line),")
-    print("watch `docker exec edge yestls status`, and `make demo-down` removes everything.")
+    print(f"read the mailbox from this machine (it is on home's LAN): curl -k -u '{mailbox()}:{imap_password()}'"
+          f" '{imap}?ALL' lists the messages, '{imap};UID=1' fetches the first (-k: home's IMAPS certificate is"
+          " self-signed);")
+    print("watch `docker exec edge yestls status`; `make demo-down` removes everything.")
     return 0
 
 

@@ -168,12 +168,8 @@ class Bench:
         self.edge = start_edge(self.site)
 
     def stop_edge(self) -> None:
-        if self.edge is not None and self.edge.process.poll() is None:
-            self.edge.process.terminate()
-            try:
-                self.edge.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.edge.kill()
+        if self.edge is not None:
+            self.edge.stop(timeout=15)
         self.edge = None
 
     def prefill(self, contents: list[bytes]) -> list[str]:
@@ -247,11 +243,7 @@ def intake_round(bench: Bench, contents: list[bytes]) -> dict:
                "edge": cpu_seconds(bench.edge.process.pid) - cpu_before["edge"]}
         start = log_time(process.log(), r"intake pulling from")
     finally:
-        process.process.terminate()
-        try:
-            process.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        process.stop(timeout=15)
     bench.check_round("intake round", len(contents), spool_ids)
     return {"seconds": end - start, "messages": len(contents), "cpu": cpu}
 

@@ -470,12 +470,7 @@ def run(args) -> None:
             latency = measure_latency(args, tmp, pki, home)
             audited = sum(1 for line in home.audit_lines() if line.get("outcome") == "signed")
         finally:
-            if oracle.process.poll() is None:
-                oracle.process.terminate()  # it stops its signing processes
-                try:
-                    oracle.process.wait(10)
-                except subprocess.TimeoutExpired:
-                    oracle.kill()
+            oracle.stop()  # SIGTERM: it stops its signing processes
     report(args, throughput, latency, audited, time.perf_counter() - started)
 
 

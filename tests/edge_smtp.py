@@ -350,12 +350,8 @@ def running_edge(directory: Path, pki: TestPKI, *, oracle: bool = True, **site_o
         running.edge = start_edge(site, timeout=60.0)
         yield running
     finally:
-        if running.edge is not None and running.edge.process.poll() is None:
-            running.edge.process.terminate()
-            try:
-                running.edge.process.wait(timeout=10)
-            except Exception:  # noqa: BLE001 - a stuck edge is killed
-                running.edge.kill()
+        if running.edge is not None:
+            running.edge.stop()
         running.kill_oracle()
 
 

@@ -15,7 +15,6 @@ while home is away. Every wait has a deadline and fails with the logs.
 import re
 import smtplib
 import ssl
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -114,12 +113,8 @@ class World:
         self.edge = start_edge(self.site)
 
     def stop_edge(self) -> None:
-        if self.edge is not None and self.edge.process.poll() is None:
-            self.edge.process.terminate()
-            try:
-                self.edge.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.edge.kill()
+        if self.edge is not None:
+            self.edge.stop()
         self.edge = None
 
     def send(self, mail_from: str, recipients: list[str], message: bytes, *, options: tuple[str, ...] = (),

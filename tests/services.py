@@ -28,12 +28,12 @@ class ServiceProcess:
             self.process.kill()
             self.process.wait(timeout=10)
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it lingers."""
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM, then SIGKILL if it lingers `timeout` seconds."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
 

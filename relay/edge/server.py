@@ -18,14 +18,13 @@ When no oracle answers, `smtp.oracle_down` decides:
 import asyncio
 import logging
 import os
-import signal
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as MetricCounter
 
+from relay import daemon
 from relay.aio.starttls import KeylessSMTP, implicit_tls_protocol
 from relay.edge import config as edge_config
 from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
@@ -221,9 +220,7 @@ async def serve(config: edge_config.EdgeConfig) -> None:
     tasks = [loop.create_task(edge.keep_certificates_fresh()), loop.create_task(edge.watch_oracle())]
     log.info("edge %s listening on %s", config.hostname,
              ", ".join(f"{h}:{p}" for h, p in config.smtp.listen + config.smtp.implicit_tls_listen))
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = daemon.stop_event()
     try:
         await stop.wait()
     finally:
@@ -250,12 +247,6 @@ async def _start_spool_service(config, spool, edge, registry) -> list:
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every line at INFO
-    try:
-        config = edge_config.load(args.config)
-        asyncio.run(serve(config))
-    except (edge_config.ConfigError, IdentityError, ValueError) as error:
-        print(f"yestls edge: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return daemon.run("edge", lambda: edge_config.load(args.config), serve,
+                      (edge_config.ConfigError, IdentityError, ValueError))

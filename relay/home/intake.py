@@ -17,12 +17,11 @@ import json
 import logging
 import os
 import random
-import signal
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from relay import daemon
 from relay.home import config as intake_config
 from relay.home.authresults import AuthenticationChecker
 from relay.home.doveadm import DeliveryFinder, DoveadmError
@@ -311,10 +310,7 @@ class Intake:
 
 async def serve(config: intake_config.IntakeConfig) -> None:
     intake = Intake(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = daemon.stop_event()
     log.info("intake pulling from %s:%d, delivering to %s", *config.edge, config.lmtp)
     try:
         await intake.run(stop)
@@ -323,11 +319,5 @@ async def serve(config: intake_config.IntakeConfig) -> None:
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = intake_config.load(args.config)
-        asyncio.run(serve(config))
-    except (intake_config.ConfigError, ValueError, OSError) as error:
-        print(f"yestls intake: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return daemon.run("intake", lambda: intake_config.load(args.config), serve,
+                      (intake_config.ConfigError, ValueError, OSError))

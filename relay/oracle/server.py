@@ -14,13 +14,12 @@ Methods: ping, hello, auth (relay.tunnel's identity proof), certificates, sign.
 import asyncio
 import base64
 import logging
-import signal
 import socket
 import subprocess
 import sys
 import time
 
-from relay import tunnel
+from relay import daemon, tunnel
 from relay.audit import AuditLog
 from relay.oracle import config as oracle_config
 from relay.oracle.keystore import Keystore, KeystoreError, PublicEntry
@@ -173,13 +172,10 @@ async def serve(config: oracle_config.OracleConfig) -> None:
     metrics_server = metrics.serve(*config.metrics_listen) if config.metrics_listen else None
     audit = AuditLog(config.audit_log)
     service = OracleService(config, entries, signers, audit, metrics)
-    loop = asyncio.get_running_loop()
     servers = await tunnel.serve(service.gate, config.listen)
     log.info("oracle listening on %s with %d key(s), %d signing process(es)",
              ", ".join(f"{h}:{p}" for h, p in config.listen), len(entries), config.signers)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = daemon.stop_event()
     try:
         await stop.wait()
     finally:
@@ -192,11 +188,5 @@ async def serve(config: oracle_config.OracleConfig) -> None:
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = oracle_config.load(args.config)
-        asyncio.run(serve(config))
-    except (oracle_config.ConfigError, KeystoreError, RuntimeError) as error:
-        print(f"yestls oracle: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return daemon.run("oracle", lambda: oracle_config.load(args.config), serve,
+                      (oracle_config.ConfigError, KeystoreError, RuntimeError))

@@ -109,6 +109,18 @@ def pre_shared_key_data(identities: list[tuple[bytes, int]], binders: list[bytes
 
 # --- records -----------------------------------------------------------------
 
+def split_handshake(data: bytes) -> list[bytes]:
+    """Whole handshake messages, headers included, written independently of the engine's and the
+    oracle's parsers (tests compare against them); a truncated message is a test failure."""
+    out = []
+    while data:
+        length = 4 + int.from_bytes(data[1:4], "big")
+        assert len(data) >= length, "truncated handshake message"
+        out.append(data[:length])
+        data = data[length:]
+    return out
+
+
 def record(content_type: int, payload: bytes, version: int = TLS12) -> bytes:
     """One plaintext record, as is: no length or type checks."""
     return u8(content_type) + u16(version) + u16(len(payload)) + payload

@@ -48,6 +48,7 @@ from relay.tls.wire import u16, vec16
 
 from . import tls12
 from .pki import new_key
+from .rawclient import split_handshake
 
 MARKER = b"the secret mail"
 SERVER_NAME = "mx.example.org"
@@ -194,15 +195,6 @@ def split_records(data: bytes) -> list[tuple[int, bytes, bytes]]:
     assert sum(len(header) + len(payload) for _, header, payload in records) == len(data)
     return records
 
-
-def split_handshake(data: bytes) -> list[bytes]:
-    out = []
-    while data:
-        length = 4 + int.from_bytes(data[1:4], "big")
-        assert len(data) >= length, "truncated handshake message"
-        out.append(data[:length])
-        data = data[length:]
-    return out
 
 
 @dataclass

@@ -30,6 +30,7 @@ from relay.tls.signing import certificate_verify_content, transcript_hash, verif
 
 from .memory import MemoryPair, client_context
 from .oracle_home import make_oracle_home, run_oracle
+from .rawclient import split_handshake
 
 READ_TIMEOUT = 5.0
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -194,15 +195,6 @@ def requests(pki) -> list[SignatureRequest]:
     return found
 
 
-def split(data: bytes) -> list[bytes]:
-    msgs = []
-    while data:
-        end = 4 + int.from_bytes(data[1:4], "big")
-        msgs.append(data[:end])
-        data = data[end:]
-    return msgs
-
-
 # --- mutations --------------------------------------------------------------------------------------------------
 
 lengths = st.one_of(st.integers(0, 2**32 - 1),
@@ -344,7 +336,7 @@ def assert_refused_or_signed_as_sent(reply: Frame, data: bytes, scheme: int, pub
         return
     assert reply.kind == Kind.RESPONSE
     # Signed: then over the transcript it was sent, hashed with SHA-256 or SHA-384 (the suite's hash).
-    contents = [certificate_verify_content(transcript_hash(name, split(data))) for name in ("sha256", "sha384")]
+    contents = [certificate_verify_content(transcript_hash(name, split_handshake(data))) for name in ("sha256", "sha384")]
     assert any(verify(public_key, scheme, content, reply.tail) for content in contents), data.hex()
 
 

@@ -52,6 +52,7 @@ from .rawclient import (
     key_share_data,
     record_size_limit_data,
     server_name_data,
+    split_handshake,
     versions_data,
 )
 
@@ -152,16 +153,6 @@ def assert_approved_as_sent(request: SignatureRequest, chain) -> Approved:
 def replaced(msgs, index: int, message: bytes) -> list[bytes]:
     msgs = list(msgs)
     msgs[index] = message
-    return msgs
-
-
-def split(data: bytes) -> list[bytes]:
-    """Handshake messages, loosely: what the policy hashes when it approves."""
-    msgs = []
-    while data:
-        end = 4 + int.from_bytes(data[1:4], "big")
-        msgs.append(data[:end])
-        data = data[end:]
     return msgs
 
 
@@ -890,7 +881,7 @@ def assert_refusal_or_own_content(data: bytes, scheme, chain) -> None:
         assert refusal.code in REFUSAL_CODES and refusal.code != INTERNAL_ERROR, (refusal, refusal.__cause__)
         return
     suite = SUITES[approved.cipher_suite]
-    assert approved.content == certificate_verify_content(transcript_hash(suite.hash_name, split(data)))
+    assert approved.content == certificate_verify_content(transcript_hash(suite.hash_name, split_handshake(data)))
     assert approved.scheme == scheme
 
 

@@ -93,23 +93,6 @@ CALL_TIMEOUT = 30.0            # an oracle round must end within its length plus
 
 # --- setup ------------------------------------------------------------------------------------------
 
-def signature_requests(pki, key_type: str, count: int):
-    """SignatureRequests from real full handshakes: the engine and Python's ssl, in memory."""
-    from relay.tls import ServerConfig
-    from tests.memory import MemoryPair, client_context
-
-    leaf = pki.leaves[key_type]
-    config = ServerConfig([leaf.chain], tickets=None)
-    requests = []
-    for _ in range(count):
-        pair = MemoryPair(config, client_context(pki.ca_pem), leaf.key)
-        pair.handshake()
-        requests.extend(pair.signature_requests)
-    if len(requests) != count:
-        raise RuntimeError(f"made {len(requests)} signature requests, wanted {count}")
-    return requests
-
-
 def raw_signer(key, scheme):
     """The reference: one `cryptography` call per signature, its arguments built once."""
     from cryptography.hazmat.primitives import hashes
@@ -452,6 +435,7 @@ def percentile(values: list[float], p: float) -> float:
 # --- the run ---------------------------------------------------------------------------------------
 
 def run(args) -> None:
+    from tests.memory import signature_requests
     from tests.oracle_home import make_oracle_home, start_oracle
     from tests.pki import make_pki
 

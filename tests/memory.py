@@ -73,6 +73,19 @@ class MemoryPair:
         return b"".join(e.data for e in self.events if isinstance(e, DataReceived))
 
 
+def signature_requests(pki, key_type: str, count: int) -> list[SignatureRequest]:
+    """SignatureRequests from `count` real full handshakes (the engine and Python's ssl, in memory)."""
+    leaf = pki.leaves[key_type]
+    config = ServerConfig([leaf.chain], tickets=None)
+    requests = []
+    for _ in range(count):
+        pair = MemoryPair(config, client_context(pki.ca_pem), leaf.key)
+        pair.handshake()
+        requests.extend(pair.signature_requests)
+    assert len(requests) == count, f"made {len(requests)} signature requests, wanted {count}"
+    return requests
+
+
 def client_context(ca_pem, **options) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(ca_pem))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3

@@ -35,7 +35,7 @@ from relay.oracle.client import OraclePool, OracleRefused, OracleUnavailable
 from relay.tls import ServerConfig
 from relay.tls_serve import start_server
 
-from .memory import MemoryPair, client_context
+from .memory import client_context, signature_requests
 from .oracle_home import OracleHome, OracleProcess, make_oracle_home, start_oracle
 
 pytestmark = pytest.mark.timeout(240)
@@ -236,19 +236,6 @@ async def freeze_an_oracle_with_signatures_in_flight(pool: OraclePool, oracles: 
     raise AssertionError(f"no oracle had signatures in flight within {WAIT:g} s")
 
 
-def signature_requests(pki, count: int):
-    """SignatureRequests from real handshakes (the engine and Python's ssl, in memory)."""
-    leaf = pki.leaves[KEY_TYPE]
-    config = ServerConfig([leaf.chain], tickets=None)
-    requests = []
-    for _ in range(count):
-        pair = MemoryPair(config, client_context(pki.ca_pem), leaf.key)
-        pair.handshake()
-        requests.extend(pair.signature_requests)
-    assert len(requests) == count
-    return requests
-
-
 # --- tests ---------------------------------------------------------------------------------------
 
 def test_killing_an_oracle_mid_load_loses_no_handshake_and_recovery_is_automatic(pki, homes, oracles):
@@ -304,7 +291,7 @@ def test_killing_an_oracle_mid_load_loses_no_handshake_and_recovery_is_automatic
             # Both down: health says so, and signing fails at once with OracleUnavailable.
             restarted.kill()
             await wait_until(lambda: pool.health().state == "down", "down with both oracles killed")
-            request = signature_requests(pki, 1)[0]
+            request = signature_requests(pki, KEY_TYPE, 1)[0]
             with pytest.raises(OracleUnavailable):  # not asyncio.TimeoutError: no waiting for an answer
                 await asyncio.wait_for(pool.sign(request), REQUEST_TIMEOUT)
             assert not pool.health().available
@@ -318,7 +305,7 @@ def test_killing_an_oracle_mid_load_loses_no_handshake_and_recovery_is_automatic
 
 def test_a_policy_refusal_is_not_retried_on_the_other_oracle(pki, homes, oracles):
     home_a, home_b = homes
-    request = signature_requests(pki, 1)[0]
+    request = signature_requests(pki, KEY_TYPE, 1)[0]
     # A bare digest where the handshake messages belong: every oracle's policy refuses it.
     digest = dataclasses.replace(request, handshake_messages=(hashlib.sha256(b"anything").digest(),))
 
@@ -348,7 +335,7 @@ def test_a_policy_refusal_is_not_retried_on_the_other_oracle(pki, homes, oracles
 def test_a_stalled_oracle_does_not_fail_signatures_the_other_can_make(pki, homes, oracles):
     """SIGSTOP: the connection stays open and nothing answers, as when the tunnel silently drops packets."""
     home_a, home_b = homes
-    requests = signature_requests(pki, 8)
+    requests = signature_requests(pki, KEY_TYPE, 8)
 
     async def scenario():
         oracles.start(home_a)

@@ -11,7 +11,6 @@ so the sealed file can be shown; then it is started again.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import textwrap
 import uuid
@@ -20,11 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
 from mailpath import (  # noqa: E402 - the tests' helpers, found through the path set above
-    POSTFIX_LOG,
     SENDER,
     audit_lines,
     edge_session,
     forget_tls_sessions,
+    postfix_log,
+    queue_ids,
     spool_files,
     submit,
     wait_until_sent,
@@ -63,7 +63,7 @@ def hexdump(data: bytes, length: int = 128) -> list[str]:
 
 def main() -> int:
     marker = f"demo-{uuid.uuid4().hex[:16]}"
-    edge, home, internet = container("edge"), container("home"), container("internet")
+    edge, home = container("edge"), container("home")
     print(f"YesTLS demo: a message from {SENDER} (Postfix on `internet`) to {mailbox()}.")
     print("The edge (cloud VM) holds no private key and never stores plaintext; home holds the keys.")
 
@@ -73,8 +73,8 @@ def main() -> int:
         hop(1, "internet", f"Postfix looks up the MX of {mailbox().split('@')[1]} and delivers over verified TLS")
         submit(marker)
         attempt = wait_until_sent(marker)
-        log = internet.file(POSTFIX_LOG).content_string.splitlines()
-        queue_id = next(m.group(1) for line in log if (m := re.search(rf" ([0-9A-F]+): message-id=<{marker}@", line)))
+        log = postfix_log()
+        (queue_id,) = queue_ids(marker, log)
         show([line for line in log if f" {queue_id}: " in line or line == attempt.tls])
 
         hop(2, "edge", "the TLS session (keyless: the handshake's one signature came from home)")

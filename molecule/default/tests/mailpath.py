@@ -52,14 +52,23 @@ class Attempt:
         return match.group(1) if match else None
 
 
+def postfix_log() -> list[str]:
+    return container("internet").file(POSTFIX_LOG).content_string.splitlines()
+
+
+def queue_ids(marker: str, lines: list[str]) -> set[str]:
+    """Postfix's queue id(s) of the message with this marker (its Message-ID holds the marker)."""
+    return {m.group(1) for line in lines if (m := re.search(rf" ([0-9A-F]+): message-id=<{marker}@", line))}
+
+
 def attempts(marker: str) -> list[Attempt]:
     """Postfix's delivery attempts for the message with this marker, oldest first."""
-    lines = container("internet").file(POSTFIX_LOG).content_string.splitlines()
-    queue_ids = {m.group(1) for line in lines if (m := re.search(rf" ([0-9A-F]+): message-id=<{marker}@", line))}
+    lines = postfix_log()
+    ids = queue_ids(marker, lines)
     found = []
     for index, line in enumerate(lines):
         match = re.search(r"postfix/smtp\[(\d+)\]: ([0-9A-F]+): to=<.*, status=(\w+) \((.*)\)$", line)
-        if not match or match.group(2) not in queue_ids:
+        if not match or match.group(2) not in ids:
             continue
         process = f"postfix/smtp[{match.group(1)}]:"
         tls = None

@@ -128,7 +128,29 @@ def read_from_the_tls_protocol(smtp, name):
     assert isinstance(adapter._SMTPTLSProtocol._extra, property)
 
 
+def command_size_limit(smtp, name):
+    # A command line longer than this is answered 500 without running its command: none is held after it.
+    assert SMTP.command_size_limit == 512 and SMTP.command_size_limits["DATA"] == SMTP.command_size_limit
+    source = inspect.getsource(SMTP._handle_client)
+    assert "else self.command_size_limit" in source and "if len(line) > max_sz:" in source
+
+
+def the_data_command_prelude(smtp, name):
+    # What aiosmtpd's DATA does before its 354 and after the content; KeylessSMTP.smtp_DATA does the same.
+    source = inspect.getsource(SMTP.smtp_DATA)
+    steps = ["await self.check_helo_needed()", 'await self.check_auth_needed("DATA")', "if not self.envelope.rcpt_tos:",
+             "if arg:", "await self.push('354", "self._set_post_data_state()"]
+    positions = [source.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), dict(zip(steps, positions))
+    getattr(SMTP, name)  # and the name itself is there
+
+
 EXPECTED = {
+    "command_size_limit": command_size_limit,
+    "check_helo_needed": coroutine_method("helo"),
+    "check_auth_needed": coroutine_method("caller_method"),
+    "_set_post_data_state": the_data_command_prelude,
+    "envelope": instance_attribute(None),
     "_tls_protocol": instance_attribute(None),
     "_original_transport": instance_attribute(None),
     "_extra": read_from_the_tls_protocol,
@@ -175,7 +197,7 @@ def test_reset_timeout_uses_the_duration_or_the_command_timeout():
 
 
 def test_commands_dispatch_to_the_adapters_methods(smtp):
-    for command in ("STARTTLS", "AUTH", "VRFY", "EHLO", "HELO", "DATA"):
+    for command in ("STARTTLS", "AUTH", "VRFY", "EHLO", "HELO", "DATA", "BDAT"):
         method = smtp._smtp_methods.get(command)
         assert method is not None and method.__func__ is getattr(KeylessSMTP, f"smtp_{command}"), (
             f"{command} does not dispatch to KeylessSMTP.smtp_{command}. {RECHECK}")
@@ -183,7 +205,13 @@ def test_commands_dispatch_to_the_adapters_methods(smtp):
 
 def test_the_edge_handlers_ehlo_hook_is_the_current_form(smtp):
     assert smtp._ehlo_hook_ver == "new", RECHECK
-    assert set(smtp._handle_hooks) >= {"EHLO", "MAIL", "RCPT", "DATA"}
+    assert set(smtp._handle_hooks) >= {"EHLO", "MAIL", "RCPT"}
+    # DATA content never reaches aiosmtpd's own DATA hook: the adapter streams it to open_message's sink.
+    assert "DATA" not in smtp._handle_hooks and callable(smtp.event_handler.open_message)
+
+
+def test_help_still_lists_data(smtp):
+    assert smtp._syntax_available(smtp._smtp_methods["DATA"]), RECHECK
 
 
 # --- with_enhanced_code -------------------------------------------------------------------------

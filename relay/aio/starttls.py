@@ -1,9 +1,20 @@
 """aiosmtpd with the keyless TLS engine: the one place that touches aiosmtpd's internals.
 
 aiosmtpd's STARTTLS builds an `ssl.SSLContext`-based layer; ours is the
-keyless engine. `KeylessSMTP` replaces `smtp_STARTTLS` and relies on these
-aiosmtpd 1.4.6 internals (tests/test_starttls_adapter.py fails loudly if
-any changes):
+keyless engine. And aiosmtpd reads with `readuntil(b"\n")`, which takes a
+bare LF for a line end, and holds a whole message in memory before its
+handler sees it. So `KeylessSMTP` owns its input: every byte goes through
+relay/smtp/input.py first (a bare CR or LF ends the session with 521 5.5.2,
+before anything after it is read), aiosmtpd's reader only ever gets checked
+command lines, and DATA content goes straight from the socket (or the TLS
+layer) to the handler's sink, sealed as it arrives. After a DATA, BDAT or
+STARTTLS command line, input is held until that command is answered: the
+content after a 354, the TLS records after a 220, and whatever a client
+pipelined behind a refused one are never mistaken for commands, and
+plaintext sent behind STARTTLS is discarded (RFC 3207 4.2).
+
+It relies on these aiosmtpd 1.4.6 internals (tests/test_starttls_adapter.py
+fails loudly if any changes):
 - `_tls_protocol` (truthy once TLS is on; aiosmtpd reads `._extra` from it
   when the TLS layer calls `connection_made` again after the handshake),
 - `_original_transport` (set before the hand-off, so that second
@@ -11,7 +22,11 @@ any changes):
   cleared, RFC 3207 4.2),
 - `_handle_client`, `_reset_timeout`, `_timeout_duration`, `push`,
   `TLSSetupException`, `tls_context` (only its truthiness: STARTTLS is
-  offered in EHLO when it is truthy).
+  offered in EHLO when it is truthy),
+- `command_size_limit` (a command line longer than this is refused without
+  being run, so no input is held after it), `check_helo_needed`,
+  `check_auth_needed`, `_set_post_data_state`, `envelope` (what aiosmtpd's
+  own DATA command does before and after the content, which we replace).
 It also adds what an MX needs that aiosmtpd lacks: enhanced status codes on
 every reply (RFC 2034), a data timeout that restarts with each chunk, a cap on
 errors per session, a refusal at greeting, and no AUTH or VRFY.
@@ -21,11 +36,13 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
+from typing import Protocol
 
 import aiosmtpd
-from aiosmtpd.smtp import SMTP, TLSSetupException
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from relay.aio.tls import Signer, TLSServerProtocol
+from relay.smtp.input import CommandScanner, DataReader, Hold, Violation
 from relay.tls import ServerConfig
 
 log = logging.getLogger("yestls.smtp")
@@ -53,6 +70,28 @@ def with_enhanced_code(reply: bytes) -> bytes:
     return reply[:4] + _ENHANCED[code] + b" " + reply[4:]
 
 
+# Input held after a DATA/BDAT/STARTTLS line beyond this stops reading from the client until it is answered.
+HELD_INPUT_LIMIT = 64 * 1024
+# What `open_message` may answer instead of a sink; and the replies for content refused after its end.
+_CONTENT_REFUSALS = {
+    Violation.TOO_BIG: "552 5.3.4 Message too big for system",
+    Violation.NUL: "554 5.6.0 Message refused: it contains NUL bytes",
+}
+
+
+class MessageSink(Protocol):
+    """Where DATA content goes as it arrives (the edge: the sealed spool); given by the handler's `open_message`."""
+
+    def write(self, piece: memoryview) -> None:
+        """More content, valid only during the call. Failures are the sink's to remember, not to raise."""
+
+    async def finish(self) -> str:
+        """The content is complete: the reply to send (250 once it is durable)."""
+
+    def abort(self) -> None:
+        """The message is refused or the connection lost: forget it."""
+
+
 class _SMTPTLSProtocol(TLSServerProtocol):
     @property
     def _extra(self) -> dict:
@@ -75,7 +114,8 @@ class KeylessSMTP(SMTP):
                  max_errors: int = 10, implicit_tls: bool = False,
                  on_refusal: Callable[[str], None] | None = None, **options):
         """`on_refusal(enhanced code)` counts each 4xx/5xx reply the handler did not count itself
-        (the handler sets `refusal_counted` when it did)."""
+        (the handler sets `refusal_counted` when it did). The handler's `open_message(server, session,
+        envelope)` returns a MessageSink for DATA content, or a reply that refuses the DATA command."""
         self._tls_setup = tls_setup
         self._on_refusal = on_refusal
         self.refusal_counted = False
@@ -85,9 +125,14 @@ class KeylessSMTP(SMTP):
         self._handshake_timeout = handshake_timeout
         self._max_errors = max_errors
         self._errors = 0
-        self._in_data = False
         self._greeting_lines = False
         self.implicit_tls = implicit_tls
+        self._scanner = CommandScanner(SMTP.command_size_limit)
+        self._held: bytearray | None = None      # input after a DATA/BDAT/STARTTLS line, until it is answered
+        self._paused = False
+        self._content: DataReader | None = None  # reading DATA content, into:
+        self._content_sink: MessageSink | None = None
+        self._content_read: asyncio.Future | None = None
         super().__init__(handler, **options)
 
     # aiosmtpd asks `if self.tls_context` to decide whether to offer STARTTLS.
@@ -126,6 +171,8 @@ class KeylessSMTP(SMTP):
     def connection_lost(self, error) -> None:
         if self.session is None:  # refused at greeting
             return
+        if self._content_sink is not None:  # gone mid-DATA: the message is forgotten now, not a turn later
+            self._content_sink.abort()
         if self._admission is not None and not self._released:
             self._released = True
             self._admission.release(self)
@@ -136,10 +183,77 @@ class KeylessSMTP(SMTP):
             return False
         return super().eof_received()
 
+    # --- input ------------------------------------------------------------------------------
+
     def data_received(self, data: bytes) -> None:
-        if self._in_data:
+        if self.session is None or self.transport is None or self.transport.is_closing():
+            return  # refused at greeting, or ending: nothing more is read
+        if self._content is not None:
             self._reset_timeout(self._data_timeout)  # a slow sender gets the timeout per chunk
-        super().data_received(data)
+            self._read_content(data)
+        elif self._held is not None:
+            self._hold(data)
+        else:
+            self._read_commands(data)
+
+    def _read_commands(self, data: bytes, start: int = 0) -> None:
+        """Checked command lines to aiosmtpd's reader, up to a bare CR/LF (the end) or a line to hold after."""
+        while start < len(data):
+            scan = self._scanner.scan(data, start)
+            if scan.end > start:
+                super().data_received(data[start:scan.end])
+            if isinstance(scan.stop, Violation):
+                self._bare_line_end(scan.stop)
+                return
+            if isinstance(scan.stop, Hold):
+                self._held = bytearray()
+                self._hold(data[scan.end:])
+                return
+            start = scan.end
+
+    def _hold(self, data: bytes) -> None:
+        self._held += data
+        if len(self._held) > HELD_INPUT_LIMIT and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _take_held(self) -> bytearray:
+        """The held input, for the command that was answered; reading from the client goes on."""
+        held, self._held = self._held or bytearray(), None
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return held
+
+    def _release_held(self) -> None:
+        """The held-after command was refused: what came after it is commands again."""
+        if self._held is not None:
+            self._read_commands(self._take_held())
+
+    def _read_content(self, data: bytes) -> None:
+        reader = self._content
+        used = reader.feed(data)
+        if not reader.done:
+            return
+        sink, self._content, self._content_sink = self._content_sink, None, None
+        if not self._content_read.done():
+            self._content_read.set_result(reader)
+        if reader.violation is not None and reader.violation.ends_session:
+            sink.abort()                           # at once: the plaintext read so far is wiped
+            self._bare_line_end(reader.violation)  # and not one more byte is read
+        else:
+            self._read_commands(data, used)  # what the client pipelined after the final dot
+
+    def _bare_line_end(self, violation: Violation) -> None:
+        """RFC 5321 2.3.8: no bare CR or LF. Nothing after it is read; the session ends (as Postfix's 521)."""
+        peer = self.session.peer if self.session is not None else None
+        log.info("%s: %s received: closing the session", _address(peer), violation.value)
+        if self._on_refusal is not None:
+            self._on_refusal("5.5.2")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"521 5.5.2 {self.hostname} Error: {violation.value} received; lines end "
+                                 f"with CRLF (RFC 5321 2.3.8)\r\n".encode())
+            self.transport.close()
 
     async def push(self, status) -> None:
         reply = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
@@ -170,24 +284,79 @@ class KeylessSMTP(SMTP):
         finally:
             self._greeting_lines = False
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        self._in_data = True
+        """aiosmtpd's checks, then the content streamed to the handler's sink instead of held in memory."""
+        handed_over = False  # the held input went to this message (after it, a new hold is the next command's)
         try:
-            await super().smtp_DATA(arg)
+            if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+                return
+            if not self.envelope.rcpt_tos:
+                await self.push("503 5.5.1 Error: need RCPT command")
+                return
+            if arg:
+                await self.push("501 5.5.4 Syntax: DATA")
+                return
+            sink = await self.event_handler.open_message(self, self.session, self.envelope)
+            if isinstance(sink, str):
+                await self.push(sink)
+                return
+            handed_over = True
+            await self._read_message(sink)
         finally:
-            self._in_data = False
-        if self.transport is not None:  # not after the connection was lost mid-DATA
+            if not handed_over:
+                self._release_held()  # refused: what was held after DATA is commands again
+
+    async def _read_message(self, sink: MessageSink) -> None:
+        self._content = DataReader(sink.write, self.data_size_limit)
+        self._content_sink = sink
+        self._content_read = read = self.loop.create_future()
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            self._reset_timeout(self._data_timeout)
+            self._read_content(self._take_held())
+            reader = await read
+        except BaseException:
+            self._content = self._content_sink = None
+            sink.abort()
+            raise
+        self._set_post_data_state()
+        if reader.violation is None:
+            reply = await sink.finish()
+        else:
+            sink.abort()
+            if reader.violation.ends_session:
+                return  # answered with 521 and closed as soon as it was read
+            reply = _CONTENT_REFUSALS[reader.violation]
+        if self.transport is not None:  # not after the connection was lost while the message was committed
+            await self.push(reply)
             self._reset_timeout()
 
+    async def smtp_BDAT(self, arg: str) -> None:
+        """No CHUNKING is offered: the chunk after this line is content, never commands. Refused, and the end."""
+        self._held = None  # the chunk's bytes are dropped, unread
+        await self.push("502 5.5.1 BDAT is not offered here (no CHUNKING); send with DATA")
+        if self.transport is not None:
+            self.transport.close()
+
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if not await self._starttls(arg):
+            self._release_held()  # refused: what came after the command is commands
+
+    async def _starttls(self, arg: str) -> bool:
+        """True once the TLS layer has the connection (the handshake may still fail); False if refused."""
         if arg:
             await self.push("501 5.5.4 Syntax: STARTTLS")
-            return
+            return False
         setup = None if self._tls_protocol else self._tls_setup()
         if setup is None:
             await self.push("454 4.7.0 TLS not available")
-            return
+            return False
         config, signer = setup
+        # RFC 3207 4.2: what the client sent behind STARTTLS before our 220 is discarded, never run;
+        # what comes after the 220 is TLS, held until the TLS layer takes over the connection.
+        self._held = bytearray()
+        self._scanner.reset()
         await self.push("220 2.0.0 Ready to start TLS")
         waiter = self.loop.create_future()
         tls = _SMTPTLSProtocol(config, signer, self, handshake_waiter=waiter,
@@ -196,6 +365,9 @@ class KeylessSMTP(SMTP):
         self._original_transport = self.transport
         self._original_transport.set_protocol(tls)
         tls.connection_made(self._original_transport)
+        early = self._take_held()
+        if early:
+            tls.data_received(early)
         try:
             await waiter
         except asyncio.CancelledError:
@@ -203,6 +375,7 @@ class KeylessSMTP(SMTP):
         except Exception as error:  # the handshake failed: aiosmtpd closes the connection
             raise TLSSetupException() from error
         _log_tls(self.session.peer, tls.engine.session)
+        return True
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push("502 5.5.1 AUTH is not offered: this is an MX, not a submission server")
@@ -216,10 +389,13 @@ def _log_tls(peer, session) -> None:
     # audit line for the same handshake (none when resumed: nothing was signed).
     if session is None:
         return
-    address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-    log.info("%s: TLS established: %s %s %s sni=%s %s client_random=%s", address, session.version,
+    log.info("%s: TLS established: %s %s %s sni=%s %s client_random=%s", _address(peer), session.version,
              session.cipher_suite, session.group, session.server_name or "-",
              "resumed" if session.resumed else f"signed={session.signature_scheme}", session.client_random.hex())
+
+
+def _address(peer) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 def implicit_tls_protocol(config_and_signer: Callable[[], tuple[ServerConfig, Signer] | None],

@@ -1,13 +1,14 @@
 """The edge's SMTP policy, as an aiosmtpd handler: who may send what, and sealing on DATA.
 
-Each hook returns the reply. A message is answered 250 only after its sealed
-file and the spool directory are on disk (`Spool.accept`, run in a thread so
-an fsync never stalls other sessions).
+Each hook returns the reply. DATA content is sealed as it arrives
+(`open_message` gives relay/aio/starttls.py a `SealingSink`), so the edge
+never holds a whole message; it is answered 250 only after its sealed file
+and the spool directory are on disk (the commit runs in a thread, so an
+fsync never stalls other sessions).
 """
 
 import asyncio
 import email.utils
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,8 +21,10 @@ from relay.spool.store import SpoolFull
 
 log = logging.getLogger("yestls.edge")
 
-# The sealing call may not block the event loop: it writes and fsyncs.
+# Commits (fsync) may not block the event loop.
 SEAL_THREADS = 4
+SPOOL_FULL = "452 4.3.1 Insufficient system storage, please retry later"
+SPOOL_ERROR = "451 4.3.0 Temporary failure, please retry later"
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class EdgeHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server, session, envelope) -> str:
+    async def open_message(self, server, session, envelope) -> "SealingSink | str":
+        """The DATA command: a sink that seals the content as it arrives, or the reply that refuses it."""
         tls = server.tls_session
         received = self.received_header(session, envelope, tls)
         metadata = {
@@ -100,21 +104,17 @@ class EdgeHandler:
                                              "resumed": tls.resumed, "server_name": tls.server_name},
             "received_at": time.time(),
         }
-        content = envelope.original_content
-        loop = asyncio.get_running_loop()
-        accept = functools.partial(self.spool.accept, metadata, [received, content], size=len(received) + len(content))
+        declared = _declared_size(envelope.mail_options)
         try:
-            spool_id = await loop.run_in_executor(None, accept)
+            writer = self.spool.open(metadata, size=None if declared is None else len(received) + declared)
+            writer.write(received)
         except SpoolFull as error:
             log.warning("spool full (%s): deferring %s", error.reason, _peer(session))
-            return self._refuse(server, "spool_full", "452 4.3.1 Insufficient system storage, please retry later")
+            return self._refuse(server, "spool_full", SPOOL_FULL)
         except Exception:  # noqa: BLE001 - any failure: the sender keeps the message and retries
-            log.exception("%s: sealing failed", _peer(session))
-            return self._refuse(server, "spool_error", "451 4.3.0 Temporary failure, please retry later")
-        self.metrics.accepted(len(content))
-        log.info("%s: accepted %s (%d bytes, %d recipients)", _peer(session), spool_id, len(content),
-                 len(envelope.rcpt_tos))
-        return f"250 2.0.0 OK queued as {spool_id}"
+            log.exception("%s: cannot start sealing", _peer(session))
+            return self._refuse(server, "spool_error", SPOOL_ERROR)
+        return SealingSink(self, server, session, writer, len(envelope.rcpt_tos))
 
     def received_header(self, session, envelope, tls) -> bytes:
         """The trace header (RFC 5321 4.4), with the TLS parameters; prepended inside the sealed content."""
@@ -130,6 +130,71 @@ class EdgeHandler:
             f"{tls_clause}{recipient};\r\n\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n"
         )
         return header.encode("utf-8", "surrogateescape")
+
+
+class SealingSink:
+    """DATA content into the sealed spool as it arrives (relay.aio.starttls.MessageSink).
+
+    Each piece is sealed at once on the event loop (a chunk's AES-GCM costs
+    less than a thread hop); only the commit, which fsyncs, runs in a thread.
+    A spool that fills up mid-message, or a write that fails, is remembered
+    and answered once the content has ended.
+    """
+
+    def __init__(self, handler: EdgeHandler, server, session, writer, recipients: int):
+        self.handler = handler
+        self.server = server
+        self.session = session
+        self.writer = writer
+        self.recipients = recipients
+        self.size = 0
+        self.failure: str | None = None   # the reply, once writing failed
+
+    def write(self, piece: memoryview) -> None:
+        if self.failure is not None:
+            return
+        try:
+            self.writer.write(piece)
+            self.size += len(piece)
+        except SpoolFull as error:
+            log.warning("spool full (%s) during a message: deferring %s", error.reason, _peer(self.session))
+            self._fail("spool_full", SPOOL_FULL)
+        except Exception:  # noqa: BLE001 - the sender keeps the message and retries
+            log.exception("%s: sealing failed", _peer(self.session))
+            self._fail("spool_error", SPOOL_ERROR)
+
+    def _fail(self, reason: str, reply: str) -> None:
+        self.writer.abort()
+        self.failure = self.handler._refuse(self.server, reason, reply)
+
+    async def finish(self) -> str:
+        if self.failure is not None:
+            self.server.refusal_counted = True
+            return self.failure
+        try:
+            spool_id = await asyncio.get_running_loop().run_in_executor(None, self.writer.commit)
+        except SpoolFull as error:
+            log.warning("spool full (%s) at commit: deferring %s", error.reason, _peer(self.session))
+            return self.handler._refuse(self.server, "spool_full", SPOOL_FULL)
+        except Exception:  # noqa: BLE001 - nothing was stored: the sender keeps the message and retries
+            log.exception("%s: sealing failed", _peer(self.session))
+            return self.handler._refuse(self.server, "spool_error", SPOOL_ERROR)
+        self.handler.metrics.accepted(self.size)
+        log.info("%s: accepted %s (%d bytes, %d recipients)", _peer(self.session), spool_id, self.size,
+                 self.recipients)
+        return f"250 2.0.0 OK queued as {spool_id}"
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _declared_size(mail_options: list[str]) -> int | None:
+    """The SIZE= the client declared at MAIL (RFC 1870), already checked against the limit by aiosmtpd."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name == "SIZE" and value.isdigit():
+            return int(value)
+    return None
 
 
 def _peer(session) -> str:

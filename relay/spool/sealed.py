@@ -12,8 +12,8 @@ last is sealed with the final flag. So a header that was changed, a chunk
 flipped, dropped, duplicated or moved, a file cut at any point or with bytes
 after its end, all fail authentication (`SealedError`).
 
-`seal` streams: it holds at most about one chunk of the message beyond the
-part the caller hands it. `unseal` returns nothing until every chunk has
+`Sealer` (and `seal`, built on it) streams: it holds at most one chunk of
+plaintext, zeroed once sealed. `unseal` returns nothing until every chunk has
 been checked.
 """
 
@@ -93,43 +93,73 @@ def _nonce(counter: int, final: bool) -> bytes:
 
 # --- sealing ---------------------------------------------------------------------------------------------
 
-class _ChunkWriter:
-    """Cuts a stream into chunks and seals each; a chunk goes out only once it is known not to be the last."""
+class Sealer:
+    """Seals one message as it arrives: header and key block at once, then each chunk as soon as it is full.
 
-    def __init__(self, out: BinaryIO, data_key: bytes, aad: bytes, chunk_size: int):
+    The plaintext of the chunk being filled is the only plaintext kept: one
+    buffer of `chunk size` bytes, overwritten with zeros as soon as its chunk
+    is sealed (and by `wipe`, for a message abandoned halfway). A chunk goes
+    out only once it is known not to be the last.
+    """
+
+    def __init__(self, out: BinaryIO, public_key: SpoolPublicKey, spool_id: bytes, metadata: dict, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+        if len(spool_id) != SPOOL_ID_LENGTH:
+            raise ValueError(f"a spool id is {SPOOL_ID_LENGTH} bytes, not {len(spool_id)}")
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk size {chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
+        encoded_metadata = encode_metadata(metadata)
+        suite = public_key.suite
+        header = Header(VERSION, suite, bytes(spool_id)).encode()
+        data_key = os.urandom(DATA_KEY_LENGTH)
+        key_block = suite.hpke.encrypt(KEY_BLOCK_PLAINTEXT.pack(data_key, chunk_size), public_key.key, info=header)
+        assert len(key_block) == key_block_length(suite)
         self.out = out
         self.aead = AESGCM(data_key)
-        self.aad = aad
-        self.chunk_size = chunk_size
+        self.aad = header
         self.counter = 0
         self.written = 0
-        self.pending = bytearray()
+        self._buffer = bytearray(chunk_size)
+        self._zeros = _ZEROS if chunk_size <= len(_ZEROS) else memoryview(bytes(chunk_size))
+        self._filled = 0
+        self._write_out(header)
+        self._write_out(key_block)
+        self.write(METADATA_LENGTH.pack(len(encoded_metadata)) + encoded_metadata)
 
     def write(self, data) -> None:
+        """Add message bytes (any bytes-like object; it is copied, not kept)."""
         view = memoryview(data).cast("B")
-        size = self.chunk_size
-        if self.pending:
-            take = size - len(self.pending)
-            self.pending += view[:take]
+        size = len(self._buffer)
+        while len(view):
+            if self._filled == size:
+                self._emit(final=False)
+            take = min(size - self._filled, len(view))
+            self._buffer[self._filled:self._filled + take] = view[:take]
+            self._filled += take
             view = view[take:]
-            if not len(view):
-                return  # the pending chunk may still be the last one
-            self._emit(self.pending, final=False)
-            self.pending.clear()
-        while len(view) > size:
-            self._emit(view[:size], final=False)
-            view = view[size:]
-        self.pending += view
 
-    def finish(self) -> None:
-        self._emit(self.pending, final=True)
-        self.pending.clear()
+    def finish(self) -> int:
+        """Seal the last chunk; the number of bytes the file holds."""
+        self._emit(final=True)
+        return self.written
 
-    def _emit(self, chunk, final: bool) -> None:
-        sealed = self.aead.encrypt(_nonce(self.counter, final), chunk, self.aad)
-        self.out.write(sealed)
-        self.written += len(sealed)
+    def wipe(self) -> None:
+        """Overwrite the plaintext not yet sealed (the message is abandoned)."""
+        memoryview(self._buffer)[:self._filled] = self._zeros[:self._filled]
+        self._filled = 0
+
+    def _emit(self, final: bool) -> None:
+        sealed = self.aead.encrypt(_nonce(self.counter, final), memoryview(self._buffer)[:self._filled], self.aad)
+        self.wipe()
         self.counter += 1
+        self._write_out(sealed)
+
+    def _write_out(self, data: bytes) -> None:
+        self.out.write(data)
+        self.written += len(data)
+
+
+_ZEROS = memoryview(bytes(DEFAULT_CHUNK_SIZE))
 
 
 def seal(out: BinaryIO, public_key: SpoolPublicKey, spool_id: bytes, metadata: dict,
@@ -139,24 +169,10 @@ def seal(out: BinaryIO, public_key: SpoolPublicKey, spool_id: bytes, metadata: d
     Returns the number of bytes written. Parts are consumed one at a time and
     never joined; any bytes-like objects will do.
     """
-    if len(spool_id) != SPOOL_ID_LENGTH:
-        raise ValueError(f"a spool id is {SPOOL_ID_LENGTH} bytes, not {len(spool_id)}")
-    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk size {chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
-    encoded_metadata = encode_metadata(metadata)
-    suite = public_key.suite
-    header = Header(VERSION, suite, bytes(spool_id)).encode()
-    data_key = os.urandom(DATA_KEY_LENGTH)
-    key_block = suite.hpke.encrypt(KEY_BLOCK_PLAINTEXT.pack(data_key, chunk_size), public_key.key, info=header)
-    assert len(key_block) == key_block_length(suite)
-    out.write(header)
-    out.write(key_block)
-    writer = _ChunkWriter(out, data_key, header, chunk_size)
-    writer.write(METADATA_LENGTH.pack(len(encoded_metadata)) + encoded_metadata)
+    sealer = Sealer(out, public_key, spool_id, metadata, chunk_size=chunk_size)
     for part in message_parts:
-        writer.write(part)
-    writer.finish()
-    return len(header) + len(key_block) + writer.written
+        sealer.write(part)
+    return sealer.finish()
 
 
 # --- unsealing -------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     spool = Spool(directory, public_key, max_bytes=..., max_files=...)   # makes the directories, recovers
     spool_id = spool.accept(metadata, message_parts, size=len_hint)      # durable when it returns: answer 250
+    writer = spool.open(metadata, size=None); writer.write(piece)...; spool_id = writer.commit()   # or abort()
     spool.list(); spool.read(spool_id, offset, length); spool.delete(spool_id)
 
 Layout under `directory` (each made 0700):
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from relay.private_files import fsync_directory
 from relay.spool.keys import SpoolPublicKey
-from relay.spool.sealed import DEFAULT_CHUNK_SIZE, seal, sealed_size
+from relay.spool.sealed import DEFAULT_CHUNK_SIZE, Sealer, sealed_size
 
 log = logging.getLogger("yestls.spool")
 
@@ -114,17 +115,20 @@ class _Reservation:
 class _BudgetedWriter:
     """The sealed file's sink: takes more room as it grows, and refuses once the byte cap is reached."""
 
-    def __init__(self, file, spool: "Spool", reservation: _Reservation):
-        self.file = file
+    def __init__(self, fd: int, spool: "Spool", reservation: _Reservation):
+        self.fd = fd
         self.spool = spool
         self.reservation = reservation
         self.written = 0
 
-    def write(self, data) -> int:
+    def write(self, data: bytes) -> int:
         self.written += len(data)
         if self.written > self.reservation.bytes:
             self.spool._grow(self.reservation, self.written - self.reservation.bytes)
-        return self.file.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        return len(data)
 
 
 class Spool:
@@ -220,35 +224,22 @@ class Spool:
         would not fit be refused before anything is written. SpoolFull if a
         cap would be exceeded; any other exception means nothing was stored.
         """
-        spool_id = os.urandom(16)
-        ident = spool_id.hex()
-        expected = sealed_size(self.public_key.suite, metadata, size, self.chunk_size) if size is not None else 0
-        reservation = _Reservation(expected)
-        with self._lock:
-            self._check_room(expected)
-            self._reserved_files += 1
-            self._reserved_bytes += expected
-        tmp = self.tmp_dir / (ident + TMP_SUFFIX)
+        writer = self.open(metadata, size=size)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                with open(fd, "wb", closefd=False) as file:
-                    sink = _BudgetedWriter(file, self, reservation)
-                    written = seal(sink, self.public_key, spool_id, metadata, message_parts,
-                                   chunk_size=self.chunk_size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._commit(tmp, ident, written, reservation)
+            for part in message_parts:
+                writer.write(part)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            with self._lock:
-                self._release(reservation)
+            writer.abort()
             raise
-        return ident
+        return writer.commit()
+
+    def open(self, metadata: dict, *, size: int | None = None) -> "MessageWriter":
+        """Start a message that arrives in pieces: `write` each (sealed as it goes), then `commit` or `abort`.
+
+        SpoolFull at once if the caps leave no room (for `size` bytes, when
+        given); `write` raises SpoolFull when the message outgrows the room.
+        """
+        return MessageWriter(self, metadata, size)
 
     def _check_room(self, expected: int) -> None:
         if len(self._entries) + self._reserved_files >= self.max_files:
@@ -426,6 +417,69 @@ class Spool:
             return False
         order = self._order_of(after_id)
         return order is None or next(reversed(self._entries.values())).order > order
+
+
+class MessageWriter:
+    """One message being sealed into tmp/: `write` as it arrives, then `commit` (durable, in queue/) or `abort`.
+
+    `write` runs where the bytes arrive (the event loop: sealing a chunk costs
+    less than a thread hop); `commit` blocks on fsync, so run it in a thread.
+    A writer is used by one thread at a time.
+    """
+
+    def __init__(self, spool: "Spool", metadata: dict, size: int | None):
+        self.spool = spool
+        spool_id = os.urandom(16)
+        self.id = spool_id.hex()
+        expected = sealed_size(spool.public_key.suite, metadata, size, spool.chunk_size) if size is not None else 0
+        self._reservation = _Reservation(expected)
+        with spool._lock:
+            spool._check_room(expected)
+            spool._reserved_files += 1
+            spool._reserved_bytes += expected
+        self._tmp = spool.tmp_dir / (self.id + TMP_SUFFIX)
+        self._fd: int | None = None
+        self._sealer: Sealer | None = None
+        try:
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            sink = _BudgetedWriter(self._fd, spool, self._reservation)
+            self._sealer = Sealer(sink, spool.public_key, spool_id, metadata, chunk_size=spool.chunk_size)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, data) -> None:
+        """Seal more of the message; SpoolFull if it no longer fits (then `abort`)."""
+        self._sealer.write(data)
+
+    def commit(self) -> str:
+        """The last chunk, fsync, rename into queue/, fsync queue/: durable when this returns the spool id."""
+        try:
+            written = self._sealer.finish()
+            os.fsync(self._fd)
+            self._close()
+            self.spool._commit(self._tmp, self.id, written, self._reservation)
+        except BaseException:
+            self.abort()
+            raise
+        return self.id
+
+    def abort(self) -> None:
+        """Forget the message: its plaintext wiped, its file removed, its room given back. Safe to repeat."""
+        if self._sealer is not None:
+            self._sealer.wipe()
+        self._close()
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+        with self.spool._lock:
+            self.spool._release(self._reservation)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _wake(future: asyncio.Future) -> None:

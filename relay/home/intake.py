@@ -7,9 +7,10 @@ envelope. Per recipient, Dovecot's answer decides: 2xx delivered, 5xx failed
 (recorded; bounced once outbound mail exists), 4xx tried again later with
 backoff. Only when every recipient has a final answer is the message
 acknowledged to the edge, which deletes it. The ledger (relay/home/ledger.py)
-makes that exactly once across crashes. A message that cannot be unsealed or
-parsed is moved, still sealed, to the quarantine directory and acknowledged:
-it never blocks the queue and is never silently dropped.
+makes that exactly once across crashes. A message that cannot be unsealed, or
+whose envelope is not fit for LMTP (relay/home/envelope.py), is moved, still
+sealed, to the quarantine directory and acknowledged: it never blocks the
+queue, is never half-delivered and never silently dropped.
 """
 
 import asyncio
@@ -25,6 +26,7 @@ from relay import daemon
 from relay.home import config as intake_config
 from relay.home.authresults import AuthenticationChecker
 from relay.home.doveadm import DeliveryFinder, DoveadmError
+from relay.home.envelope import EnvelopeError, envelope_from_metadata
 from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, QUARANTINED, Entry, Ledger
 from relay.home.lmtp import LmtpError, deliver
 from relay.identity import load_identity
@@ -42,7 +44,7 @@ SPOOL_ID_HEADER = b"X-YesTLS-Spool-Id"
 class Prepared:
     """A message unsealed and ready for LMTP."""
 
-    mail_from: str
+    mail_from: str   # checked (relay.home.envelope); "" for the null sender
     recipients: list[str]
     message: bytes   # with our trace headers
     smtputf8: bool
@@ -161,13 +163,11 @@ class Intake:
             opened = unseal(sealed, self.private_key)
             if opened.spool_id.hex() != spool_id:
                 raise SealedError(f"the file's spool id {opened.spool_id.hex()} is not {spool_id}")
-            metadata = opened.metadata
-            recipients = [str(r) for r in metadata["rcpt_tos"]]
-            mail_from = str(metadata["mail_from"])
-        except (SealedError, KeyError, TypeError, ValueError) as error:
+            envelope = envelope_from_metadata(opened.metadata)
+        except (SealedError, EnvelopeError) as error:
             return error
-        message = await self._with_trace_headers(spool_id, opened.message, metadata)
-        return Prepared(mail_from, recipients, message, bool(metadata.get("smtputf8")))
+        message = await self._with_trace_headers(spool_id, opened.message, opened.metadata)
+        return Prepared(envelope.mail_from, list(envelope.recipients), message, envelope.smtputf8)
 
     async def process(self, spool_id: str, sealed: bytes, prepared: "Prepared | Exception | None" = None) -> bool:
         """Deliver one sealed message as far as possible; True when it may be acknowledged."""

@@ -1,11 +1,36 @@
-"""A small asyncio LMTP client (RFC 2033) that reads one reply per recipient after DATA.
+"""A small asyncio LMTP client (RFC 2033): one message, one reply per recipient, nothing smuggled.
 
 The stdlib's smtplib.LMTP reads a single reply after the final dot, which
 loses LMTP's point: each recipient gets its own answer, and the intake must
 honour each (2xx done, 4xx retry, 5xx failed).
+
+**BDAT first.** The message comes from a sealed file whatever the edge put
+in it, so nothing in its bytes may end the message early or be read as a
+command. With CHUNKING (RFC 3030; Dovecot's LMTP offers it in its LHLO
+reply) the message goes as one counted chunk, `BDAT <n> LAST`, byte for
+byte: there is no end-of-data marker for the content to forge, no
+dot-stuffing, and a DKIM signature over the bytes still verifies. After the
+LAST chunk LMTP answers once per accepted recipient, in RCPT order, as it
+does after DATA (RFC 2033 4.2; Dovecot does).
+
+**DATA only when CHUNKING is not offered**, and then every line end is made
+CRLF first (a bare LF or a bare CR becomes CRLF) before dots are doubled.
+Servers disagree on what ends a line: Dovecot ends one at a bare LF, others
+at a bare CR too. Doubling only the dots after CRLF would let `\\n.\\n`,
+`\\n.\\r\\n` or `\\r.\\r` end the message early on such a server and have
+the bytes after it read as commands — a second transaction with a forged
+envelope (SMTP smuggling). Once every line end is CRLF there is one reading
+of the lines, and a dot at the start of any of them is doubled (RFC 5321
+4.5.2). The price: a message with bare CRs or LFs (never legal on the wire,
+RFC 5321 2.3.8) reaches the mailbox with CRLFs, which may break a DKIM
+signature over it — which is why BDAT comes first.
+
+The envelope comes checked from relay/home/envelope.py; every command line
+is still refused here, before it is written, if it holds a CR, LF or NUL.
 """
 
 import asyncio
+import re
 from dataclasses import dataclass
 
 
@@ -17,6 +42,7 @@ class LmtpError(Exception):
 class Reply:
     code: int
     text: str
+    lines: tuple[str, ...] = ()   # each line's text, for the LHLO reply's keywords
 
     @property
     def final(self) -> bool:
@@ -35,14 +61,21 @@ async def _read_reply(reader: asyncio.StreamReader) -> Reply:
         lines.append(line[4:].decode("utf-8", "replace").rstrip("\r\n"))
         if line[3:4] != b"-":
             try:
-                return Reply(int(line[:3]), " ".join(lines))
+                return Reply(int(line[:3]), " ".join(lines), tuple(lines))
             except ValueError:
                 raise LmtpError(f"LMTP server sent {line!r}") from None
 
 
-def dot_stuff(message: bytes) -> bytes:
-    """The DATA body: leading dots doubled (RFC 5321 4.5.2), ending with CRLF; nothing else changed."""
-    body = message
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def data_body(message: bytes) -> bytes:
+    """The DATA body for a server without CHUNKING, without its final ".\\r\\n".
+
+    Every line end made CRLF, every line that starts with a dot given one more
+    (RFC 5321 4.5.2), and a final CRLF if the message lacks one.
+    """
+    body = _LINE_END.sub(b"\r\n", message)
     if body.startswith(b"."):
         body = b"." + body
     body = body.replace(b"\r\n.", b"\r\n..")
@@ -51,9 +84,18 @@ def dot_stuff(message: bytes) -> bytes:
     return body
 
 
+def _keywords(hello: Reply) -> set[str]:
+    """The service extensions an LHLO reply names (its lines after the first)."""
+    return {line.split()[0].upper() for line in hello.lines[1:] if line.split()}
+
+
 async def deliver(address: str | tuple[str, int], mail_from: str, recipients: list[str], message: bytes, *,
                   lhlo: str = "localhost", timeout: float = 60.0, smtputf8: bool = False) -> dict[str, Reply]:
-    """Deliver one message; the reply for each recipient (a RCPT refusal counts as its reply)."""
+    """Deliver one message; the reply for each recipient (a RCPT refusal counts as its reply).
+
+    `mail_from` is "" for the null sender. The addresses must already be
+    checked (relay.home.envelope); one with a line break in it is an LmtpError.
+    """
     try:
         if isinstance(address, str):
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(address), timeout)
@@ -74,7 +116,10 @@ async def deliver(address: str | tuple[str, int], mail_from: str, recipients: li
 
 async def _transaction(reader, writer, lhlo, mail_from, recipients, message, smtputf8) -> dict[str, Reply]:
     async def command(line: str) -> Reply:
-        writer.write(line.encode("utf-8") + b"\r\n")
+        encoded = line.encode("utf-8")
+        if any(c in encoded for c in b"\r\n\0"):
+            raise LmtpError(f"refusing to send an LMTP command with a line break or NUL in it: {line[:120]!r}")
+        writer.write(encoded + b"\r\n")
         await writer.drain()
         return await _read_reply(reader)
 
@@ -84,7 +129,8 @@ async def _transaction(reader, writer, lhlo, mail_from, recipients, message, smt
     hello = await command(f"LHLO {lhlo}")
     if hello.code != 250:
         raise LmtpError(f"LHLO refused: {hello}")
-    options = " SMTPUTF8" if smtputf8 and "SMTPUTF8" in hello.text.upper() else ""
+    keywords = _keywords(hello)
+    options = " SMTPUTF8" if smtputf8 and "SMTPUTF8" in keywords else ""
     sender = await command(f"MAIL FROM:<{mail_from}>{options}")
     if sender.code != 250:
         # The sender is refused for everyone: every recipient gets that answer.
@@ -100,12 +146,16 @@ async def _transaction(reader, writer, lhlo, mail_from, recipients, message, smt
     if not accepted:
         await command("QUIT")
         return replies
-    start = await command("DATA")
-    if start.code != 354:
-        return {**replies, **{r: start for r in accepted}}
-    writer.write(dot_stuff(message) + b".\r\n")
+    if "CHUNKING" in keywords:
+        writer.write(b"BDAT %d LAST\r\n" % len(message))
+        writer.write(message)
+    else:
+        start = await command("DATA")
+        if start.code != 354:
+            return {**replies, **{r: start for r in accepted}}
+        writer.write(data_body(message) + b".\r\n")
     await writer.drain()
-    for recipient in accepted:  # RFC 2033 4.2: one reply per accepted recipient, in order
+    for recipient in accepted:  # one reply per accepted recipient, in order
         replies[recipient] = await _read_reply(reader)
     writer.write(b"QUIT\r\n")
     return replies

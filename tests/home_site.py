@@ -10,10 +10,20 @@
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .dovecot import Dovecot
-from .edge_site import EdgeSite
 from .services import ServiceProcess, running, start_service
+
+
+class SpoolSite(Protocol):
+    """What intake.toml needs of an edge: a real one (tests/edge_site.py) or a compromised one
+    (tests/hostile_edge.py)."""
+
+    directory: Path
+    spool_service_port: int
+    home_identity_path: Path    # allowlisted by the edge's spool service
+    spool_key_path: Path        # home's private spool key
 
 
 @dataclass
@@ -25,7 +35,7 @@ class IntakeSite:
     status_file: Path
 
 
-def make_intake(site: EdgeSite, dovecot: Dovecot, *, options: str = "") -> IntakeSite:
+def make_intake(site: SpoolSite, dovecot: Dovecot, *, options: str = "") -> IntakeSite:
     directory = site.directory / "intake"
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "intake.toml"

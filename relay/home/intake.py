@@ -11,6 +11,10 @@ makes that exactly once across crashes. A message that cannot be unsealed, or
 whose envelope is not fit for LMTP (relay/home/envelope.py), is moved, still
 sealed, to the quarantine directory and acknowledged: it never blocks the
 queue, is never half-delivered and never silently dropped.
+
+Incoming X-YesTLS-Spool-Id headers are removed (doveadm finds our deliveries
+by the one we add), and so are Authentication-Results headers forged with
+our name (relay/home/authresults.py).
 """
 
 import asyncio
@@ -27,6 +31,7 @@ from relay.home import config as intake_config
 from relay.home.authresults import AuthenticationChecker
 from relay.home.doveadm import DeliveryFinder, DoveadmError
 from relay.home.envelope import EnvelopeError, envelope_from_metadata
+from relay.home.headers import Field, without_fields
 from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, QUARANTINED, Entry, Ledger
 from relay.home.lmtp import LmtpError, deliver
 from relay.identity import load_identity
@@ -38,6 +43,7 @@ from relay.spool.sealed import SealedError, unseal
 log = logging.getLogger("yestls.intake")
 
 SPOOL_ID_HEADER = b"X-YesTLS-Spool-Id"
+SPOOL_ID_FIELD = SPOOL_ID_HEADER.lower()
 
 
 @dataclass(frozen=True)
@@ -268,6 +274,10 @@ class Intake:
         self.stats.retried += 1
 
     async def _with_trace_headers(self, spool_id: str, message: bytes, metadata: dict) -> bytes:
+        message, forged = without_spool_id_headers(message)
+        if forged:
+            log.warning("%s: removed %d incoming X-YesTLS-Spool-Id header(s): only home writes it; first: %r",
+                        spool_id, len(forged), forged[0].raw[:200])
         message = self.auth.without_forged_results(message)
         # DNS lookups block: keep them off the event loop, where fetches and acks run.
         results = await asyncio.get_running_loop().run_in_executor(None, self.auth.header, message, metadata)
@@ -306,6 +316,16 @@ class Intake:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(status))
         os.replace(temporary, path)
+
+
+def without_spool_id_headers(message: bytes) -> tuple[bytes, list[Field]]:
+    """The message without any X-YesTLS-Spool-Id field (any case, folding, line ends); and those removed.
+
+    Ours is the one doveadm looks up to tell whether a message is already in a
+    mailbox (relay/home/doveadm.py): one that came with the message must never
+    reach Dovecot.
+    """
+    return without_fields(message, lambda field: field.name == SPOOL_ID_FIELD)
 
 
 async def serve(config: intake_config.IntakeConfig) -> None:

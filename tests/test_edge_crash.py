@@ -218,4 +218,4 @@ def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path, pki):
 async def list_through_service(site) -> set[str]:
     """The ids home's intake would see, through the restarted edge's spool service."""
     async with SpoolClient("127.0.0.1", site.spool_service_port, site.home_identity, timeout=10) as client:
-        return {message.id for message in await client.list()}
+        return {message.id for message in (await client.list()).messages}

@@ -190,7 +190,7 @@ def test_home_lists_fetches_in_pieces_unseals_and_acknowledges(tmp_path, keys):
     async def test(edge):
         ids = [await edge.accept(message) for message in messages]
         async with edge.client() as home:
-            listed = await home.list()
+            listed = (await home.list()).messages
             assert [m.id for m in listed] == ids
             assert [m.size for m in listed] == [edge.spool.size(i) for i in ids]
             assert [m.accepted for m in listed] == sorted(m.accepted for m in listed)
@@ -200,8 +200,8 @@ def test_home_lists_fetches_in_pieces_unseals_and_acknowledges(tmp_path, keys):
                 opened = unseal(sealed, keys[1])
                 assert (opened.spool_id.hex(), opened.metadata, opened.message) == (spool_id, METADATA, message)
                 await home.ack(spool_id)
-                assert spool_id not in [m.id for m in await home.list()]
-            assert await home.list() == []
+                assert spool_id not in [m.id for m in (await home.list()).messages]
+            assert (await home.list()).messages == []
             assert os.listdir(edge.spool.queue_dir) == []
             stats = await home.stats()
             assert (stats["depth"], stats["bytes"], stats["accepted"]) == (0, 0, 3)
@@ -296,7 +296,7 @@ def test_list_pages_through_a_long_spool_in_order(tmp_path, keys, monkeypatch):
         assert [m["id"] for m in page.meta["messages"]] == ids[:2] and page.meta["more"] is True
         connection.close()
         async with edge.client() as home:
-            return ids, [m.id for m in await home.list()]
+            return ids, [m.id for m in (await home.list()).messages]
 
     ids, listed = with_edge(tmp_path, keys, test)
     assert listed == ids
@@ -319,7 +319,7 @@ def test_wait_answers_as_soon_as_a_message_is_accepted(tmp_path, keys):
             assert not waiting.done()
             second = await edge.accept(b"second")
             assert await asyncio.wait_for(waiting, TIMEOUT) is True
-            assert [m.id for m in await home.list()] == [first, second]
+            assert [m.id for m in (await home.list()).messages] == [first, second]
             # Several waits at once all wake.
             waits = [asyncio.ensure_future(home.wait(second, 50)) for _ in range(3)]
             await asyncio.sleep(0.05)

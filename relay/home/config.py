@@ -9,6 +9,7 @@
     status_file = "/var/lib/yestls-intake/status.json"
     authserv_id = "mx.example.org"               # names the Authentication-Results header
     in_flight = 4                                # sealed messages fetched ahead
+    max_message_size = 26214400                  # bytes: at least the edge's [smtp] max_message_size
     poll = 50                                    # seconds a long-poll waits
     timeout = 10                                 # seconds per spool request
     retry = [60, 300, 900, 3600]                 # backoff after LMTP 4xx, seconds
@@ -22,6 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.config import ConfigError, Table, parse_address
+from relay.spool.client import DEFAULT_MAX_MESSAGE_SIZE, max_file_size
+
+# A sealed file is held in memory while it is unsealed (`in_flight` of them):
+# a message size beyond this is a typo, not a mail server's setting.
+MAX_MESSAGE_SIZE_LIMIT = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,12 @@ class IntakeConfig:
     doveadm_api_key: str | None
     dns_nameservers: tuple[str, ...]
     dns_port: int
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+
+    @property
+    def max_sealed_size(self) -> int:
+        """The largest sealed file the intake fetches: what the edge makes of a message of max_message_size."""
+        return max_file_size(self.max_message_size)
 
 
 def load(path: Path) -> IntakeConfig:
@@ -76,6 +88,11 @@ def load(path: Path) -> IntakeConfig:
         dns_nameservers=tuple(table.get("dns_nameservers", list, default=[],
                                         check=lambda v: all(isinstance(x, str) for x in v))),
         dns_port=table.get("dns_port", int, default=53, check=lambda p: 0 < p < 65536),
+        max_message_size=table.get(
+            "max_message_size", int, default=DEFAULT_MAX_MESSAGE_SIZE,
+            check=lambda n: 1024 <= n <= MAX_MESSAGE_SIZE_LIMIT,
+            hint=f"bytes, 1024 to {MAX_MESSAGE_SIZE_LIMIT}: at least the edge's [smtp] max_message_size "
+                 f"({DEFAULT_MAX_MESSAGE_SIZE} unless set), or larger messages stay on the edge"),
     )
     if config.doveadm_url and not config.doveadm_api_key:
         raise table.error("doveadm_api_key", "doveadm_url needs the API key Dovecot's doveadm_api_key has")

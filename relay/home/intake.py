@@ -12,14 +12,21 @@ whose envelope is not fit for LMTP (relay/home/envelope.py), is moved, still
 sealed, to the quarantine directory and acknowledged: it never blocks the
 queue, is never half-delivered and never silently dropped.
 
-Incoming X-YesTLS-Spool-Id headers are removed (doveadm finds our deliveries
-by the one we add), and so are Authentication-Results headers forged with
-our name (relay/home/authresults.py).
+The edge may be compromised: its answers are checked by relay/spool/client.py
+(ids, sizes, pieces, how much a listing can hold), and what the client
+refuses is a protocol error here: logged once at ERROR, counted in the
+status file's `protocol_errors`, and skipped — a listed entry that is not
+usable is never fetched, a message whose fetch lied is tried again after
+the retry backoff and stays on the edge meanwhile — while the honest
+messages around it are delivered. Incoming X-YesTLS-Spool-Id headers are
+removed (doveadm finds our deliveries by the one we add), and so are
+Authentication-Results headers forged with our name (relay/home/authresults.py).
 """
 
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -36,14 +43,16 @@ from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PEN
 from relay.home.lmtp import LmtpError, deliver
 from relay.identity import load_identity
 from relay.rpc import RemoteError
-from relay.spool.client import SpoolClient
+from relay.spool.client import ListedMessage, Listing, SpoolClient, SpoolProtocolError
 from relay.spool.keys import load_spool_private_key
 from relay.spool.sealed import SealedError, unseal
+from relay.spool.store import validate_id
 
 log = logging.getLogger("yestls.intake")
 
 SPOOL_ID_HEADER = b"X-YesTLS-Spool-Id"
 SPOOL_ID_FIELD = SPOOL_ID_HEADER.lower()
+REPORTED_PROBLEMS = 10_000   # protocol errors remembered, so that a lie repeated every round is logged once
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class IntakeStats:
     retried: int = 0
     failed: int = 0
     quarantined: int = 0
+    protocol_errors: int = 0   # answers from the edge that break the spool protocol (each lie counted once)
     edge_depth: int | None = None
     edge_oldest_age: float | None = None
     errors: list[str] = field(default_factory=list)
@@ -80,6 +90,7 @@ class Intake:
         self.stats = IntakeStats()
         self.retry_at: dict[str, float] = {}  # spool id -> when a 4xx'd message may be tried again
         self.failures: dict[str, int] = {}    # spool id -> failed rounds so far (the backoff step)
+        self._reported: set[str] = set()      # protocol errors logged already
         self._status_written = 0.0
         config.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -89,12 +100,16 @@ class Intake:
         delay = 1.0
         while not stop.is_set():
             host, port = self.config.edge
-            client = SpoolClient(host, port, self.identity, timeout=self.config.timeout)
+            client = SpoolClient(host, port, self.identity, timeout=self.config.timeout,
+                                 max_size=self.config.max_sealed_size)
             try:
                 await client.connect()
                 log.info("connected to the edge's spool at %s:%d", host, port)
                 delay = 1.0
                 await self._serve(client, stop)
+            except SpoolProtocolError as error:
+                self._protocol_error(str(error))
+                log.warning("edge spool %s:%d: reconnecting in %.0fs", host, port, delay)
             except (OSError, ConnectionError, asyncio.TimeoutError, RemoteError) as error:
                 log.warning("edge spool %s:%d: %s; retrying in %.0fs", host, port,
                             str(error) or type(error).__name__, delay)
@@ -108,39 +123,76 @@ class Intake:
             delay = min(delay * 2, 60.0)
 
     async def _serve(self, client: SpoolClient, stop: asyncio.Event) -> None:
+        said_ready, newest = False, None
         while not stop.is_set():
-            listed = await client.list()
+            listing = await client.list()
             self._contact(await client.stats())
+            self._take_listing(listing)
             now = time.time()
-            due = [m for m in listed if self.retry_at.get(m.id, 0) <= now]
+            due = [m for m in listing.messages if self.retry_at.get(m.id, 0) <= now]
             await self._process_in_order(client, due)
             self._write_status()
             # Long-poll: back at once when new mail arrives, or when a retry is due.
             retry_in = min((t - time.time() for t in self.retry_at.values()), default=self.config.poll)
             timeout = max(0.05, min(self.config.poll, retry_in))
-            newest = listed[-1].id if listed else None
-            waiting = asyncio.ensure_future(client.wait(newest, timeout))
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
-            for task in (waiting, stopping):
-                task.cancel()
-            if waiting.done() and not waiting.cancelled() and waiting.exception() is not None:
-                raise waiting.exception()
+            if said_ready and not due and listing.last_id == newest:
+                # The edge said mail newer than `newest` was waiting, and the listing shows none (a lie, or
+                # a listing cut short before it): do not ask again at once, round after round.
+                said_ready = False
+                await _pause(stop, timeout)
+                continue
+            newest = listing.last_id
+            said_ready = await self._wait(client, newest, timeout, stop)
 
-    async def _process_in_order(self, client: SpoolClient, messages) -> None:
+    async def _wait(self, client: SpoolClient, after: str | None, timeout: float, stop: asyncio.Event) -> bool:
+        """The edge's long-poll, cut short by `stop`; whether it said that mail is ready."""
+        waiting = asyncio.ensure_future(client.wait(after, timeout))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiting, stopping):
+            task.cancel()
+        if waiting.done() and not waiting.cancelled():
+            if waiting.exception() is not None:
+                raise waiting.exception()
+            return waiting.result()
+        return False
+
+    def _take_listing(self, listing: Listing) -> None:
+        """Report what the client left out of the listing; forget retry times of messages no longer listed."""
+        for problem in listing.refused:
+            self._protocol_error(problem)
+        if listing.complete:
+            listed = {m.id for m in listing.messages}
+            for spool_id in [i for i in self.retry_at if i not in listed]:
+                del self.retry_at[spool_id]
+                self.failures.pop(spool_id, None)
+
+    def _protocol_error(self, problem: str) -> None:
+        if problem in self._reported:
+            return
+        if len(self._reported) >= REPORTED_PROBLEMS:
+            self._reported.clear()
+        self._reported.add(problem)
+        self.stats.protocol_errors += 1
+        log.error("edge spool protocol error: %s", problem)
+
+    async def _process_in_order(self, client: SpoolClient, messages: list[ListedMessage]) -> None:
         """Fetch several at once, deliver strictly in the edge's order of acceptance."""
         upcoming = iter(messages)
         fetching: deque = deque()  # at most `in_flight` fetched ahead: a backlog is not all in memory
 
-        async def fetch_and_prepare(spool_id: str) -> tuple[bytes, Prepared | Exception]:
-            sealed = await client.fetch(spool_id)
-            return sealed, await self.prepare(spool_id, sealed)
+        async def fetch_and_prepare(message: ListedMessage) -> tuple[bytes | None, Prepared | Exception]:
+            try:
+                sealed = await client.fetch(message.id, message.size)
+            except (SpoolProtocolError, RemoteError) as error:
+                return None, error   # this message only: the others are still fetched and delivered
+            return sealed, await self.prepare(message.id, sealed)
 
         def top_up() -> None:
             # Fetching, unsealing and the SPF/DKIM/DMARC checks of the next
             # messages overlap with the delivery of this one.
             while len(fetching) < self.config.in_flight and (message := next(upcoming, None)) is not None:
-                fetching.append((message, asyncio.ensure_future(fetch_and_prepare(message.id))))
+                fetching.append((message, asyncio.ensure_future(fetch_and_prepare(message))))
 
         top_up()
         acks: list[tuple[str, asyncio.Future]] = []  # in flight while the next message is delivered
@@ -149,6 +201,9 @@ class Intake:
                 message, fetch = fetching.popleft()
                 top_up()
                 sealed, prepared = await fetch
+                if sealed is None:
+                    self._fetch_failed(message.id, prepared)
+                    continue
                 self.stats.pulled += 1
                 if await self.process(message.id, sealed, prepared):
                     acks.append((message.id, asyncio.ensure_future(client.ack(message.id))))
@@ -160,6 +215,16 @@ class Intake:
             results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
             # Unacknowledged ones are listed again next time; done in the ledger, they are not redelivered.
             self.ledger.mark_acked([i for (i, _), r in zip(acks, results) if not isinstance(r, BaseException)])
+
+    def _fetch_failed(self, spool_id: str, error: Exception) -> None:
+        """The edge's answers for this message did not add up, or it refused: leave it there, try later."""
+        if isinstance(error, SpoolProtocolError):
+            self._protocol_error(str(error))
+        else:
+            log.warning("%s: the edge refused to send it (%r); will retry", spool_id, str(error)[:300])
+        self.failures[spool_id] = failures = self.failures.get(spool_id, 0) + 1
+        self.retry_at[spool_id] = time.time() + self.config.retry[min(failures, len(self.config.retry)) - 1]
+        self.stats.retried += 1
 
     # --- one message ------------------------------------------------------------
 
@@ -284,7 +349,7 @@ class Intake:
         return SPOOL_ID_HEADER + b": " + spool_id.encode() + b"\r\n" + results + message
 
     def _quarantine(self, spool_id: str, sealed: bytes, error: Exception) -> None:
-        path = self.config.quarantine / f"{spool_id}.sealed"
+        path = self.config.quarantine / f"{validate_id(spool_id)}.sealed"   # an id names no other path
         temporary = path.with_suffix(".tmp")
         with open(temporary, "wb") as f:
             f.write(sealed)
@@ -304,8 +369,11 @@ class Intake:
 
     def _contact(self, edge_stats: dict) -> None:
         self.stats.last_contact = time.time()
-        self.stats.edge_depth = edge_stats.get("depth")
-        self.stats.edge_oldest_age = edge_stats.get("oldest_age")
+        depth, oldest = edge_stats.get("depth"), edge_stats.get("oldest_age")
+        # Numbers or nothing: whatever else the edge says does not go into the status file.
+        self.stats.edge_depth = depth if type(depth) is int else None
+        self.stats.edge_oldest_age = (float(oldest) if type(oldest) in (int, float) and math.isfinite(oldest)
+                                      else None)
 
     def _write_status(self) -> None:
         """The status file `yestls status` reads: what the intake knows, as of now."""
@@ -326,6 +394,13 @@ def without_spool_id_headers(message: bytes) -> tuple[bytes, list[Field]]:
     reach Dovecot.
     """
     return without_fields(message, lambda field: field.name == SPOOL_ID_FIELD)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
 
 
 async def serve(config: intake_config.IntakeConfig) -> None:

@@ -10,7 +10,7 @@ One table (or `--json`) on either host, read-only, each part optional:
     spool         the edge's sealed spool: depth and oldest age (the edge's metrics; at home, what
                   the edge last told the intake)
     intake        the intake's status file: last contact with the edge, pulled, delivered, retried,
-                  failed, quarantined, the ledger's counts
+                  failed, quarantined, the ledger's counts, the edge's protocol errors if any
     certificates  the oracle keystore's chains and when each leaf expires (chain files only: no
                   private key is opened); on the edge, the chains it serves (its metrics)
 
@@ -400,6 +400,10 @@ def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[R
     if status.get("retrying"):
         rows.append(Row("intake", "retrying", status["retrying"],
                         f"{status['retrying']} message(s) waiting for a retry"))
+    if status.get("protocol_errors"):
+        rows.append(Row("intake", "edge protocol errors", status["protocol_errors"],
+                        f"{status['protocol_errors']} answer(s) from the edge broke the spool protocol since the "
+                        "intake started: a broken or compromised edge; the intake's ERROR lines name each"))
     if not edge_spool_known and status.get("edge_depth") is not None and isinstance(contact, (int, float)):
         depth, oldest = status["edge_depth"], status.get("edge_oldest_age") or 0
         rows.append(Row("spool", "depth", depth,

@@ -8,15 +8,17 @@ one honest message's fetch with a first piece one byte short. The real
 `yestls intake serve` delivers the honest messages to a real Dovecot all the
 same, never fetches nor writes anything for the bad entries (no file appears
 where their ids point), logs each lie once at ERROR, counts it in the status
-file, keeps the lied-about message on the edge, and delivers it once the
-edge answers truthfully again.
+file (and `yestls status`), keeps the lied-about message on the edge, and
+delivers it once the edge answers truthfully again.
 """
 
 import json
+import time
 
 import pytest
 
 from relay.spool.store import validate_id
+from relay.status import intake_rows
 
 from .dns_zone import serve_zone
 from .dovecot import run_dovecot
@@ -110,3 +112,5 @@ def test_lies_are_logged_counted_and_skipped_and_the_honest_mail_flows(world):
         assert split_trace(inbox[2])[1] == sent["lied about"]
         wait_for(lambda: status()["delivered"] == 3, "the status file to count three deliveries", details=details)
         assert status()["protocol_errors"] == lies, "a lie repeated every round is counted once"
+        shown = {row.item: row for row in intake_rows(intake.config, time.time(), edge_spool_known=False)}
+        assert shown["edge protocol errors"].value == lies, "yestls status shows them"

@@ -18,11 +18,14 @@ the certificate chains it fetched from the oracle and its own identity key.
   front process, which never loads a key either.
 - A resumed handshake through the edge makes no signature: the audit log
   does not grow.
+- `tls-serve --oracle --alpn` refuses to start: the oracle signs no
+  handshake that selects an application protocol.
 """
 
 import os
 import re
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from relay.tls import SignatureScheme
 
-from .interop_helpers import KEY_TYPES, SCHEME_OF_KEY, SClient, TlsServe
-from .oracle_home import OracleHome, OracleProcess, make_oracle_home, start_oracle
+from .interop_helpers import KEY_TYPES, SCHEME_OF_KEY, SClient, TlsServe, yestls_command
+from .oracle_home import OracleHome, OracleProcess, free_port, make_oracle_home, start_oracle
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -333,3 +336,12 @@ def test_the_scan_finds_the_key_in_tls_serve_with_a_local_key(pki, s_client):
     for key_type in KEY_TYPES:
         assert present(scan, [n for n in private if n.startswith(f"{key_type} ")]), (key_type, scan.found)
 
+
+
+def test_tls_serve_with_the_oracle_refuses_alpn(edge):
+    """With --cert/--key, --alpn works (test_interop_openssl); with --oracle every handshake would be refused."""
+    done = subprocess.run([yestls_command(), "tls-serve", "--listen", f"127.0.0.1:{free_port()}", "--oracle",
+                           f"127.0.0.1:{edge.home.port}", "--identity-key", str(edge.home.identity_path),
+                           "--alpn", "smtp"], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "--alpn needs --cert/--key" in done.stderr and "policy.alpn_selected" in done.stderr

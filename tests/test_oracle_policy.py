@@ -5,8 +5,9 @@ client, are approved, and the content the policy builds is the content the
 engine asked for: signing it makes the engine finish the handshake. Every
 off-policy request gets its refusal code: bare digests and arbitrary bytes,
 TLS 1.2, resumed (PSK) handshakes, another certificate chain, names outside
-the certificate, schemes the key or the client cannot use, and transcripts
-whose messages are out of order, truncated or inconsistent. Hypothesis
+the certificate, schemes the key or the client cannot use, a selected
+application protocol (ALPN: the edge is an MX), and transcripts whose
+messages are out of order, truncated or inconsistent. Hypothesis
 mutates real transcripts: the answer is a Refusal or an Approved whose content
 is the mutated transcript's own, never anything else.
 """
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.oracle.policy import (
+    ALPN_SELECTED,
     CERTIFICATE_MISMATCH,
     INTERNAL_ERROR,
     MALFORMED,
@@ -255,10 +257,13 @@ def test_openssl_handshake_after_hello_retry_request_is_approved(pki, chains, ke
     assert len(approved.transcript_hash) == suite.hash_len
 
 
-def test_openssl_handshake_with_alpn_is_approved(pki, chains):
-    server = openssl_handshake(pki, chains["ecdsa-p256"], "ecdsa-p256", alpn=["smtp", "h2"], alpn_protocols=(b"h2",))
+def test_openssl_handshake_offering_alpn_is_approved_when_none_is_selected(pki, chains):
+    """A client may offer protocols; the edge's engine selects none (its default), and that is signed."""
+    assert ServerConfig([pki.leaves["ecdsa-p256"].chain]).alpn_protocols == ()
+    server = openssl_handshake(pki, chains["ecdsa-p256"], "ecdsa-p256", alpn=["smtp", "h2"])
     [(request, approved)] = server.approvals
     assert approved.content == request.content
+    assert u16(ExtensionType.ALPN) not in request.handshake_messages[-2]
 
 
 def test_raw_hello_without_sni_with_record_size_limit_is_approved(pki, chains):
@@ -611,7 +616,6 @@ EE_FORGERIES = {
     "unknown extension": encrypted_extensions((0xFF01, b"\x00")),
     "non-empty server_name": encrypted_extensions((ExtensionType.SERVER_NAME, server_name_data("mx.example.org"))),
     "record_size_limit not offered": encrypted_extensions((ExtensionType.RECORD_SIZE_LIMIT, u16(16385))),
-    "ALPN not offered": encrypted_extensions((ExtensionType.ALPN, vec16(vec8(b"h2")))),
     "odd supported_groups": encrypted_extensions((ExtensionType.SUPPORTED_GROUPS, vec16(b"\x00"))),
     "trailing bytes": encrypted_extensions((ExtensionType.SERVER_NAME, b""), trailing=b"\x00"),
     "extension block runs over": handshake_message(HandshakeType.ENCRYPTED_EXTENSIONS, u16(10) + u16(0)),
@@ -748,11 +752,10 @@ def test_hellos_inconsistent_with_the_retry_request_are_malformed(pki, chains, n
     assert_refused(MALFORMED, replaced(request.handshake_messages, index, forged.encode()), P256, chains["ecdsa-p256"])
 
 
-@pytest.fixture(scope="module")
-def rich(pki) -> SignatureRequest:
-    """A hello with every extension the engine answers in EncryptedExtensions: SNI, ALPN, record_size_limit."""
+def rich_request(pki, alpn_protocols: tuple[bytes, ...] = ()) -> SignatureRequest:
+    """A hello offering every extension the engine may answer in EncryptedExtensions: SNI, ALPN, record_size_limit."""
     leaf = pki.leaves["ecdsa-p256"]
-    client = RawClient(ServerConfig([leaf.chain], alpn_protocols=(b"smtp",)), leaf.key, auto_sign=False)
+    client = RawClient(ServerConfig([leaf.chain], alpn_protocols=alpn_protocols), leaf.key, auto_sign=False)
     hello = client.hello()
     hello.add(ExtensionType.ALPN, vec16(vec8(b"h2") + vec8(b"smtp")))
     hello.add(ExtensionType.RECORD_SIZE_LIMIT, record_size_limit_data(1024))
@@ -760,17 +763,25 @@ def rich(pki) -> SignatureRequest:
     return client.signature_requests[0]
 
 
-def test_encrypted_extensions_answering_every_offer_are_approved(chains, rich):
+@pytest.fixture(scope="module")
+def rich(pki) -> SignatureRequest:
+    """The edge's answer to it: SNI and record_size_limit, no application protocol."""
+    return rich_request(pki)
+
+
+def test_encrypted_extensions_answering_every_offer_but_alpn_are_approved(chains, rich):
     ee = rich.handshake_messages[2]
-    for ext_type in (ExtensionType.SERVER_NAME, ExtensionType.ALPN, ExtensionType.RECORD_SIZE_LIMIT):
+    for ext_type in (ExtensionType.SERVER_NAME, ExtensionType.RECORD_SIZE_LIMIT):
         assert u16(ext_type) in ee
+    assert u16(ExtensionType.ALPN) not in ee
     assert_approved_as_sent(rich, chains["ecdsa-p256"])
 
 
 RICH_EE_FORGERIES = {
     "two protocols selected": encrypted_extensions((ExtensionType.ALPN, vec16(vec8(b"smtp") + vec8(b"h2")))),
     "no protocol selected": encrypted_extensions((ExtensionType.ALPN, vec16(b""))),
-    "a protocol not offered": encrypted_extensions((ExtensionType.ALPN, vec16(vec8(b"http/1.1")))),
+    "empty protocol name": encrypted_extensions((ExtensionType.ALPN, vec16(vec8(b"")))),
+    "protocol list runs over": encrypted_extensions((ExtensionType.ALPN, u16(9) + vec8(b"smtp"))),
     "record_size_limit below 64": encrypted_extensions((ExtensionType.RECORD_SIZE_LIMIT, u16(63))),
     "record_size_limit too long": encrypted_extensions((ExtensionType.RECORD_SIZE_LIMIT, u16(1024) + b"\x00")),
 }
@@ -782,12 +793,75 @@ def test_encrypted_extensions_answering_offers_wrongly_are_malformed(chains, ric
     assert_refused(MALFORMED, msgs, P256, chains["ecdsa-p256"])
 
 
+# --- policy.alpn_selected: the edge is an MX and negotiates no application protocol ----------------------
+
+@pytest.mark.parametrize("selected", [b"smtp", b"h2"])
+def test_engine_handshake_selecting_an_offered_protocol_is_refused(pki, chains, selected):
+    """What an engine configured with ALPN sends, the client having offered it: refused, with the facts audited."""
+    request = rich_request(pki, alpn_protocols=(selected,))
+    assert u16(ExtensionType.ALPN) + u16(2 + 1 + len(selected)) + vec16(vec8(selected)) in request.handshake_messages[2]
+    refusal = assert_refused(ALPN_SELECTED, request.handshake_messages, request.scheme, chains["ecdsa-p256"])
+    assert selected.decode() in refusal.message
+    client_hello = parse_client_hello(request.handshake_messages[0])
+    assert refusal.facts == {"server_name": "mx.example.org", "client_random": client_hello.random.hex()}
+
+
+def test_openssl_handshake_selecting_alpn_is_refused(pki, chains):
+    leaf = pki.leaves["ecdsa-p256"]
+    context = client_context(pki.ca_pem)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    pair = MemoryPair(ServerConfig([leaf.chain], alpn_protocols=(b"h2",)), context, leaf.key)
+    pair.handshake()
+    assert pair.client.selected_alpn_protocol() == "h2"  # the engine alone would complete it
+    [request] = pair.signature_requests
+    assert_refused(ALPN_SELECTED, request.handshake_messages, request.scheme, chains["ecdsa-p256"])
+
+
+ALPN_NAMES = {
+    "http/1.1": b"http/1.1",
+    "acme-tls/1": b"acme-tls/1",
+    "longest name": b"x" * 255,
+    "binary name": bytes(range(1, 33)),
+}
+
+
+@pytest.mark.parametrize("name", list(ALPN_NAMES))
+def test_forged_alpn_selection_is_refused_whether_offered_or_not(chains, full, rich, name):
+    """A stolen edge writes EncryptedExtensions itself: any well-formed selection, offered or not, alone or not."""
+    alpn = (ExtensionType.ALPN, vec16(vec8(ALPN_NAMES[name])))
+    # Its client offered no ALPN at all.
+    assert_approved_as_sent(full, chains["ecdsa-p256"])
+    assert parse_client_hello(full.handshake_messages[0]).alpn is None
+    assert_refused(ALPN_SELECTED, replaced(full.handshake_messages, 2, encrypted_extensions(alpn)), P256,
+                   chains["ecdsa-p256"])
+    # Its client offered h2 and smtp; the selection first, last, among the other answers.
+    for extensions in ([alpn, (ExtensionType.SERVER_NAME, b"")], [(ExtensionType.SERVER_NAME, b""), alpn],
+                       [(ExtensionType.RECORD_SIZE_LIMIT, u16(1024)), alpn, (ExtensionType.SERVER_NAME, b"")]):
+        msgs = replaced(rich.handshake_messages, 2, encrypted_extensions(*extensions))
+        assert_refused(ALPN_SELECTED, msgs, P256, chains["ecdsa-p256"])
+
+
+def test_alpn_selected_after_a_hello_retry_request_is_refused(pki, chains):
+    leaf = pki.leaves["ecdsa-p256"]
+    config = ServerConfig([leaf.chain], alpn_protocols=(b"smtp",), hello_retry_cookie=lambda digest: digest[:16])
+    client = RawClient(config, leaf.key, auto_sign=False)
+    hello = client.hello(shares=(), groups=(Group.X25519, Group.SECP256R1))
+    hello.add(ExtensionType.ALPN, vec16(vec8(b"smtp")))
+    client.send_hello(hello)
+    client.send_hello(client.retry_hello(hello))
+    [request] = client.signature_requests
+    msgs = request.handshake_messages
+    assert [m[0] for m in msgs] == [1, 2, 1, 2, 8, 11] and msgs[1][6:38] == HELLO_RETRY_REQUEST_RANDOM
+    assert_refused(ALPN_SELECTED, msgs, request.scheme, chains["ecdsa-p256"])
+
+
 # --- every code, and nothing but Refusal -------------------------------------------------------------
 
 def test_refusal_codes_are_the_documented_ones():
     assert REFUSAL_CODES == {
         "policy.not_a_transcript", "policy.not_tls13", "policy.malformed", "policy.psk_handshake",
-        "policy.certificate_mismatch", "policy.sni_mismatch", "policy.scheme_mismatch", "policy.internal_error",
+        "policy.certificate_mismatch", "policy.sni_mismatch", "policy.scheme_mismatch", "policy.alpn_selected",
+        "policy.internal_error",
     }
 
 

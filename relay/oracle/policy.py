@@ -14,7 +14,10 @@ stable code (the audit log and metrics count them by code).
 
 The ServerHello, HelloRetryRequest and EncryptedExtensions parsers here accept
 what YesTLS's engine sends and nothing more: an extension the engine never
-sends in them is a refusal, not something to ignore.
+sends in them is a refusal, not something to ignore. The engine can select an
+application protocol (ALPN), but the edge is an MX and never does: a
+handshake that selects one is refused (`policy.alpn_selected`), so a stolen
+edge cannot get handshakes for HTTPS or any other protocol signed.
 
 Every request goes through this check before its signature, so the common
 path parses each message once and compares the Certificate against bytes
@@ -56,12 +59,13 @@ PSK_HANDSHAKE = "policy.psk_handshake"
 CERTIFICATE_MISMATCH = "policy.certificate_mismatch"
 SNI_MISMATCH = "policy.sni_mismatch"
 SCHEME_MISMATCH = "policy.scheme_mismatch"
+ALPN_SELECTED = "policy.alpn_selected"
 # A bug in this module, not a property of the request: still a refusal, never a signature.
 INTERNAL_ERROR = "policy.internal_error"
 
 REFUSAL_CODES = frozenset(
     {NOT_A_TRANSCRIPT, NOT_TLS13, MALFORMED, PSK_HANDSHAKE, CERTIFICATE_MISMATCH, SNI_MISMATCH, SCHEME_MISMATCH,
-     INTERNAL_ERROR}
+     ALPN_SELECTED, INTERNAL_ERROR}
 )
 
 
@@ -394,8 +398,13 @@ def _check_encrypted_extensions(hello: ClientHello, ee: EncryptedExtensions) -> 
         raise Refusal(MALFORMED, "EncryptedExtensions acknowledges a server_name the client did not send")
     if ee.record_size_limit is not None and hello.record_size_limit is None:
         raise Refusal(MALFORMED, "EncryptedExtensions has a record_size_limit the client did not offer")
-    if ee.alpn is not None and (hello.alpn is None or ee.alpn not in hello.alpn):
-        raise Refusal(MALFORMED, "EncryptedExtensions selects an application protocol the client did not offer")
+    if ee.alpn is not None:  # offered or not: the edge is an MX and negotiates no application protocol
+        raise Refusal(ALPN_SELECTED, f"EncryptedExtensions selects the application protocol {_quote(ee.alpn)}")
+
+
+def _quote(name: bytes) -> str:
+    """An ALPN protocol name (1..255 bytes) as a message may show it."""
+    return repr(name[:32]) + ("..." if len(name) > 32 else "")
 
 
 def _show(scheme) -> str:

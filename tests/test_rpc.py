@@ -6,16 +6,23 @@ broken frame (version, kind, meta) closes the connection. Two
 `RpcConnection`s over real loopback carry many calls at once, answered out of
 order and matched by id; a side past `max_in_flight` answers `busy`; a
 handler's bug answers `internal` and the connection lives on; calls fail with
-ConnectionError when the connection drops. Every wait is bounded.
+ConnectionError when the connection drops. A peer that never reads cannot make
+a side buffer without bound: it stops reading that peer, holds answers and
+calls until the drain, and closes past the hard cap; others are served
+meanwhile. Every wait is bounded.
 """
 
 import asyncio
+import logging
+import socket
 import struct
 
 import pytest
 
 from relay import rpc
 from relay.rpc import HEADER, META_LENGTH, VERSION, Code, Frame, FrameDecoder, FrameError, Kind, RemoteError
+
+from .hostile_peers import close_all, closed_by_peer, open_sockets, request, send_until_stalled
 
 TIMEOUT = 10.0
 
@@ -513,3 +520,162 @@ async def read_frames(reader: asyncio.StreamReader, count: int) -> list[Frame]:
         frames += decoder.feed(chunk)
     raise AssertionError("too many reads")
 
+
+
+# --- backpressure: a peer that never reads ------------------------------------------------------------
+
+RESPONSE = 64 * 1024
+
+
+def small_send_buffer(connection: rpc.RpcConnection) -> None:
+    """The server's kernel send buffer made small, so what the peer does not read stays in the transport."""
+    connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+def test_a_peer_that_never_reads_cannot_make_the_server_buffer_without_bound():
+    """It sends 64 KiB echo requests and reads nothing: the server stops reading it once its buffer passes the
+    high-water mark, so the buffer stays near that mark (not tens of MiB), and other peers are served."""
+    seen: list[int] = []
+
+    async def handler(connection, frame):
+        seen.append(connection.transport.get_write_buffer_size())
+        return await echo(connection, frame)
+
+    async def main():
+        pair = await Pair().start(handler, on_made=small_send_buffer)
+        [hostile] = await open_sockets(pair.port, 1, receive_buffer=4096)
+        try:
+            server_side = await pair.server_side()
+            sent = await send_until_stalled(hostile, request(1, "echo", tail=b"x" * RESPONSE),
+                                            lambda: not server_side.transport.is_reading(), limit=64 << 20)
+            assert sent < 64 << 20, "the server kept reading from a peer that reads nothing"
+            buffered = server_side.transport.get_write_buffer_size()
+            # Another peer is served meanwhile, and the stalled one is still held, not grown.
+            client = await pair.client()
+            assert (await client.call("echo", tail=b"12", timeout=5)).tail == b"21"
+            client.close()
+            assert server_side.transport.get_write_buffer_size() == buffered
+            return sent, buffered
+        finally:
+            close_all([hostile])
+            await pair.close()
+
+    sent, buffered = run(main())
+    bound = rpc.WRITE_HIGH_WATER + RESPONSE + 1024  # the mark, plus the one answer that crossed it
+    assert buffered > rpc.WRITE_HIGH_WATER // 4, "the test did not fill the server's buffer"
+    assert max(seen + [buffered]) <= bound, (max(seen), buffered, sent)
+
+
+def test_answers_wait_for_the_drain_and_go_out_in_order_once_the_peer_reads():
+    """Held answers are not lost: when the peer finally reads, every request it sent is answered."""
+    async def main():
+        pair = await Pair().start(echo, on_made=small_send_buffer)
+        [hostile] = await open_sockets(pair.port, 1, receive_buffer=4096)
+        try:
+            server_side = await pair.server_side()
+            frame = request(1, "echo", tail=b"y" * RESPONSE)
+            sent = await send_until_stalled(hostile, frame, lambda: not server_side.transport.is_reading(),
+                                            limit=64 << 20)
+            assert sent < 64 << 20
+            requests = sent // len(frame)
+            decoder = FrameDecoder()
+            answered = 0
+            loop = asyncio.get_running_loop()
+            for _ in range(100_000):
+                if answered >= requests:
+                    break
+                data = await asyncio.wait_for(loop.sock_recv(hostile, 1 << 20), 5)
+                assert data, f"closed after {answered} of {requests} answers"
+                answered += len(decoder.feed(data))
+            assert answered >= requests
+            assert server_side.transport.is_reading()
+        finally:
+            close_all([hostile])
+            await pair.close()
+
+    run(main())
+
+
+def test_a_write_buffer_past_the_hard_cap_closes_the_connection_with_a_log_line(caplog):
+    """The backstop for writes that skip the drain wait: the server pushes 32 requests with call_nowait() to a
+    peer that reads nothing; past the 1 MiB cap the connection is closed, and the server serves others."""
+    async def main():
+        pair = await Pair().start(echo, max_write_buffer=1 << 20, on_made=small_send_buffer)
+        [hostile] = await open_sockets(pair.port, 1, receive_buffer=4096)
+        try:
+            server_side = await pair.server_side()
+            pushed = [server_side.call_nowait("push", tail=b"p" * RESPONSE) for _ in range(32)]
+            assert await closed_by_peer(hostile, 10)
+            for future in pushed:
+                with pytest.raises(ConnectionError):
+                    await future
+            client = await pair.client()
+            assert (await client.call("echo", tail=b"ok", timeout=5)).tail == b"ko"
+            client.close()
+        finally:
+            close_all([hostile])
+            await pair.close()
+
+    with caplog.at_level(logging.WARNING, logger="yestls.rpc"):
+        run(main())
+    [line] = [r.getMessage() for r in caplog.records if "cap" in r.getMessage()]
+    assert "over the 1048576-byte cap" in line and line.startswith("127.0.0.1:")
+
+
+def test_flood_of_small_requests_past_max_in_flight_is_held_too():
+    """Requests past max_in_flight are answered `busy` at once, without a handler: those answers are held by
+    the same mark, so a never-reading peer sending tiny requests cannot grow the buffer either."""
+    never = asyncio.Event()
+
+    async def handler(connection, frame):
+        await never.wait()
+        return {}, b""
+
+    async def main():
+        pair = await Pair().start(handler, max_in_flight=1, write_high_water=16 * 1024, on_made=small_send_buffer)
+        [hostile] = await open_sockets(pair.port, 1, receive_buffer=4096)
+        try:
+            server_side = await pair.server_side()
+            frame = b"".join(request(n, "x") for n in range(1000))
+            sent = await send_until_stalled(hostile, frame, lambda: not server_side.transport.is_reading(),
+                                            limit=64 << 20)
+            assert sent < 64 << 20, "the server kept reading from a peer that reads nothing"
+            return server_side.transport.get_write_buffer_size()
+        finally:
+            close_all([hostile])
+            await pair.close()
+
+    buffered = run(main())
+    assert 16 * 1024 // 4 < buffered <= 16 * 1024 + 1024, buffered
+
+
+def test_calls_wait_for_the_drain_instead_of_filling_the_buffer():
+    """The side that calls: a server that never reads gets no more than the high-water mark (plus one request)
+    queued; the other calls wait for the drain and time out; nothing is left pending."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # never accepted, never read: the kernel completes the handshake and holds a little
+
+    async def main():
+        client = await rpc.connect("127.0.0.1", listener.getsockname()[1], write_high_water=64 * 1024)
+        small_send_buffer(client)
+        try:
+            calls = [asyncio.ensure_future(client.call("echo", tail=b"c" * RESPONSE, timeout=2)) for _ in range(64)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(r, TimeoutError) for r in results), results[:3]
+            buffered = client.transport.get_write_buffer_size()
+            for _ in range(100):  # the cancelled calls' done callbacks run on the next turns
+                if client.pending_calls == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return buffered, client.pending_calls
+        finally:
+            client.close()
+
+    try:
+        buffered, pending = run(main())
+    finally:
+        listener.close()
+    assert 0 < buffered <= 64 * 1024 + RESPONSE + 1024, buffered  # not 64 requests: 4 MiB
+    assert pending == 0

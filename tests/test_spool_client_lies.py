@@ -77,6 +77,30 @@ def test_listed_ids_that_are_not_spool_ids_are_left_out_and_named(edge):
     assert listing.last_id == honest[-1]
 
 
+def test_odd_values_in_a_listing_are_named_briefly(edge):
+    nested = "deep"
+    for _ in range(200):
+        nested = [nested]
+    honest = edge.seal(METADATA, b"honest")
+    bad_time = os.urandom(16).hex()
+    edge.lie("list", extra_entries({"id": nested, "size": 100, "accepted": 1.0},
+                                   {"id": bad_time, "size": 100, "accepted": 10 ** 400},
+                                   {"id": "ab" * 5000, "size": 100, "accepted": 1.0}))
+    listing = run(edge, lambda client: client.list())
+    assert [m.id for m in listing.messages] == [honest]
+    assert len(listing.refused) == 3 and all(len(reason) < 300 for reason in listing.refused), listing.refused
+    assert f"{bad_time}: accepted" in listing.refused[1]
+
+
+def test_stats_keep_only_the_numbers(edge):
+    async def answer(params, honest):
+        return {"depth": "lots", "bytes": 10 ** 400, "oldest_age": [[1]], "accepted": 3, "full_bytes": 0.5,
+                "full_files": True, "extra": None}, b""
+
+    edge.lie("stats", answer)
+    assert run(edge, lambda client: client.stats()) == {"accepted": 3, "full_bytes": 0.5}
+
+
 @pytest.mark.parametrize("size, reason", [
     (10 ** 12, "over the"), (0, "not a file size"), (-5, "not a file size"), ("100", "not a file size"),
     (True, "not a file size"), (1.5, "not a file size"),

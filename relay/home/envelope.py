@@ -28,6 +28,7 @@ no recipient gets it, so it is never half-delivered.
 
 import ipaddress
 import re
+import reprlib
 import unicodedata
 from dataclasses import dataclass
 
@@ -156,7 +157,11 @@ def _address_literal_ok(domain: str) -> bool:
     return bool(_STANDARDIZED_TAG.fullmatch(tag) and _DCONTENT.fullmatch(content))
 
 
+_shown = reprlib.Repr()
+_shown.maxstring = _shown.maxother = 120
+_shown.maxlevel = 3
+
+
 def _show(value) -> str:
-    """A bounded, printable rendering of a value from the edge, for an error message."""
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
+    """A bounded, printable rendering of a value from the edge (however long or deeply nested), for a log line."""
+    return _shown.repr(value)

@@ -26,7 +26,6 @@ Authentication-Results headers forged with our name (relay/home/authresults.py).
 import asyncio
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -369,11 +368,8 @@ class Intake:
 
     def _contact(self, edge_stats: dict) -> None:
         self.stats.last_contact = time.time()
-        depth, oldest = edge_stats.get("depth"), edge_stats.get("oldest_age")
-        # Numbers or nothing: whatever else the edge says does not go into the status file.
-        self.stats.edge_depth = depth if type(depth) is int else None
-        self.stats.edge_oldest_age = (float(oldest) if type(oldest) in (int, float) and math.isfinite(oldest)
-                                      else None)
+        self.stats.edge_depth = edge_stats.get("depth")   # numbers only (SpoolClient.stats)
+        self.stats.edge_oldest_age = edge_stats.get("oldest_age")
 
     def _write_status(self) -> None:
         """The status file `yestls status` reads: what the intake knows, as of now."""

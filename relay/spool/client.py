@@ -27,6 +27,7 @@ SpoolProtocolError (a malformed listing page) or a refused entry.
 
 import asyncio
 import math
+import reprlib
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -42,6 +43,11 @@ DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024   # the edge's default [smtp] max_me
 # The edge prepends its Received: header inside the sealed message: a few hundred bytes, room for far more.
 TRACE_ROOM = 64 * 1024
 MAX_LISTED = 10 * MAX_LIST                    # entries one list() reads; the rest come in the next one
+
+# The edge's values in an error message: bounded in length and depth (a deeply nested value must not recurse).
+_shown = reprlib.Repr()
+_shown.maxstring = _shown.maxother = 100
+_shown.maxlevel = 3
 
 
 def max_file_size(max_message_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
@@ -132,7 +138,7 @@ class SpoolClient:
             frame = await self._call("list", {"after": after, "limit": limit})
             entries, more = frame.meta.get("messages"), frame.meta.get("more")
             if not isinstance(entries, list) or not isinstance(more, bool):
-                raise SpoolProtocolError(f"malformed list answer: {str(frame.meta)[:200]!r}")
+                raise SpoolProtocolError(f"malformed list answer: {_shown.repr(frame.meta)}")
             if len(entries) > limit:
                 refused.append(f"a list page of {len(entries)} entries, asked for at most {limit}: "
                                f"the {len(entries) - limit} after them left out")
@@ -162,17 +168,18 @@ class SpoolClient:
     def _entry(self, entry) -> tuple[ListedMessage | None, str | None]:
         """The listed message (when its id is one) and what is wrong with the entry (None when nothing)."""
         if not isinstance(entry, dict):
-            return None, f"a list entry that is not an object: {str(entry)[:100]!r}"
+            return None, f"a list entry that is not an object: {_shown.repr(entry)}"
         try:
-            spool_id = validate_id(entry.get("id"))
-        except ValueError as error:
-            return None, f"a list entry with a bad id: {error}"
-        size, accepted = entry.get("size"), entry.get("accepted")
-        if isinstance(accepted, bool) or not isinstance(accepted, (int, float)) or not math.isfinite(accepted):
-            return ListedMessage(spool_id, 0, 0.0), f"{spool_id}: accepted {str(accepted)[:40]!r} is not a time"
+            spool_id = validate_id(entry.get("id") if isinstance(entry.get("id"), str) else None)
+        except ValueError:
+            return None, f"a list entry with a bad id: {_shown.repr(entry.get('id'))} is not a spool id"
+        size, accepted = entry.get("size"), _seconds(entry.get("accepted"))
+        if accepted is None:
+            return ListedMessage(spool_id, 0, 0.0), f"{spool_id}: accepted {_shown.repr(entry.get('accepted'))} " \
+                                                    "is not a time"
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            return ListedMessage(spool_id, 0, 0.0), f"{spool_id}: size {str(size)[:40]!r} is not a file size"
-        listed = ListedMessage(spool_id, size, float(accepted))
+            return ListedMessage(spool_id, 0, 0.0), f"{spool_id}: size {_shown.repr(size)} is not a file size"
+        listed = ListedMessage(spool_id, size, accepted)
         if size > self.max_size:
             return listed, (f"{spool_id}: the edge lists {size} bytes, over the {self.max_size}-byte cap "
                             "(max_message_size in intake.toml); not fetched")
@@ -188,7 +195,7 @@ class SpoolClient:
         first = await self._call("fetch", {"id": spool_id, "offset": 0, "length": MAX_FETCH})
         size = first.meta.get("size")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise SpoolProtocolError(f"fetch of {spool_id}: size {str(size)[:40]!r} is not a file size")
+            raise SpoolProtocolError(f"fetch of {spool_id}: size {_shown.repr(size)} is not a file size")
         if size > self.max_size:
             raise SpoolProtocolError(f"fetch of {spool_id}: the edge claims {size} bytes, over the "
                                      f"{self.max_size}-byte cap (max_message_size in intake.toml)")
@@ -210,7 +217,7 @@ class SpoolClient:
                 if len(frame.tail) != expected or frame.meta.get("size") != size:
                     raise SpoolProtocolError(
                         f"fetch of {spool_id} at {offset} returned {len(frame.tail)} bytes of a "
-                        f"{str(frame.meta.get('size'))[:40]!r}-byte file; expected {expected} of {size}")
+                        f"{_shown.repr(frame.meta.get('size'))}-byte file; expected {expected} of {size}")
                 pieces[offset] = frame.tail
 
         workers = [asyncio.ensure_future(fetch_pieces())
@@ -236,5 +243,18 @@ class SpoolClient:
         frame = await self._call("wait", {"after": after, "timeout": timeout}, timeout=timeout + self.timeout)
         return bool(frame.meta.get("ready"))
 
-    async def stats(self) -> dict:
-        return dict((await self._call("stats", {})).meta)
+    async def stats(self) -> dict[str, int | float]:
+        """The spool's counters: the finite numbers the edge sent, and nothing else it sent."""
+        meta = (await self._call("stats", {})).meta
+        return {key: value for key, value in meta.items() if _seconds(value) is not None}
+
+
+def _seconds(value) -> float | None:
+    """A finite number (of seconds, or a count) from the edge, as a float; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None

@@ -5,7 +5,30 @@ accepts connections only from allowlisted peer addresses, caps connections
 and requests in flight per peer, and serves nothing but `ping`, `hello` and
 `auth` until the connection proves it holds the peer's Ed25519 identity key:
 a signature over a fresh, single-use challenge bound to the connection's two
-addresses (docs/rpc.md). Every refusal is audited and counted.
+addresses (docs/rpc.md). Every refusal is counted, and audited within the
+audit log's per-source rate (relay.audit).
+
+Connections that have not proved the identity yet cannot lock the peer out.
+Any process on the peer's host can connect from the peer's address, so such
+connections are held apart from the authenticated ones:
+
+- each must authenticate within the peer's `auth_timeout` (default 5 s) from
+  its connect, whatever it sends meanwhile, or it is closed (`auth_timeout`);
+- at most `max_unauthenticated` (default 16) wait at once per peer; when one
+  more connects, the *oldest* waiting one is closed (`unauthenticated_evicted`)
+  rather than the new one refused. Refusing the newcomer would let a few idle
+  sockets keep the genuine peer out for good; evicting the oldest lets in a
+  peer that authenticates as soon as it connects (hello, auth: two round
+  trips), unless `max_unauthenticated` others connect within those round trips;
+- `max_connections` counts authenticated connections only: a connection
+  takes a slot when its `auth` succeeds (past the cap that `auth` is answered
+  `busy` and the connection closed: `too_many_connections`), and gives it back
+  when it closes or asks for a new challenge (`hello`), which makes it
+  unauthenticated again.
+
+What this does not stop is a process on the peer's host that reconnects
+faster than the peer can authenticate: that is a flood of the service like
+any other; the host's firewall (allow the service's user only) is the answer.
 
 `authenticate()` is the client's half.
 """
@@ -17,18 +40,35 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from relay.config import Table
 from relay.identity import parse_public_key_text
+from relay.ratelimit import TokenBucket
 from relay.rpc import Code, Frame, RemoteError, RpcConnection
 
 log = logging.getLogger("yestls.tunnel")
 
 CHALLENGE_LEN = 32
+DEFAULT_AUTH_TIMEOUT = 5.0
+DEFAULT_MAX_UNAUTHENTICATED = 16
+
+
+class Reason(StrEnum):
+    """Why the gate closed a connection or refused an `auth`: the audit's `refused:<reason>`, the metric's label.
+
+    Refused requests are labelled with their RPC error code (relay.rpc.Code, a service's own codes) instead.
+    """
+
+    PEER_NOT_ALLOWED = "peer_not_allowed"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    AUTH_TIMEOUT = "auth_timeout"
+    EVICTED = "unauthenticated_evicted"
+    BAD_FRAME = "bad_frame"
 
 
 @dataclass(frozen=True)
@@ -40,6 +80,8 @@ class Peer:
     max_in_flight: int
     rate: float   # requests per second a service may rate-limit to (the oracle: signatures)
     burst: int
+    auth_timeout: float = DEFAULT_AUTH_TIMEOUT        # seconds from connect to a successful `auth`
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED  # connections waiting to authenticate at once
 
 
 def load_peers(table: Table, who: str) -> tuple[Peer, ...]:
@@ -61,6 +103,11 @@ def load_peers(table: Table, who: str) -> tuple[Peer, ...]:
             rate=float(peer.get("rate", (int, float), default=50.0, check=lambda r: r > 0,
                                 hint="requests per second")),
             burst=peer.get("burst", int, default=100, check=lambda n: n >= 1),
+            auth_timeout=float(peer.get("auth_timeout", (int, float), default=DEFAULT_AUTH_TIMEOUT,
+                                        check=lambda t: 0 < t <= 300, hint="seconds to authenticate, 0..300")),
+            max_unauthenticated=peer.get("max_unauthenticated", int, default=DEFAULT_MAX_UNAUTHENTICATED,
+                                         check=lambda n: n >= 1,
+                                         hint="connections waiting to authenticate at once"),
         ))
         peer.done()
     if not peers:
@@ -93,27 +140,20 @@ async def authenticate(connection: RpcConnection, service: str, identity: Ed2551
     await connection.call("auth", {"signature": signature}, timeout=timeout)
 
 
-class TokenBucket:
-    def __init__(self, rate: float, burst: int, now: float):
-        self.rate = rate
-        self.burst = burst
-        self.tokens = float(burst)
-        self.updated = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+@dataclass
+class PeerState:
+    connections: int = 0   # authenticated connections: what max_connections caps
+    in_flight: int = 0
+    bucket: TokenBucket | None = None
+    # Connections waiting to authenticate, oldest first, each with its deadline.
+    unauthenticated: dict[RpcConnection, asyncio.TimerHandle] = field(default_factory=dict)
 
 
 @dataclass
-class PeerState:
-    connections: int = 0
-    in_flight: int = 0
-    bucket: TokenBucket | None = None
+class GateRefusal(RemoteError):
+    """A refused request the gate audits and counts under `reason` rather than its code."""
+
+    reason: str = ""
 
 
 Method = Callable[[RpcConnection, Frame], Awaitable[tuple[dict, bytes]]]
@@ -123,8 +163,9 @@ class TunnelService:
     """The gate; a service passes its methods (after auth) and an audit log and metrics.
 
     `metrics` has `requests` (labels method, outcome), `refusals` (reason)
-    and `connections` (a gauge). Methods named in `self_auditing` audit
-    their own refusals once authenticated, with details only they know.
+    and `connections` (a gauge: open connections from allowlisted addresses,
+    authenticated or not). Methods named in `self_auditing` audit their own
+    refusals once authenticated, with details only they know.
     """
 
     def __init__(self, service: str, peers: tuple[Peer, ...], methods: dict[str, Method], audit, metrics, *,
@@ -151,35 +192,65 @@ class TunnelService:
         address = connection.transport.get_extra_info("peername")[0]
         peer = self.peer_for_address(address)
         if peer is None:
-            self._refuse_connection(connection, address, "peer_not_allowed")
+            self._count_and_audit(Reason.PEER_NOT_ALLOWED, peer=address, method="connect",
+                                  log_as=f"refused connection from {address}")
+            connection.transport.abort()
             return
         state = self.peer_states.setdefault(
             peer.name, PeerState(bucket=TokenBucket(peer.rate, peer.burst, time.monotonic())))
-        if state.connections >= peer.max_connections:
-            self._refuse_connection(connection, address, "too_many_connections", peer.name)
-            return
-        state.connections += 1
         connection.state.update(peer=peer, peer_state=state, authenticated=False, challenge=None)
         connection.max_in_flight = peer.max_in_flight
         self.metrics.connections.inc()
+        self._wait_for_auth(connection)
 
-    def _refuse_connection(self, connection, address: str, reason: str, peer: str | None = None) -> None:
-        log.warning("%s: refused connection from %s: %s", self.service, address, reason)
-        self.audit.record(peer=peer or address, method="connect", outcome=f"refused:{reason}")
-        self.metrics.refusals.labels(reason).inc()
+    def _wait_for_auth(self, connection: RpcConnection) -> None:
+        """Start the connection's auth deadline; make room among the peer's waiting connections."""
+        peer: Peer = connection.state["peer"]
+        state: PeerState = connection.state["peer_state"]
+        while len(state.unauthenticated) >= peer.max_unauthenticated:
+            oldest = next(iter(state.unauthenticated))
+            self._drop(oldest, Reason.EVICTED,
+                       f"more than {peer.max_unauthenticated} connections waiting to authenticate: the oldest goes")
+        deadline = asyncio.get_running_loop().call_later(peer.auth_timeout, self._auth_deadline, connection)
+        state.unauthenticated[connection] = deadline
+
+    def _auth_deadline(self, connection: RpcConnection) -> None:
+        if connection in connection.state["peer_state"].unauthenticated:
+            peer: Peer = connection.state["peer"]
+            self._drop(connection, Reason.AUTH_TIMEOUT, f"not authenticated within {peer.auth_timeout:g} s")
+
+    def _drop(self, connection: RpcConnection, reason: Reason, message: str) -> None:
+        """Close a connection that has not authenticated: audited (within rate), counted, logged if audited."""
+        state: PeerState = connection.state["peer_state"]
+        deadline = state.unauthenticated.pop(connection, None)
+        if deadline is not None:
+            deadline.cancel()
+        self._count_and_audit(reason, peer=connection.state["peer"].name, authenticated=False, method="connect",
+                              message=message, log_as=f"closed {connection.peer_text()}")
         connection.transport.abort()
+
+    def _count_and_audit(self, reason: str, *, log_as: str | None = None, **fields) -> None:
+        self.metrics.refusals.labels(reason).inc()
+        if self.audit.refusal(**fields, outcome=f"refused:{reason}") and log_as is not None:
+            log.warning("%s: %s: %s", self.service, log_as, reason)
 
     def _frame_error(self, connection: RpcConnection, error) -> None:
         peer = connection.state.get("peer")
-        self.audit.record(peer=peer.name if peer else connection.peer_text(), method="frame",
-                          outcome="refused:bad_frame", message=str(error))
-        self.metrics.refusals.labels("bad_frame").inc()
+        unauthenticated = {} if connection.state.get("authenticated") else {"authenticated": False}
+        self._count_and_audit(Reason.BAD_FRAME, peer=peer.name if peer else connection.peer_text(),
+                              **unauthenticated, method="frame", message=str(error),
+                              log_as=f"closed {connection.peer_text()}")
 
     def _connection_lost(self, connection: RpcConnection) -> None:
-        state = connection.state.get("peer_state")
-        if state is not None:
+        state: PeerState | None = connection.state.get("peer_state")
+        if state is None:
+            return
+        deadline = state.unauthenticated.pop(connection, None)
+        if deadline is not None:
+            deadline.cancel()
+        if connection.state["authenticated"]:
             state.connections -= 1
-            self.metrics.connections.dec()
+        self.metrics.connections.dec()
 
     # --- requests -----------------------------------------------------------
 
@@ -191,21 +262,24 @@ class TunnelService:
         peer = connection.state.get("peer")
         if peer is None:  # refused at accept; requests may still be in the buffer
             raise RemoteError(Code.NOT_AUTHENTICATED, "connection refused")
+        authenticated = connection.state["authenticated"]
         try:
             if known in gate:
                 result = gate[known](connection, frame)
-            elif not connection.state["authenticated"]:
+            elif not authenticated:
                 raise RemoteError(Code.NOT_AUTHENTICATED, "prove the peer's identity first (hello, auth)")
             elif known is None:
                 raise RemoteError(Code.UNKNOWN_METHOD, f"no method {method!r} in the {self.service} service")
             else:
                 result = await self.methods[known](connection, frame)
         except RemoteError as error:
+            reason = error.reason if isinstance(error, GateRefusal) else error.code
             self.metrics.requests.labels(label, "refused").inc()
-            self.metrics.refusals.labels(error.code).inc()
-            if not (known in self.self_auditing and connection.state["authenticated"]):
-                self.audit.record(peer=peer.name, method=str(method)[:64], outcome=f"refused:{error.code}",
-                                  message=error.message[:200])
+            if known in self.self_auditing and authenticated:
+                self.metrics.refusals.labels(reason).inc()
+            else:
+                self._count_and_audit(reason, peer=peer.name, **({} if authenticated else {"authenticated": False}),
+                                      method=method, message=error.message)
             raise
         self.metrics.requests.labels(label, "ok").inc()
         return result
@@ -216,7 +290,10 @@ class TunnelService:
     def _hello(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
         challenge = os.urandom(CHALLENGE_LEN)
         connection.state["challenge"] = challenge
-        connection.state["authenticated"] = False
+        if connection.state["authenticated"]:  # a new challenge: unauthenticated again, its slot given back
+            connection.state["authenticated"] = False
+            connection.state["peer_state"].connections -= 1
+            self._wait_for_auth(connection)
         return {"version": 1, "service": f"yestls-{self.service}", "challenge": challenge.hex()}, b""
 
     def _auth(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
@@ -231,12 +308,21 @@ class TunnelService:
         transport = connection.transport
         message = auth_message(self.service, challenge, transport.get_extra_info("sockname"),
                                transport.get_extra_info("peername"))
+        peer: Peer = connection.state["peer"]
         try:
-            connection.state["peer"].identity.verify(signature, message)
+            peer.identity.verify(signature, message)
         except InvalidSignature:
             raise RemoteError(Code.NOT_AUTHENTICATED, "the signature is not the peer's identity key's") from None
+        state: PeerState = connection.state["peer_state"]
+        if state.connections >= peer.max_connections:
+            raise GateRefusal(Code.BUSY, f"{peer.name} has {peer.max_connections} authenticated connections already",
+                              close_connection=True, reason=Reason.TOO_MANY_CONNECTIONS)
+        deadline = state.unauthenticated.pop(connection, None)
+        if deadline is not None:
+            deadline.cancel()
+        state.connections += 1
         connection.state["authenticated"] = True
-        self.audit.record(peer=connection.state["peer"].name, method="auth", outcome="ok")
+        self.audit.record(peer=peer.name, method="auth", outcome="ok")
         return {}, b""
 
 

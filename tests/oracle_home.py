@@ -49,7 +49,9 @@ def free_port() -> int:
 
 
 def make_oracle_home(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, signers: int = 1,
-                     peer_options: str = "", port: int | None = None, metrics_port: int | None = None) -> OracleHome:
+                     peer_options: str = "", settings: str = "", port: int | None = None,
+                     metrics_port: int | None = None) -> OracleHome:
+    """`settings` are more top-level lines of oracle.toml (audit_*), `peer_options` more lines of the [[peer]]."""
     directory.mkdir(parents=True, exist_ok=True)
     keystore_dir = directory / "keystore"
     keystore_dir.mkdir(mode=0o700, exist_ok=True)
@@ -71,7 +73,7 @@ def make_oracle_home(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *
         f'listen = ["127.0.0.1:{port}"]\n'
         f'keystore = "{keystore_dir}"\n'
         f'audit_log = "{directory / "audit.jsonl"}"\n'
-        f"signers = {signers}\n{metrics}\n"
+        f"signers = {signers}\n{metrics}{settings}\n"
         "[[peer]]\n"
         'name = "edge"\n'
         'addresses = ["127.0.0.1"]\n'

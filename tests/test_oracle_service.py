@@ -9,12 +9,19 @@ off-policy ones are the attacks a stolen edge would try: a bare digest,
 arbitrary bytes, a TLS 1.2 flight, another key's handshake, a name outside the
 certificate. Then the connection-level defences: the source-address
 allowlist, the identity proof (wrong key, replayed answers, single-use
-challenges), the rate limit, the connection cap and the frame size cap.
+challenges), the rate limit, the connection cap and the frame size cap. Last,
+what a process on the edge host (not the edge service) can do to the oracle:
+hold connections without authenticating (the edge still gets in and gets its
+signatures), trickle until the auth deadline closes it, flood it with refusals
+(counted in full, summarized in the audit), send 1 MiB fields (bounded audit
+lines); and the audit log stays under its configured size.
+(tests/test_tunnel_gate.py runs the gate's attacks in process, in more variants.)
 """
 
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import ssl
 import urllib.request
@@ -25,15 +32,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import rpc
-from relay.oracle.protocol import MAX_FRAME, auth_message
+from relay.audit import MAX_LINE, MIN_MAX_BYTES
+from relay.oracle.protocol import MAX_FRAME, SERVICE, auth_message
 from relay.rpc import HEADER, VERSION, Code, Kind, RemoteError
 from relay.tls import Group, ServerConfig, SignatureRequest, SignatureScheme
 from relay.tls.keyschedule import SUITES
 from relay.tls.signing import certificate_verify_content, verify
 
 from . import tls12
+from .hostile_peers import close_all, closed_by_peer, open_sockets, prove, request, send, still_open
 from .memory import MemoryPair, client_context
 from .oracle_home import OracleHome, OracleProcess, free_port, make_oracle_home, run_oracle
+from .rawclient import RawClient, server_name_data
 
 TIMEOUT = 20.0
 P256 = SignatureScheme.ECDSA_SECP256R1_SHA256
@@ -83,17 +93,22 @@ class Oracle:
         assert self.process.process.poll() is None, f"the oracle exited:\n{self.process.log()}"
 
 
-def start(tmp_path, pki, peer_options: str = "", key_types=("ecdsa-p256",)):
+def start(tmp_path, pki, peer_options: str = "", key_types=("ecdsa-p256",), settings: str = ""):
     metrics_port = free_port()
-    home = make_oracle_home(tmp_path, pki, key_types, peer_options=peer_options, metrics_port=metrics_port)
+    home = make_oracle_home(tmp_path, pki, key_types, peer_options=peer_options, settings=settings,
+                            metrics_port=metrics_port)
     return home, metrics_port
 
 
 @pytest.fixture(scope="module")
 def oracle(pki, tmp_path_factory):
-    """One oracle for the module: P-256 and P-384 keys, room for many connections, the default rate limit."""
+    """One oracle for the module: P-256 and P-384 keys, room for many connections, the default rate limit.
+
+    Its tests count audit lines one by one, so its refusal lines are never summarized (a large burst); the
+    summaries have their own oracle below.
+    """
     home, metrics_port = start(tmp_path_factory.mktemp("oracle"), pki, "max_connections = 32",
-                               ("ecdsa-p256", "ecdsa-p384"))
+                               ("ecdsa-p256", "ecdsa-p384"), settings="audit_refusal_burst = 100000")
     with run_oracle(home) as process:
         yield Oracle(home, process, metrics_port)
         assert process.process.poll() is None, f"the oracle died during the module:\n{process.log()}"
@@ -536,7 +551,8 @@ def test_peer_outside_the_allowlist_is_disconnected_and_audited(oracle):
     oracle.assert_alive()
 
 
-def test_more_connections_than_allowed_are_refused(pki, tmp_path):
+def test_more_authenticated_connections_than_allowed_are_refused(pki, tmp_path):
+    """max_connections counts proven connections: the third one's auth is answered busy and it is closed."""
     home, metrics_port = start(tmp_path, pki, "max_connections = 2")
     with run_oracle(home) as process:
         oracle = Oracle(home, process, metrics_port)
@@ -546,8 +562,8 @@ def test_more_connections_than_allowed_are_refused(pki, tmp_path):
             try:
                 mark = oracle.audit_mark()
                 extra = await connect(oracle.port)
-                with pytest.raises(ConnectionError):
-                    await extra.call("hello", timeout=5)
+                signature = answer(oracle.home.identity, await hello(extra), extra)
+                busy = await refusal(extra.call("auth", {"signature": signature}, timeout=5))
                 await asyncio.wait_for(extra.closed, 5)
                 refused_lines = oracle.audit_since(mark)
                 # The two allowed connections still work.
@@ -559,21 +575,22 @@ def test_more_connections_than_allowed_are_refused(pki, tmp_path):
                     replacement = await connect(oracle.port)
                     try:
                         await authenticate(replacement, oracle.home.identity)
-                    except ConnectionError:
+                    except (ConnectionError, RemoteError):
                         await asyncio.sleep(0.05)
                         continue
                     allowed.append(replacement)
                     break
                 else:
                     raise AssertionError("no connection was accepted after one closed")
-                return refused_lines
+                return busy, refused_lines
             finally:
                 for connection in allowed:
                     await closed(connection)
 
-        refused_lines = run(main())
+        busy, refused_lines = run(main())
+        assert busy.code == Code.BUSY
         assert [(line["method"], line["outcome"], line["peer"]) for line in refused_lines] == \
-            [("connect", "refused:too_many_connections", "edge")]
+            [("auth", "refused:too_many_connections", "edge")]
         assert oracle.refusals("too_many_connections") >= 1
         oracle.assert_alive()
 
@@ -682,3 +699,242 @@ def test_broken_frame_is_audited_and_counted(oracle, name):
     key = ("yestls_oracle_refusals_total", (("reason", reason),))
     assert oracle.metrics().get(key, 0) == before.get(key, 0) + 1
     oracle.assert_alive()
+
+
+# --- a process on the edge host that is not the edge service -------------------------------------------------------
+
+async def holds_a_challenge(sock):
+    await send(sock, request(1, "hello"))
+
+
+async def sends_half_a_header(sock):
+    await send(sock, request(1, "hello")[:6])
+
+
+async def pings(sock):
+    await send(sock, b"".join(request(n, "ping") for n in range(20)))
+
+
+async def answers_wrongly(sock):
+    await send(sock, request(1, "hello") + request(2, "auth", {"signature": base64.b64encode(bytes(64)).decode()}))
+
+
+async def silent(sock):
+    pass
+
+
+def test_connections_that_never_authenticate_cannot_lock_the_edge_out(pki, tmp_path):
+    """Forty local connections of five kinds, with room for four waiting and two proved: the edge's two
+    connections still prove its key and get signatures, and the holders went oldest first."""
+    home, metrics_port = start(tmp_path, pki, "max_connections = 2\nmax_unauthenticated = 4\nauth_timeout = 60")
+    requests = [handshake_request(pki) for _ in range(2)]
+    with run_oracle(home) as process:
+        oracle = Oracle(home, process, metrics_port)
+
+        async def main():
+            holders = await open_sockets(oracle.port, 40)
+            for n, sock in enumerate(holders):
+                await (silent, holds_a_challenge, sends_half_a_header, pings, answers_wrongly)[n % 5](sock)
+            try:
+                connections = [await edge(oracle) for _ in range(2)]
+                replies = [await sign(c, oracle.key_id(), r.scheme, transcript(r))
+                           for c, r in zip(connections, requests)]
+                gone = [await closed_by_peer(sock, 5) for sock in holders[:-3]]
+                waiting = [await still_open(sock) for sock in holders[-3:]]
+                for connection in connections:
+                    await closed(connection)
+                return replies, gone, waiting
+            finally:
+                close_all(holders)
+
+        replies, closed_holders, waiting = run(main())
+        public_key = pki.leaves["ecdsa-p256"].key.public_key()
+        for request_, reply in zip(requests, replies):
+            assert verify(public_key, request_.scheme, request_.content, reply.tail)
+        assert all(closed_holders) and all(waiting)
+        assert oracle.refusals("unauthenticated_evicted") == 37
+        evicted = [line for line in home.audit_lines() if line["outcome"] == "refused:unauthenticated_evicted"]
+        assert len(evicted) == 37 and all(line["authenticated"] is False for line in evicted)
+        assert sum(line["outcome"] == "signed" for line in home.audit_lines()) == 2
+        oracle.assert_alive()
+
+
+def test_connections_that_do_not_authenticate_in_time_are_closed(pki, tmp_path):
+    """auth_timeout = 1: silent, trickling a frame, pinging, asking challenges: each closed, audited, counted.
+    The edge's connection, proved before them all, still signs after."""
+    home, metrics_port = start(tmp_path, pki, "auth_timeout = 1")
+    request_ = handshake_request(pki)
+
+    async def trickles(sock):
+        frame = request(1, "hello", {"padding": "p" * 500})
+        for byte in range(len(frame)):
+            await send(sock, frame[byte:byte + 1])
+            await asyncio.sleep(0.1)
+
+    async def keeps_pinging(sock):
+        for n in range(300):
+            await send(sock, request(n, "ping"))
+            await asyncio.sleep(0.1)
+
+    async def keeps_asking(sock):
+        for n in range(300):
+            await send(sock, request(n, "hello"))
+            await asyncio.sleep(0.1)
+
+    slow = (silent, trickles, keeps_pinging, keeps_asking)
+    with run_oracle(home) as process:
+        oracle = Oracle(home, process, metrics_port)
+
+        async def main():
+            connection = await edge(oracle)
+            socks = await open_sockets(oracle.port, len(slow))
+            tasks = [asyncio.ensure_future(behave(sock)) for behave, sock in zip(slow, socks)]
+            try:
+                closed_in_time = [await closed_by_peer(sock, 15) for sock in socks]
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                close_all(socks)
+            reply = await sign(connection, oracle.key_id(), request_.scheme, transcript(request_))
+            await closed(connection)
+            return closed_in_time, reply
+
+        closed_in_time, reply = run(main())
+        assert closed_in_time == [True] * len(slow)
+        assert verify(pki.leaves["ecdsa-p256"].key.public_key(), request_.scheme, request_.content, reply.tail)
+        assert oracle.refusals("auth_timeout") == len(slow)
+        lines = [line for line in home.audit_lines() if line["outcome"] == "refused:auth_timeout"]
+        assert len(lines) == len(slow) and all(line["peer"] == "edge" for line in lines)
+        oracle.assert_alive()
+
+
+def test_a_refusal_flood_is_counted_in_full_and_summarized_in_the_audit(pki, tmp_path):
+    """3000 unauthenticated sign requests, 40 broken frames and 40 strangers, with 5 refusal lines a source at
+    most: the metrics count every one, the audit has a few lines and summaries that account for the rest, and
+    the edge's own refusal and signature are written in full meanwhile."""
+    home, metrics_port = start(tmp_path, pki, settings="audit_refusal_rate = 0.001\naudit_refusal_burst = 5")
+    good, off_policy = handshake_request(pki), handshake_request(pki)
+    with run_oracle(home) as process:
+        oracle = Oracle(home, process, metrics_port)
+
+        async def main():
+            unproved = await connect(oracle.port)
+            for _ in range(100):
+                results = await asyncio.gather(*(sign(unproved, oracle.key_id(), good.scheme, transcript(good))
+                                                 for _ in range(30)), return_exceptions=True)
+                assert all(isinstance(r, RemoteError) and r.code == Code.NOT_AUTHENTICATED for r in results)
+            await closed(unproved)
+            for _ in range(40):
+                [sock] = await open_sockets(oracle.port, 1)
+                await send(sock, BROKEN_FRAMES["version 2"])
+                assert await closed_by_peer(sock, 5)
+                sock.close()
+                [sock] = await open_sockets(oracle.port, 1, local_host="127.0.0.2")
+                assert await closed_by_peer(sock, 5)
+                sock.close()
+            connection = await edge(oracle)
+            refused = await refusal(sign(connection, oracle.key_id(), off_policy.scheme, off_policy.content))
+            signed = await sign(connection, oracle.key_id(), good.scheme, transcript(good))
+            await closed(connection)
+            return refused, signed
+
+        refused, signed = run(main())
+        assert refused.code == "policy.not_a_transcript"
+        assert verify(pki.leaves["ecdsa-p256"].key.public_key(), good.scheme, good.content, signed.tail)
+        counted = {reason: oracle.refusals(reason)
+                   for reason in ("not_authenticated", "bad_frame", "peer_not_allowed", "policy.not_a_transcript")}
+        assert counted == {"not_authenticated": 3000, "bad_frame": 40, "peer_not_allowed": 40,
+                           "policy.not_a_transcript": 1}
+        process.stop()  # SIGTERM: the oracle writes the summaries still pending as it closes its audit log
+        assert process.process.returncode == 0, process.log()
+    lines = home.audit_lines()
+    assert len(lines) < 30, f"{len(lines)} audit lines"
+    summaries = [line for line in lines if line["outcome"] == "summarized"]
+    for outcome, total in (("refused:not_authenticated", 3000), ("refused:bad_frame", 40),
+                           ("refused:peer_not_allowed", 40)):
+        written = sum(line["outcome"] == outcome for line in lines)
+        assert written + sum(s["outcomes"].get(outcome, 0) for s in summaries) == total, outcome
+    edge_lines = [(line["method"], line["outcome"]) for line in lines
+                  if line["peer"] == "edge" and line.get("authenticated") is not False]
+    assert edge_lines == [("auth", "ok"), ("sign", "refused:policy.not_a_transcript"), ("sign", "signed")]
+    # The oracle's own log did not echo the flood either.
+    log_lines = process.log().splitlines()
+    assert len(log_lines) < 30 and all(len(line) < 400 for line in log_lines), log_lines[-5:]
+
+
+def huge_sni_transcript(pki) -> bytes:
+    """A real transcript whose ClientHello names a 60 KiB server (what a frame can carry: the SNI is 16-bit)."""
+    leaf = pki.leaves["ecdsa-p256"]
+    client = RawClient(ServerConfig([leaf.chain]), leaf.key, auto_sign=False)
+    hello = client.hello()
+    client.send_hello(hello)
+    [request_] = client.signature_requests
+    forged = hello.copy()
+    forged.set(0, server_name_data("a" * 60_000))  # server_name
+    return forged.encode() + b"".join(request_.handshake_messages[1:])
+
+
+BIG_FIELDS = {
+    "a 200 KiB key_id": lambda oracle, pki: ("sign", {"key_id": "k" * 200_000, "scheme": int(P256)}, b"x"),
+    "a 1 MiB key_id (over the frame cap)": lambda oracle, pki: ("sign", {"key_id": "k" * (1 << 20), "scheme": 0}, b""),
+    "a 60 KiB SNI": lambda oracle, pki: ("sign", {"key_id": oracle.key_id(), "scheme": int(P256)},
+                                         huge_sni_transcript(pki)),
+    "a 200 KiB method": lambda oracle, pki: ("m" * 200_000, {}, b""),
+    "a 1 MiB method (over the frame cap)": lambda oracle, pki: ("m" * (1 << 20), {}, b""),
+    "a scheme of 4000 digits": lambda oracle, pki: ("sign", {"key_id": oracle.key_id(), "scheme": 10 ** 3999}, b""),
+}
+
+
+@pytest.mark.parametrize("proved", [True, False], ids=["authenticated", "unauthenticated"])
+@pytest.mark.parametrize("name", list(BIG_FIELDS))
+def test_big_fields_make_bounded_audit_and_log_lines(oracle, pki, name, proved):
+    method, params, tail = BIG_FIELDS[name](oracle, pki)
+    before = oracle.home.audit_log.stat().st_size
+
+    async def main():
+        [sock] = await open_sockets(oracle.port, 1)
+        try:
+            if proved:
+                assert await prove(sock, SERVICE, oracle.home.identity)
+            await send(sock, request(7, method, params, tail))
+            await closed_by_peer(sock, 2)  # answered (and closed, past the frame cap) or not: bounded either way
+        finally:
+            sock.close()
+
+    run(main())
+    with open(oracle.home.audit_log, "rb") as audit:
+        audit.seek(before)
+        new = audit.read().splitlines(keepends=True)
+    refused = [json.loads(line) for line in new if b'"refused:' in line]
+    assert refused, new
+    assert all(len(line) <= MAX_LINE for line in new)
+    assert all(len(line) < 1000 for line in process_log_lines(oracle))
+    oracle.assert_alive()
+
+
+def process_log_lines(oracle: Oracle) -> list[str]:
+    return oracle.process.log().splitlines()
+
+
+def test_the_audit_log_rotates_at_its_configured_size(pki, tmp_path):
+    settings = f"audit_max_bytes = {MIN_MAX_BYTES}\naudit_backups = 2\naudit_refusal_burst = 100000"
+    home, metrics_port = start(tmp_path, pki, settings=settings)
+    with run_oracle(home) as process:
+        oracle = Oracle(home, process, metrics_port)
+
+        async def main():
+            unproved = await connect(oracle.port)
+            for _ in range(40):  # ~1000 refusal lines of ~400 bytes: about 6 times the cap
+                await asyncio.gather(*(unproved.call("m" * 250, timeout=5) for _ in range(25)),
+                                     return_exceptions=True)
+            await closed(unproved)
+
+        run(main())
+        oracle.assert_alive()
+    files = sorted(path.name for path in tmp_path.glob("audit.jsonl*"))
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    for name in files:
+        data = (tmp_path / name).read_bytes()
+        assert len(data) <= MIN_MAX_BYTES
+        assert all(json.loads(line)["peer"] == "edge" for line in data.splitlines())

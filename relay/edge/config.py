@@ -35,6 +35,8 @@
     [spool_service]
     listen = ["10.77.0.1:7444"]
     audit_log = "/var/log/yestls-edge/spool-audit.jsonl"
+    audit_max_bytes = 67108864           # optional, and audit_backups, audit_refusal_rate, audit_refusal_burst:
+                                         # as in oracle.toml (relay/audit.py)
     [[spool_service.peer]]
     name = "home"
     addresses = ["10.77.0.2"]
@@ -44,6 +46,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.audit import AuditSettings, load_audit_settings
 from relay.config import ConfigError, Table
 from relay.edge.recipients import normal_address, normal_domain
 from relay.tunnel import Peer, load_peers
@@ -85,8 +88,12 @@ class SpoolSettings:
 @dataclass(frozen=True)
 class SpoolServiceSettings:
     listen: tuple[tuple[str, int], ...]
-    audit_log: Path
+    audit: AuditSettings
     peers: tuple[Peer, ...]
+
+    @property
+    def audit_log(self) -> Path:
+        return self.audit.path
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,7 @@ def load(path: Path) -> EdgeConfig:
         section = table.table("spool_service")
         service = SpoolServiceSettings(
             listen=section.addresses("listen", hint='"HOST:PORT" on the tunnel address'),
-            audit_log=Path(section.get("audit_log", str, default="/var/log/yestls-edge/spool-audit.jsonl")),
+            audit=load_audit_settings(section, default_path="/var/log/yestls-edge/spool-audit.jsonl"),
             peers=load_peers(section, "home's intake"),
         )
         section.done()

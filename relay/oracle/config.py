@@ -3,6 +3,10 @@
     listen = ["10.77.0.2:7443"]          # the tunnel address; never a public one
     keystore = "/var/lib/yestls-oracle/keystore"
     audit_log = "/var/log/yestls-oracle/audit.jsonl"
+    audit_max_bytes = 67108864           # optional: rotate past this size (audit.jsonl.1, ...)
+    audit_backups = 5                    # optional: rotated files kept
+    audit_refusal_rate = 2.0             # optional: refusal lines per second per source, then summaries
+    audit_refusal_burst = 50             # optional: refusal lines per source at once
     signers = 2                          # signing processes (they alone hold the keys)
     metrics_listen = "10.77.0.2:9464"    # optional; Prometheus, tunnel address only
 
@@ -14,12 +18,15 @@
     max_in_flight = 128
     rate = 50.0                          # signatures per second, sustained
     burst = 100                          # and in a burst
+    auth_timeout = 5.0                   # optional: seconds from connect to a proven identity
+    max_unauthenticated = 16             # optional: connections waiting to authenticate; the oldest goes
 """
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.audit import AuditSettings, load_audit_settings
 from relay.config import ConfigError, Table
 from relay.tunnel import Peer, load_peers
 
@@ -28,7 +35,7 @@ from relay.tunnel import Peer, load_peers
 class OracleConfig:
     listen: tuple[tuple[str, int], ...]
     keystore: Path
-    audit_log: Path
+    audit: AuditSettings
     signers: int
     metrics_listen: tuple[str, int] | None
     peers: tuple[Peer, ...]
@@ -40,7 +47,7 @@ def load(path: Path) -> OracleConfig:
     if not listen:
         raise table.error("listen", "empty: give the tunnel address to listen on")
     keystore = Path(table.get("keystore", str, hint="the keystore directory made by `yestls keys new`"))
-    audit_log = Path(table.get("audit_log", str, hint="a JSON-lines file the oracle appends to"))
+    audit = load_audit_settings(table)
     signers = table.get("signers", int, default=min(os.cpu_count() or 1, 4), check=lambda n: 1 <= n <= 64,
                         hint="the number of signing processes, 1..64")
     metrics = table.address("metrics_listen", default=None, hint='"HOST:PORT" on the tunnel address')
@@ -49,11 +56,11 @@ def load(path: Path) -> OracleConfig:
     return OracleConfig(
         listen=listen,
         keystore=keystore,
-        audit_log=audit_log,
+        audit=audit,
         signers=signers,
         metrics_listen=metrics,
         peers=tuple(peers),
     )
 
 
-__all__ = ["ConfigError", "OracleConfig", "Peer", "load"]
+__all__ = ["AuditSettings", "ConfigError", "OracleConfig", "Peer", "load"]

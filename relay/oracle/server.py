@@ -148,7 +148,7 @@ class OracleService:
                 state.in_flight -= 1
                 self.metrics.in_flight.dec()
         except RemoteError as error:
-            self.audit.record(**audit, **error.extra, outcome=f"refused:{error.code}", message=error.message)
+            self.audit.refusal(**audit, **error.extra, outcome=f"refused:{error.code}", message=error.message)
             raise
         self.metrics.sign_seconds.observe(time.monotonic() - started)
         self.audit.record(**audit, **reply.meta, outcome="signed")
@@ -170,7 +170,7 @@ async def serve(config: oracle_config.OracleConfig) -> None:
         raise RuntimeError(f"the signing processes lack keys {sorted(missing)}")
     metrics = OracleMetrics()
     metrics_server = metrics.serve(*config.metrics_listen) if config.metrics_listen else None
-    audit = AuditLog(config.audit_log)
+    audit = AuditLog.open(config.audit)
     service = OracleService(config, entries, signers, audit, metrics)
     servers = await tunnel.serve(service.gate, config.listen)
     log.info("oracle listening on %s with %d key(s), %d signing process(es)",

@@ -341,6 +341,19 @@ def test_scheme_the_key_cannot_make_is_refused(oracle, pki):
     sign_refusal(oracle, transcript(request), "policy.scheme_mismatch", scheme=P384)
 
 
+def test_handshake_that_selected_an_application_protocol_is_refused(oracle, pki):
+    """An engine set up for HTTPS (h2) would complete this handshake; the oracle signs no ALPN handshake."""
+    leaf = pki.leaves["ecdsa-p256"]
+    context = client_context(pki.ca_pem)
+    context.set_alpn_protocols(["h2"])
+    pair = MemoryPair(ServerConfig([leaf.chain], alpn_protocols=(b"h2",)), context, leaf.key)
+    pair.handshake()
+    assert pair.client.selected_alpn_protocol() == "h2"
+    [request] = pair.signature_requests
+    error, [line] = sign_refusal(oracle, transcript(request), "policy.alpn_selected", scheme=request.scheme)
+    assert "h2" in error.message and line["server_name"] == "mx.example.org"
+
+
 def test_unknown_key_id_is_refused(oracle, pki):
     request = handshake_request(pki)
     sign_refusal(oracle, transcript(request), "unknown_key", key_id="00" * 16, scheme=request.scheme)

@@ -1,13 +1,16 @@
 """oracle.toml: where the oracle listens, its keystore, and who may ask it to sign.
 
     listen = ["10.77.0.2:7443"]          # the tunnel address; never a public one
-    keystore = "/var/lib/yestls-oracle/keystore"
+    keystore = "/var/lib/yestls-signer/keystore"  # the signing processes'; the front never reads it
     audit_log = "/var/log/yestls-oracle/audit.jsonl"
     audit_max_bytes = 67108864           # optional: rotate past this size (audit.jsonl.1, ...)
     audit_backups = 5                    # optional: rotated files kept
     audit_refusal_rate = 2.0             # optional: refusal lines per second per source, then summaries
     audit_refusal_burst = 50             # optional: refusal lines per source at once
     signers = 2                          # signing processes (they alone hold the keys)
+    signer_socket = "/run/yestls-signer/signer.sock"  # where systemd starts them as their own
+                                         # user; without it the front spawns them as itself
+                                         # (no privilege separation: tests, development)
     metrics_listen = "10.77.0.2:9464"    # optional; Prometheus, tunnel address only
 
     [[peer]]
@@ -37,6 +40,7 @@ class OracleConfig:
     keystore: Path
     audit: AuditSettings
     signers: int
+    signer_socket: Path | None
     metrics_listen: tuple[str, int] | None
     peers: tuple[Peer, ...]
 
@@ -50,6 +54,8 @@ def load(path: Path) -> OracleConfig:
     audit = load_audit_settings(table)
     signers = table.get("signers", int, default=min(os.cpu_count() or 1, 4), check=lambda n: 1 <= n <= 64,
                         hint="the number of signing processes, 1..64")
+    signer_socket = table.get("signer_socket", str, default=None, check=lambda p: p.startswith("/"),
+                              hint="the absolute path of yestls-signer.socket's Unix socket")
     metrics = table.address("metrics_listen", default=None, hint='"HOST:PORT" on the tunnel address')
     peers = load_peers(table, "the edge")
     table.done()
@@ -58,6 +64,7 @@ def load(path: Path) -> OracleConfig:
         keystore=keystore,
         audit=audit,
         signers=signers,
+        signer_socket=Path(signer_socket) if signer_socket is not None else None,
         metrics_listen=metrics,
         peers=tuple(peers),
     )

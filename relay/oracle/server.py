@@ -4,110 +4,35 @@ It listens on the tunnel address only, accepts connections only from
 allowlisted peers, makes each connection prove it holds the edge's identity
 key, caps connections and requests in flight, rate-limits signatures, writes
 the audit log and the metrics, and hands sign requests to the signing
-processes (relay/oracle/signer.py), which alone hold the keys. It has no
-decrypt operation and no way to sign anything but a policy-checked TLS 1.3
-CertificateVerify.
+processes (relay/oracle/signer.py, reached through relay/oracle/signers.py),
+which alone hold the keys and tell it the chains: the front never opens the
+keystore. It has no decrypt operation and no way to sign anything but a
+policy-checked TLS 1.3 CertificateVerify.
 
 Methods: ping, hello, auth (relay.tunnel's identity proof), certificates, sign.
 """
 
-import asyncio
-import base64
 import logging
-import socket
-import subprocess
-import sys
 import time
 
 from relay import daemon, tunnel
 from relay.audit import AuditLog
 from relay.oracle import config as oracle_config
-from relay.oracle.keystore import Keystore, KeystoreError, PublicEntry
+from relay.oracle.keystore import PublicEntry
 from relay.oracle.metrics import OracleMetrics
-from relay.oracle.protocol import MAX_FRAME, SERVICE
+from relay.oracle.protocol import MAX_FRAME, SERVICE, certificate_listing
+from relay.oracle.signers import SignerPool, SignerSocket, SpawnedSigners
 from relay.rpc import Code, Frame, RemoteError, RpcConnection
 from relay.tunnel import PeerState, TunnelService
 
 log = logging.getLogger("yestls.oracle")
-
-class SignerProcesses:
-    """The signing processes, each behind a socketpair, given work by least load."""
-
-    def __init__(self, keystore_dir, count: int):
-        self.keystore_dir = keystore_dir
-        self.count = count
-        self.workers: list[tuple[subprocess.Popen, RpcConnection]] = []
-        self.closing = False
-
-    async def start(self) -> set[str]:
-        key_ids = None
-        for _ in range(self.count):
-            key_ids = await self._spawn()
-        return key_ids
-
-    async def _spawn(self) -> set[str]:
-        front, back = socket.socketpair()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "relay.oracle.signer", "--keystore", str(self.keystore_dir),
-             "--fd", str(back.fileno())],
-            pass_fds=[back.fileno()], stderr=None,
-        )
-        back.close()
-        loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(
-            lambda: RpcConnection(max_frame=MAX_FRAME, on_lost=self._lost), sock=front)
-        self.workers.append((process, connection))
-        try:
-            ready = await connection.call("ping", timeout=30)
-        except (ConnectionError, asyncio.TimeoutError):
-            code = process.wait(timeout=5)
-            raise RuntimeError(f"signing process exited ({code}) before it was ready; see its message above") from None
-        return set(ready.meta["keys"])
-
-    def _lost(self, connection: RpcConnection) -> None:
-        for entry in list(self.workers):
-            if entry[1] is connection:
-                self.workers.remove(entry)
-                log.error("a signing process ended (exit %s); starting another", entry[0].poll())
-                if not self.closing:
-                    asyncio.get_running_loop().create_task(self._respawn())
-
-    async def _respawn(self) -> None:
-        await asyncio.sleep(0.5)  # a process that dies at once must not spin
-        try:
-            await self._spawn()
-        except RuntimeError as error:
-            log.error("%s", error)
-
-    async def sign(self, key_id: str, scheme: int, messages: bytes) -> Frame:
-        if not self.workers:
-            raise RemoteError(Code.UNAVAILABLE, "no signing process is running")
-        _, connection = min(self.workers, key=lambda w: w[1].pending_calls)
-        try:
-            return await connection.call("sign", {"key_id": key_id, "scheme": scheme}, messages)
-        except ConnectionError:
-            raise RemoteError(Code.UNAVAILABLE, "the signing process ended; retry") from None
-
-    async def stop(self) -> None:
-        """Close each socketpair (the process sees EOF and exits), then reap; kill what lingers."""
-        self.closing = True
-        workers = list(self.workers)
-        for _, connection in workers:
-            connection.close()
-        # The close takes effect on the loop's next turns: let them run before waiting.
-        await asyncio.wait([connection.closed for _, connection in workers], timeout=5)
-        for process, _ in workers:
-            try:
-                await asyncio.to_thread(process.wait, 5)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 class OracleService:
     """The oracle's methods behind the tunnel gate: certificates and sign."""
 
     def __init__(self, config: oracle_config.OracleConfig, entries: list[PublicEntry],
-                 signers: SignerProcesses, audit: AuditLog, metrics: OracleMetrics):
+                 signers: SignerPool, audit: AuditLog, metrics: OracleMetrics):
         self.entries = {e.key_id: e for e in entries}
         self.signers = signers
         self.audit = audit
@@ -117,12 +42,7 @@ class OracleService:
             max_frame=MAX_FRAME, self_auditing=frozenset({"sign"}))
 
     async def _certificates(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
-        listing = [
-            {"key_id": e.key_id, "key_type": e.key_type, "schemes": list(e.chain.schemes),
-             "chain": [base64.b64encode(der).decode() for der in e.chain.der_chain]}
-            for e in self.entries.values()
-        ]
-        return {"certificates": listing}, b""
+        return {"certificates": certificate_listing(self.entries.values())}, b""
 
     async def _sign(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
         peer = connection.state["peer"]
@@ -156,25 +76,26 @@ class OracleService:
 
 
 async def serve(config: oracle_config.OracleConfig) -> None:
-    keystore = Keystore(config.keystore)
-    keystore.check_permissions()
-    entries = keystore.public_entries()
+    if config.signer_socket is not None:
+        signers = SignerPool(SignerSocket(config.signer_socket), config.signers)
+        separation = f"through {config.signer_socket}"
+    else:
+        log.warning("no signer_socket in the configuration: the signing processes run as this same user, "
+                    "with no privilege separation (for tests and development only)")
+        signers = SignerPool(SpawnedSigners(config.keystore), config.signers)
+        separation = "spawned as this user"
+    entries = await signers.start()
     if not entries:
+        await signers.stop()
         raise RuntimeError(f"keystore {config.keystore} has no key with a certificate yet: "
                            "run `yestls keys new`, get it signed, then `yestls keys import`")
-    signers = SignerProcesses(config.keystore, config.signers)
-    signer_keys = await signers.start()
-    missing = {e.key_id for e in entries} - signer_keys
-    if missing:
-        await signers.stop()
-        raise RuntimeError(f"the signing processes lack keys {sorted(missing)}")
     metrics = OracleMetrics()
     metrics_server = metrics.serve(*config.metrics_listen) if config.metrics_listen else None
     audit = AuditLog.open(config.audit)
     service = OracleService(config, entries, signers, audit, metrics)
     servers = await tunnel.serve(service.gate, config.listen)
-    log.info("oracle listening on %s with %d key(s), %d signing process(es)",
-             ", ".join(f"{h}:{p}" for h, p in config.listen), len(entries), config.signers)
+    log.info("oracle listening on %s with %d key(s), %d signing process(es) %s",
+             ", ".join(f"{h}:{p}" for h, p in config.listen), len(entries), config.signers, separation)
     stop = daemon.stop_event()
     try:
         await stop.wait()
@@ -189,4 +110,4 @@ async def serve(config: oracle_config.OracleConfig) -> None:
 
 def run(args) -> int:
     return daemon.run("oracle", lambda: oracle_config.load(args.config), serve,
-                      (oracle_config.ConfigError, KeystoreError, RuntimeError))
+                      (oracle_config.ConfigError, RuntimeError))

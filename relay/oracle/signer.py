@@ -1,16 +1,24 @@
 """The signing process: the only process that holds the private keys.
 
 The oracle's front process (network, peers, authentication, rate limits,
-audit) never loads a private key. It hands each sign request, as received,
-to one of these processes over a socketpair; the process checks it against
-the signing policy with its own copy of the certificate chain, and only then
-signs. A compromised front can ask for nothing the policy would refuse, like
-Postfix's small processes, each with the least it needs.
+audit) never loads a private key, nor reads the keystore: it learns the
+chains from this process (`certificates`) and hands it each sign request as
+received; the process checks it against the signing policy with its own copy
+of the certificate chain, and only then signs. A compromised front can ask
+for nothing the policy would refuse, like Postfix's small processes, each
+with the least it needs.
+
+Deployed, systemd starts one per connection to the signer socket
+(yestls-signer.socket, Accept=yes), as the signer's own user, with the
+connection as its standard input; in tests and development the front spawns
+it over a socketpair, as the front's own user (relay/oracle/signers.py).
 
 It speaks the same frames as the tunnel (relay.rpc), blocking: read what is
-there, answer every whole request, write the answers in one go.
+there, answer every whole request, write the answers in one go. Methods:
+`ping` -> the key ids, `certificates` -> the chains (public material only),
+`sign`; nothing else.
 
-    python -m relay.oracle.signer --keystore DIR --fd N
+    python -m relay.oracle.signer --keystore DIR --fd N     (N = 0 under systemd)
 """
 
 import argparse
@@ -20,6 +28,7 @@ from pathlib import Path
 
 from relay.oracle import policy
 from relay.oracle.keystore import Keystore, KeystoreError
+from relay.oracle.protocol import certificate_listing
 from relay.rpc import Code, Frame, FrameDecoder, FrameError, Kind, encode_frame
 from relay.tls import signing
 
@@ -30,6 +39,8 @@ def answer(frame: Frame, keys: dict) -> bytes:
     method = frame.meta.get("method")
     if method == "ping":
         return encode_frame(Kind.RESPONSE, frame.id, {"keys": sorted(keys)})
+    if method == "certificates":
+        return encode_frame(Kind.RESPONSE, frame.id, {"certificates": certificate_listing(keys.values())})
     if method != "sign":
         return _error(frame.id, Code.UNKNOWN_METHOD, f"no method {method!r}")
     entry = keys.get(frame.meta.get("key_id"))
@@ -75,10 +86,13 @@ def serve(sock: socket.socket, keys: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relay.oracle.signer")
     parser.add_argument("--keystore", required=True)
-    parser.add_argument("--fd", type=int, required=True, help="the socketpair end inherited from the front")
+    parser.add_argument("--fd", type=int, required=True,
+                        help="the connection to the front: a socketpair end it passed, or 0 (systemd's socket)")
     args = parser.parse_args(argv)
+    keystore = Keystore(Path(args.keystore))
     try:
-        keys = {entry.key_id: entry for entry in Keystore(Path(args.keystore)).private_entries()}
+        keystore.check_permissions()
+        keys = {entry.key_id: entry for entry in keystore.private_entries()}
     except KeystoreError as error:
         print(f"yestls signer: {error}", file=sys.stderr)
         return 2

@@ -29,8 +29,9 @@ HOME_LAN = "yestls-homelan"  # home's LAN: only home and the controller are on i
 
 # What a port looks like from a client: "open" (connected), "closed" (the
 # host answered with a reset: reachable, nothing listening), "filtered" (no
-# answer: the firewall dropped it).
-OPEN, CLOSED, FILTERED = "open", "closed", "filtered"
+# answer: the firewall dropped it), "rejected" (the client's own firewall
+# refused to let the connection out: "No route to host" at once).
+OPEN, CLOSED, FILTERED, REJECTED = "open", "closed", "filtered", "rejected"
 REACHABLE = (OPEN, CLOSED)
 PROBE_TIMEOUT = 2.0
 
@@ -65,7 +66,7 @@ def address(name: str, network: str = INTERNET) -> str:
 
 
 _PROBE = """
-import json, socket, sys
+import errno, json, socket, sys
 from concurrent.futures import ThreadPoolExecutor
 timeout, targets = json.loads(sys.argv[1])
 def probe(target):
@@ -79,6 +80,8 @@ def probe(target):
     except (socket.timeout, TimeoutError):
         return "filtered"
     except OSError as e:
+        if e.errno == errno.EHOSTUNREACH:
+            return "rejected"
         return "error: %s" % e
     finally:
         s.close()
@@ -87,17 +90,35 @@ with ThreadPoolExecutor(len(targets)) as pool:
 """
 
 
-def tcp_probe(source: str | None, targets: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+def tcp_probe(source: str | None, targets: list[tuple[str, int]], user: str = "root") -> dict[tuple[str, int], str]:
     """Connect to each (address, port) from the container `source` (or from the
-    controller when None), all at once; say what each port looked like."""
+    controller when None), all at once, as `user` there; say what each port
+    looked like."""
     args = json.dumps([PROBE_TIMEOUT, targets])
     if source is None:
+        assert user == "root", "the controller probes as itself"
         out = subprocess.run(
             ["python3", "-c", _PROBE, args], check=True, capture_output=True, text=True, timeout=30
         ).stdout
     else:
-        out = container(source).check_output("python3 -c %s %s", _PROBE, args)
+        out = container(source).check_output("runuser -u %s -- python3 -c %s %s", user, _PROBE, args)
     return dict(zip([tuple(t) for t in targets], json.loads(out)))
+
+
+def run_playbook(playbook: str, *extra_vars: str) -> None:
+    """playbooks/<playbook> on the scenario's hosts, the way a user runs it
+    again (with `-e` for each of extra_vars), its task results logged with
+    the converge's; fails with the end of its output."""
+    ephemeral = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ephemeral / "ansible.cfg"),
+               ANSIBLE_LOG_FOLDER=str(ephemeral / "task-results"))
+    extra = [arg for var in extra_vars for arg in ("-e", var)]
+    result = subprocess.run(
+        ["ansible-playbook", "-i", str(ephemeral / "inventory"), *extra,
+         str(SCENARIO_DIR.parent.parent / "playbooks" / playbook)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def read_secret(name: str, path: str) -> bytes:

@@ -17,6 +17,7 @@ from scenario import (
     FILTERED,
     HOME_LAN,
     REACHABLE,
+    REJECTED,
     address,
     container,
     local_address_towards,
@@ -40,6 +41,7 @@ def test_ruleset_loaded_now_and_at_boot(name):
     assert nftables.is_running
     table = host.check_output("nft list table inet yestls")
     assert "hook input priority filter; policy drop;" in table
+    assert "hook forward priority filter; policy drop;" in table
     assert host.run("nft -c -f /etc/nftables.conf").rc == 0
 
 
@@ -86,6 +88,52 @@ def test_edge_through_the_tunnel_from_home():
     assert seen[(EDGE_TUNNEL, 7444)] in REACHABLE
     assert seen[(EDGE_TUNNEL, 9465)] in REACHABLE
     assert seen[(EDGE_TUNNEL, UNUSED)] == FILTERED
+
+
+def test_on_the_edge_only_the_edge_service_reaches_homes_oracle():
+    """Another user on the edge is refused by the edge's own firewall (the
+    oracle would also want its identity key, which only yestls-edge can read);
+    the edge service's user and root (`yestls status` pings the oracle) are not."""
+    oracle = (HOME_TUNNEL, 7443)
+    assert tcp_probe("edge", [oracle], user="nobody")[oracle] == REJECTED
+    assert tcp_probe("edge", [oracle], user="yestls-edge")[oracle] in REACHABLE
+    assert tcp_probe("edge", [oracle])[oracle] in REACHABLE
+
+
+@pytest.mark.parametrize("user", ["nobody", "yestls-oracle", "yestls-signer"])
+def test_at_home_only_the_intake_reaches_the_edges_spool_service(user):
+    """Not even the oracle's own users: only yestls-intake (and root) may pull mail."""
+    spool = (EDGE_TUNNEL, 7444)
+    assert tcp_probe("home", [spool], user=user)[spool] == REJECTED
+    assert tcp_probe("home", [spool], user="yestls-intake")[spool] in REACHABLE
+
+
+def test_home_forwards_nothing_from_the_tunnel():
+    """A compromised edge (root) routes a network behind home into the tunnel:
+    `internet`, standing in for home's LAN, with a route back through home.
+    Home's kernel would forward (ip_forward is on in its container, as on many
+    home servers); its forward chain drops. The control: with an accept rule
+    put in front, the same probe goes through."""
+    edge, home, internet = container("edge"), container("home"), container("internet")
+    assert home.check_output("sysctl -n net.ipv4.ip_forward") == "1"
+    behind_home = address("internet")
+    home_key = home.check_output("wg show wg0 public-key")
+    target = (behind_home, UNUSED)
+    edge.check_output(f"wg set wg0 peer {home_key} allowed-ips {HOME_TUNNEL}/32,{behind_home}/32")
+    try:
+        edge.check_output(f"ip route add {behind_home}/32 dev wg0")
+        internet.check_output(f"ip route add {EDGE_TUNNEL}/32 via {address('home')}")
+        assert tcp_probe("edge", [target])[target] == FILTERED
+        home.check_output("nft insert rule inet yestls forward accept")
+        try:
+            assert tcp_probe("edge", [target])[target] in REACHABLE
+        finally:
+            home.check_output("systemctl reload nftables")
+        assert tcp_probe("edge", [target])[target] == FILTERED
+    finally:
+        internet.run(f"ip route del {EDGE_TUNNEL}/32")
+        edge.run(f"ip route del {behind_home}/32")
+        edge.check_output(f"wg set wg0 peer {home_key} allowed-ips {HOME_TUNNEL}/32")
 
 
 def test_home_from_the_internet():

@@ -11,12 +11,9 @@ running, policy tempfail), so the other modules see it unchanged.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from mailpath import (
@@ -36,7 +33,15 @@ from mailpath import (
     submit,
     wait_until_sent,
 )
-from scenario import SCENARIO_DIR, container, find_in_filesystem, messages_with, read_secret, site, wait_for
+from scenario import (
+    container,
+    find_in_filesystem,
+    messages_with,
+    read_secret,
+    run_playbook,
+    site,
+    wait_for,
+)
 
 TUNNEL_UNIT = "wg-quick@wg0.service"
 INTAKE_UNIT = "yestls-intake.service"
@@ -95,15 +100,7 @@ def edge_policy(policy: str):
 
 
 def _run_edge_playbook(policy: str) -> None:
-    ephemeral = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ephemeral / "ansible.cfg"),
-               ANSIBLE_LOG_FOLDER=str(ephemeral / "task-results"))
-    result = subprocess.run(
-        ["ansible-playbook", "-i", str(ephemeral / "inventory"), "-e", f"site_oracle_down={policy}",
-         str(SCENARIO_DIR.parent.parent / "playbooks/edge.yml")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_playbook("edge.yml", f"site_oracle_down={policy}")
     assert wait_for(lambda: edge_status()["policy"].get("oracle down", {}).get("policy") == policy, timeout=60)
     assert wait_for(oracle_reachable_from_edge, timeout=60), "the restarted edge has no oracle"
 

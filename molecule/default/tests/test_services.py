@@ -41,7 +41,7 @@ HOME_TUNNEL = site()["site_tunnel_home_address"]
 TEST_CA = site()["site_test_ca"]["cert"]
 
 YESTLS_UNITS = [("edge", "yestls-edge.service"), ("home", "yestls-oracle.service"), ("home", "yestls-intake.service")]
-KEYSTORE = "/var/lib/yestls-oracle/keystore"
+KEYSTORE = "/var/lib/yestls-signer/keystore"
 AUDIT_LOG = "/var/log/yestls-oracle/audit.jsonl"
 EDGE_IDENTITY = "/var/lib/yestls-edge/identity.key"
 SPOOL_KEY = "/var/lib/yestls-intake/spool.key"
@@ -134,7 +134,7 @@ def keystore_keys() -> list[str]:
 @pytest.mark.parametrize(
     ("name", "path", "owner", "group", "mode"),
     [
-        ("home", KEYSTORE, "yestls-oracle", "yestls-oracle", 0o700),
+        ("home", KEYSTORE, "yestls-signer", "yestls-signer", 0o700),
         ("home", "/var/lib/yestls-intake", "yestls-intake", "yestls-intake", 0o700),
         ("home", SPOOL_KEY, "yestls-intake", "yestls-intake", 0o600),
         ("home", INTAKE_IDENTITY, "yestls-intake", "yestls-intake", 0o600),
@@ -150,10 +150,60 @@ def test_key_and_secret_files_belong_to_their_user_only(name, path, owner, group
     assert (file.user, file.group, file.mode) == (owner, group, mode)
 
 
-def test_tls_keys_at_home_belong_to_the_oracle_only():
+def test_tls_keys_at_home_belong_to_the_signer_only():
     for path in keystore_keys():
         file = container("home").file(path)
-        assert (file.user, file.group, file.mode) == ("yestls-oracle", "yestls-oracle", 0o600)
+        assert (file.user, file.group, file.mode) == ("yestls-signer", "yestls-signer", 0o600)
+
+
+def signer_unit() -> str:
+    """One running signing process's unit (yestls-signer@<n>-<pid>-<uid>.service)."""
+    units = container("home").check_output(
+        "systemctl list-units --type=service --state=running --plain --no-legend 'yestls-signer@*'").split()
+    assert units, "no signing process runs"
+    return units[0]
+
+
+def cgroup_limit(host, control_group: str, v2: str, v1: str) -> str:
+    """A limit of the unit's cgroup as the kernel enforces it: the unified hierarchy's file, or the v1
+    memory controller's (the scenario's containers run on the host's cgroups, v1 or v2)."""
+    unified = host.file(f"/sys/fs/cgroup{control_group}/{v2}")
+    if unified.exists:
+        return unified.content_string.strip()
+    return host.file(f"/sys/fs/cgroup/memory{control_group}/{v1}").content_string.strip()
+
+
+# (host, unit) -> whether it holds a secret or plaintext mail. Those get a memory cap, no swap and
+# no core dump; the oracle's front, which holds neither, a memory cap and no core dump.
+LIMITED_UNITS = {
+    ("edge", "yestls-edge.service"): True,
+    ("home", "yestls-intake.service"): True,
+    ("home", "yestls-signer@"): True,  # a running instance
+    ("home", "yestls-oracle.service"): False,
+}
+
+
+@pytest.mark.parametrize(("name", "unit"), list(LIMITED_UNITS), ids=lambda v: v.split(".")[0])
+def test_memory_swap_and_core_limits_are_in_force(name, unit):
+    """Configured (`systemctl show`) and in force: the running process's core size
+    limit (/proc/PID/limits) and its cgroup's memory limit; no swap where v2 enforces it."""
+    host = container(name)
+    secret = LIMITED_UNITS[(name, unit)]
+    unit = signer_unit() if unit.endswith("@") else unit
+    show = dict(line.split("=", 1) for line in host.check_output(
+        f"systemctl show -p MemoryMax -p MemorySwapMax -p LimitCORE -p MainPID -p ControlGroup {unit}").splitlines())
+    assert show["LimitCORE"] == "0"
+    limits = host.file(f"/proc/{show['MainPID']}/limits").content_string
+    assert re.search(r"^Max core file size\s+0\s+0\s+bytes", limits, re.M), limits
+    memory_max = int(show["MemoryMax"])  # "infinity" fails here: a cap is set
+    total_kib = re.search(r"^MemTotal:\s+(\d+) kB", host.file("/proc/meminfo").content_string, re.M).group(1)
+    assert memory_max < int(total_kib) * 1024
+    assert int(cgroup_limit(host, show["ControlGroup"], "memory.max", "memory.limit_in_bytes")) == memory_max
+    if secret:
+        assert show["MemorySwapMax"] == "0"
+        swap = host.file(f"/sys/fs/cgroup{show['ControlGroup']}/memory.swap.max")
+        # cgroup v1 has no per-unit swap limit systemd sets; v2 must hold the 0 in force
+        assert not swap.exists or swap.content_string.strip() == "0"
 
 
 def pem_needles(label: str, pem: bytes) -> dict[str, bytes]:

@@ -265,15 +265,20 @@ class RpcConnection(asyncio.Protocol):
     async def call(self, method: str, params: dict | None = None, tail: bytes = b"",
                    timeout: float | None = None) -> Frame:
         """Send a request once the connection has drained, and await its answer; `timeout` covers both."""
+        if timeout is None:  # the signing processes' calls: no timer to set up
+            return await self._call(method, params, tail)
         async with asyncio.timeout(timeout):
-            if not self._writable.is_set():
-                await self._drained()
-            future = self.call_nowait(method, params, tail)
-            try:
-                return await future
-            finally:
-                if not future.done():
-                    future.cancel()
+            return await self._call(method, params, tail)
+
+    async def _call(self, method: str, params: dict | None, tail: bytes) -> Frame:
+        if not self._writable.is_set():
+            await self._drained()
+        future = self.call_nowait(method, params, tail)
+        try:
+            return await future
+        finally:
+            if not future.done():
+                future.cancel()
 
     def _forget_call(self, frame_id: int, future: asyncio.Future) -> None:
         if future.cancelled() and self._calls.get(frame_id) is future:

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from relay.rpc import Code, RemoteError
 from relay.spool.store import validate_id
 from relay.status import intake_rows
 
@@ -114,3 +115,23 @@ def test_lies_are_logged_counted_and_skipped_and_the_honest_mail_flows(world):
         assert status()["protocol_errors"] == lies, "a lie repeated every round is counted once"
         shown = {row.item: row for row in intake_rows(intake.config, time.time(), edge_spool_known=False)}
         assert shown["edge protocol errors"].value == lies, "yestls status shows them"
+
+
+def test_an_error_message_from_the_edge_cannot_forge_a_log_line(world):
+    edge, dovecot, intake, *_ = world
+    forged = "2026-01-01 00:00:00,000 yestls.intake INFO all is well"
+
+    async def failing(params, honest):
+        raise RemoteError(Code.INTERNAL, f"no stats today\n{forged}")
+
+    edge.lie("stats", failing)
+    try:
+        with run_intake(intake) as process:
+            wait_for(lambda: "no stats today" in process.log(), "the edge's error in the intake's log",
+                     details=lambda: process.log()[-3000:])
+            lines = process.log().splitlines()
+    finally:
+        edge.honest("stats")
+    reported = [line for line in lines if "no stats today" in line]
+    assert reported and all(" WARNING " in line and "\\n2026-01-01" in line for line in reported), reported
+    assert not any(line.startswith(forged) for line in lines)

@@ -110,8 +110,9 @@ class Intake:
                 self._protocol_error(str(error))
                 log.warning("edge spool %s:%d: reconnecting in %.0fs", host, port, delay)
             except (OSError, ConnectionError, asyncio.TimeoutError, RemoteError) as error:
-                log.warning("edge spool %s:%d: %s; retrying in %.0fs", host, port,
-                            str(error) or type(error).__name__, delay)
+                # %r: an error message from the edge is its text, and must not start a log line of its own.
+                log.warning("edge spool %s:%d: %r; retrying in %.0fs", host, port,
+                            (str(error) or type(error).__name__)[:300], delay)
             finally:
                 await client.close()
             self._write_status()

@@ -34,6 +34,7 @@ import asyncio
 import json
 import logging
 import struct
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -317,8 +318,10 @@ class RpcConnection(asyncio.Protocol):
                 self.close()
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - a handler bug answers `internal`, the service lives on
-            log.exception("%s: handler failed on %s", self.peer_text(), _quote(repr(frame.meta.get("method"))))
+        except Exception as bug:  # noqa: BLE001 - a handler bug answers `internal`, the service lives on
+            # The frames of our code in full; the exception's text, which may quote the peer, cut.
+            log.error("%s: handler failed on %s: %s\n%s", self.peer_text(), _quote(repr(frame.meta.get("method"))),
+                      _quote(f"{type(bug).__name__}: {bug}"), "".join(traceback.format_tb(bug.__traceback__)))
             if not self._writable.is_set():
                 await self._drained()
             self._send_error(frame.id, RemoteError(Code.INTERNAL, "internal error"))

@@ -359,6 +359,29 @@ def test_handler_exception_answers_internal_and_the_connection_lives_on():
     run(main())
 
 
+def test_a_handler_bug_is_logged_with_its_traceback_and_the_peers_text_cut(caplog):
+    """A bug whose exception quotes 500 KB the peer sent: the log line keeps the frames and the type, not the KB."""
+    async def handler(connection, frame):
+        raise KeyError(frame.meta["key"])
+
+    async def main():
+        pair = await Pair().start(handler)
+        client = await pair.client()
+        try:
+            with pytest.raises(RemoteError):
+                await client.call("m" * 100_000, {"key": "k" * 500_000}, timeout=5)
+        finally:
+            client.close()
+            await pair.close()
+
+    with caplog.at_level(logging.ERROR, logger="yestls.rpc"):
+        run(main())
+    [message] = [r.getMessage() for r in caplog.records if "handler failed" in r.getMessage()]
+    assert len(message) < 4096
+    assert "KeyError: 'kkk" in message and "raise KeyError(frame.meta" in message  # the type, and our frame
+    assert "chars)" in message
+
+
 def test_calls_fail_with_connection_error_when_the_connection_drops():
     async def main():
         never = asyncio.Event()

@@ -24,8 +24,9 @@ It owns three things:
   `PATH.2`, ... up to `backups`; the oldest is deleted). Each line still goes
   out in a single write(2) on an O_APPEND descriptor (`_LineFile` and
   `_RotatingLines`, the one place that depends on the handler's internals), so a crash loses at most
-  the line being written and lines never interleave. A rotation only renames
-  files: a crash during it loses no line. A line that cannot be written
+  the line being written (and a summary's counts not yet written: at most
+  SUMMARY_INTERVAL of refusals past the rate) and lines never interleave. A
+  rotation only renames files: a crash during it loses no line. A line that cannot be written
   raises: the caller must not hand out a signature it could not audit.
 """
 

@@ -44,10 +44,17 @@ class EdgeSite:
         return sorted(p for p in queue.iterdir() if p.is_file()) if queue.exists() else []
 
 
+# Every test client connects from 127.0.0.1: a TLS budget for one real sender would stop the tests.
+# Tests of the budget itself pass their own `tls_options`.
+UNBUDGETED_TLS = ("handshakes_per_minute = 1000000\nhandshake_burst = 100000\n"
+                  "network_handshakes_per_minute = 1000000\nnetwork_handshake_burst = 100000\n"
+                  "starttls_per_minute = 1000000\nstarttls_burst = 100000\n")
+
+
 def make_edge_site(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, oracle_down: str = "tempfail",
                    smtp_options: str = "", top_options: str = "", spool_options: str = "",
                    implicit_tls: bool = False, domains=("example.org",), spool_suite: str | None = None,
-                   oracle_options: str = "") -> EdgeSite:
+                   oracle_options: str = "", tls_options: str = UNBUDGETED_TLS) -> EdgeSite:
     directory.mkdir(parents=True, exist_ok=True)
     oracle = make_oracle_home(directory / "home", pki, key_types)
     edge_dir = directory / "edge"
@@ -69,6 +76,7 @@ def make_edge_site(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, 
         "[smtp]\n"
         f'listen = ["127.0.0.1:{smtp_port}"]\n{implicit}'
         f'oracle_down = "{oracle_down}"\n{smtp_options}\n'
+        f"[tls]\n{tls_options}\n"
         "[oracle]\n"
         f'servers = ["127.0.0.1:{oracle.port}"]\n'
         f'identity_key = "{oracle.identity_path}"\n{oracle_options}\n'

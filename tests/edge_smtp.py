@@ -109,9 +109,11 @@ class SmtpClient:
 
     @classmethod
     def connect(cls, port: int, *, tls: ssl.SSLContext | None = None, session: ssl.SSLSession | None = None,
-                timeout: float = TIMEOUT, read_greeting: bool = True) -> "SmtpClient":
-        """A connection to 127.0.0.1:`port` (implicit TLS with `tls`); the greeting is read and kept."""
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                timeout: float = TIMEOUT, read_greeting: bool = True, source: str | None = None) -> "SmtpClient":
+        """A connection to 127.0.0.1:`port` (implicit TLS with `tls`), from `source` (another loopback
+        address: another client) if given; the greeting is read and kept."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                        source_address=(source, 0) if source else None)
         if tls is not None:
             try:
                 sock = tls.wrap_socket(sock, server_hostname=MX_NAME, session=session)

@@ -83,12 +83,22 @@ def pieces(stream: bytes, cuts: list[int]) -> list[bytes]:
     return [stream[a:b] for a, b in zip(points, points[1:])] or [b""]
 
 
+# Around each piece, as in a receive buffer: bytes the readers must never look at.
+AROUND = b"\r\n.\r\n\n\r\x00DATA\r\n"
+
+
+def in_buffer(chunk: bytes) -> tuple[bytearray, int, int]:
+    """`chunk` inside a larger bytearray, and where it starts and ends there."""
+    return bytearray(AROUND + chunk + AROUND), len(AROUND), len(AROUND) + len(chunk)
+
+
 def read_data(chunks: list[bytes], max_size: int = 1 << 30):
     got = bytearray()
     reader = DataReader(lambda view: got.extend(view), max_size)
     consumed = 0
     for chunk in chunks:
-        used = reader.feed(chunk)
+        buffer, start, end = in_buffer(chunk)
+        used = reader.feed(buffer, start, end) - start
         if reader.done:
             consumed += used
             break
@@ -100,19 +110,20 @@ def read_data(chunks: list[bytes], max_size: int = 1 << 30):
 def scan_commands(chunks: list[bytes]):
     scanner = CommandScanner(COMMAND_LIMIT)
     events, offset = [], 0
-    for chunk in chunks:
-        position = 0
-        while position < len(chunk):
-            scan = scanner.scan(chunk, position)
-            assert position <= scan.end <= len(chunk)
+    for piece in chunks:
+        chunk, first, last = in_buffer(piece)
+        position = first
+        while position < last:
+            scan = scanner.scan(chunk, position, last)
+            assert position <= scan.end <= last
             position = scan.end
             if isinstance(scan.stop, Violation):
                 return events + [(None, scan.stop)]
             if isinstance(scan.stop, Hold):
-                events.append((offset + scan.end, scan.stop))
+                events.append((offset + scan.end - first, scan.stop))
             else:
-                assert scan.end == len(chunk)
-        offset += len(chunk)
+                assert scan.end == last
+        offset += len(piece)
     return events
 
 

@@ -78,9 +78,9 @@ def documented_internals() -> set[str]:
 def smtp():
     """A KeylessSMTP as the edge makes it (not connected), on a loop of its own."""
     loop = asyncio.new_event_loop()
-    rules = TransactionRules("mx.example.org", "example.org", 100, lambda: False,
+    rules = TransactionRules("mx.example.org", "example.org", 100, lambda server: None,
                              lambda: RecipientPolicy(frozenset({"example.org"})))
-    server = KeylessSMTP(EdgeHandler(rules, spool=None, metrics=None), tls_setup=lambda: ("config", "signer"),
+    server = KeylessSMTP(EdgeHandler(rules, spool=None, metrics=None), tls_setup=lambda peer: ("config", "signer"),
                          hostname="mx.example.org", timeout=123.0, loop=loop, enable_SMTPUTF8=True)
     yield server
     loop.close()
@@ -208,6 +208,22 @@ def test_the_edge_handlers_ehlo_hook_is_the_current_form(smtp):
     assert set(smtp._handle_hooks) >= {"EHLO", "MAIL", "RCPT"}
     # DATA content never reaches aiosmtpd's own DATA hook: the adapter streams it to open_message's sink.
     assert "DATA" not in smtp._handle_hooks and callable(smtp.event_handler.open_message)
+
+
+def test_the_adapter_takes_no_name_its_base_classes_use(smtp):
+    """A name of ours that aiosmtpd or asyncio also uses would change their state behind them (a `_paused`
+    of ours once made asyncio's drain() wait for ever)."""
+    bases = [SMTP, *SMTP.__mro__[1:], asyncio.BufferedProtocol]
+    used = set()
+    for base in bases:
+        try:
+            used |= set(re.findall(r"self\.(\w+)", inspect.getsource(base)))
+        except (OSError, TypeError):
+            used |= set(vars(base))
+    ours = set(re.findall(r"self\.(\w+)\s*(?::[^=]+)?=", inspect.getsource(KeylessSMTP)))
+    shared_on_purpose = {"peer", "tls_context", "transport", "session", "envelope", "_tls_protocol",
+                         "_original_transport"}
+    assert ours & used <= shared_on_purpose, f"the adapter sets names its bases use: {sorted(ours & used - shared_on_purpose)}"
 
 
 def test_help_still_lists_data(smtp):

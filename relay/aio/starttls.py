@@ -42,6 +42,7 @@ import aiosmtpd
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from relay.aio.tls import Signer, TLSServerProtocol
+from relay.scrub import wipe
 from relay.smtp.input import CommandScanner, DataReader, Hold, Violation
 from relay.tls import ServerConfig
 
@@ -72,6 +73,7 @@ def with_enhanced_code(reply: bytes) -> bytes:
 
 # Input held after a DATA/BDAT/STARTTLS line beyond this stops reading from the client until it is answered.
 HELD_INPUT_LIMIT = 64 * 1024
+RECEIVE_BUFFER = 64 * 1024
 # What `open_message` may answer instead of a sink; and the replies for content refused after its end.
 _CONTENT_REFUSALS = {
     Violation.TOO_BIG: "552 5.3.4 Message too big for system",
@@ -99,17 +101,17 @@ class _SMTPTLSProtocol(TLSServerProtocol):
         return {"tls_session": self.engine.session}
 
 
-class KeylessSMTP(SMTP):
+class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
     """aiosmtpd's SMTP with STARTTLS through the keyless engine.
 
-    `tls_setup()` returns (ServerConfig, signer) or None when TLS cannot be
-    offered right now (no certificate yet, or the oracle policy says so).
-    `admission.admit(smtp)` returns a reply line to close with instead of the
-    greeting (too many connections, oracle away), or None; every admitted
-    connection is later given to `admission.release(smtp)`.
+    `tls_setup(peer)` returns (ServerConfig, signer for that client) or None
+    when TLS cannot be offered right now (no certificate yet, or the oracle
+    policy says so). `admission` (an Admission) decides at the greeting and
+    at each STARTTLS; on an implicit-TLS listener, `implicit_tls_protocol`
+    admits before the handshake and this class is given no admission.
     """
 
-    def __init__(self, handler, *, tls_setup: Callable[[], tuple[ServerConfig, Signer] | None],
+    def __init__(self, handler, *, tls_setup: Callable[[object], tuple[ServerConfig, Signer] | None],
                  admission=None, data_timeout: float = 600.0, handshake_timeout: float = 30.0,
                  max_errors: int = 10, implicit_tls: bool = False,
                  on_refusal: Callable[[str], None] | None = None, **options):
@@ -127,18 +129,20 @@ class KeylessSMTP(SMTP):
         self._errors = 0
         self._greeting_lines = False
         self.implicit_tls = implicit_tls
+        self.peer = None  # the client's (host, port), once connected
         self._scanner = CommandScanner(SMTP.command_size_limit)
-        self._held: bytearray | None = None      # input after a DATA/BDAT/STARTTLS line, until it is answered
-        self._paused = False
+        self._held: list[bytearray] | None = None  # input after a DATA/BDAT/STARTTLS line, until it is answered
+        self._reading_paused = False
         self._content: DataReader | None = None  # reading DATA content, into:
         self._content_sink: MessageSink | None = None
         self._content_read: asyncio.Future | None = None
+        self._receive: memoryview | None = None  # the socket's bytes land here (plaintext: wiped once read)
         super().__init__(handler, **options)
 
     # aiosmtpd asks `if self.tls_context` to decide whether to offer STARTTLS.
     @property
     def tls_context(self):
-        return not self.implicit_tls and self._tls_setup() is not None
+        return not self.implicit_tls and self._tls_setup(self.peer) is not None
 
     @tls_context.setter
     def tls_context(self, value) -> None:
@@ -152,9 +156,10 @@ class KeylessSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None and self.transport is None
-        if first and self._admission is not None:
+        if first:
             self.peer = transport.get_extra_info("peername")
-            refusal = self._admission.admit(self)
+        if first and self._admission is not None:
+            refusal = self._admission.admit(self.peer, implicit_tls=False)
             if refusal is not None:
                 transport.write(with_enhanced_code(refusal.encode()) + b"\r\n")
                 transport.close()
@@ -175,7 +180,7 @@ class KeylessSMTP(SMTP):
             self._content_sink.abort()
         if self._admission is not None and not self._released:
             self._released = True
-            self._admission.release(self)
+            self._admission.release(self.peer)
         super().connection_lost(error)
 
     def eof_received(self):
@@ -185,54 +190,79 @@ class KeylessSMTP(SMTP):
 
     # --- input ------------------------------------------------------------------------------
 
+    # Plaintext from the socket lands in one buffer of this connection's (asyncio's BufferedProtocol:
+    # recv_into), is wiped as soon as it is read, and only the pieces that must be kept are copied.
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._receive is None:
+            self._receive = memoryview(bytearray(RECEIVE_BUFFER))
+        return self._receive
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._input(self._receive.obj, nbytes)
+        finally:
+            wipe(self._receive, nbytes)
+
     def data_received(self, data: bytes) -> None:
+        """From the TLS layer: the plaintext of its records."""
+        self._input(data, len(data))
+
+    def _input(self, data, end: int) -> None:
+        """`data[:end]` (bytes or bytearray) as the client sent it."""
         if self.session is None or self.transport is None or self.transport.is_closing():
             return  # refused at greeting, or ending: nothing more is read
         if self._content is not None:
             self._reset_timeout(self._data_timeout)  # a slow sender gets the timeout per chunk
-            self._read_content(data)
+            self._read_content(data, 0, end)
         elif self._held is not None:
-            self._hold(data)
+            self._hold(data, 0, end)
         else:
-            self._read_commands(data)
+            self._read_commands(data, 0, end)
 
-    def _read_commands(self, data: bytes, start: int = 0) -> None:
+    def _read_commands(self, data, start: int, end: int) -> None:
         """Checked command lines to aiosmtpd's reader, up to a bare CR/LF (the end) or a line to hold after."""
-        while start < len(data):
-            scan = self._scanner.scan(data, start)
+        while start < end:
+            scan = self._scanner.scan(data, start, end)
             if scan.end > start:
                 super().data_received(data[start:scan.end])
             if isinstance(scan.stop, Violation):
                 self._bare_line_end(scan.stop)
                 return
             if isinstance(scan.stop, Hold):
-                self._held = bytearray()
-                self._hold(data[scan.end:])
+                self._held = []
+                self._hold(data, scan.end, end)
                 return
             start = scan.end
 
-    def _hold(self, data: bytes) -> None:
-        self._held += data
-        if len(self._held) > HELD_INPUT_LIMIT and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
+    def _hold(self, data, start: int, end: int) -> None:
+        if start < end:
+            self._held.append(bytearray(memoryview(data)[start:end]))  # pieces: never grown, so never moved
+        if sum(map(len, self._held)) > HELD_INPUT_LIMIT and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()  # again if aiosmtpd's reader resumed it meanwhile
 
-    def _take_held(self) -> bytearray:
+    def _take_held(self) -> list[bytearray]:
         """The held input, for the command that was answered; reading from the client goes on."""
-        held, self._held = self._held or bytearray(), None
-        if self._paused and self.transport is not None:
-            self._paused = False
+        held, self._held = self._held or [], None
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
             self.transport.resume_reading()
         return held
+
+    def _replay(self, held: list[bytearray]) -> None:
+        """Held input, read now as if it had just arrived (content, commands, or held again); then wiped."""
+        for piece in held:
+            self._input(piece, len(piece))
+            wipe(piece)
 
     def _release_held(self) -> None:
         """The held-after command was refused: what came after it is commands again."""
         if self._held is not None:
-            self._read_commands(self._take_held())
+            self._replay(self._take_held())
 
-    def _read_content(self, data: bytes) -> None:
+    def _read_content(self, data, start: int, end: int) -> None:
         reader = self._content
-        used = reader.feed(data)
+        used = reader.feed(data, start, end)
         if not reader.done:
             return
         sink, self._content, self._content_sink = self._content_sink, None, None
@@ -242,7 +272,7 @@ class KeylessSMTP(SMTP):
             sink.abort()                           # at once: the plaintext read so far is wiped
             self._bare_line_end(reader.violation)  # and not one more byte is read
         else:
-            self._read_commands(data, used)  # what the client pipelined after the final dot
+            self._read_commands(data, used, end)   # what the client pipelined after the final dot
 
     def _bare_line_end(self, violation: Violation) -> None:
         """RFC 5321 2.3.8: no bare CR or LF. Nothing after it is read; the session ends (as Postfix's 521)."""
@@ -314,7 +344,7 @@ class KeylessSMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             self._reset_timeout(self._data_timeout)
-            self._read_content(self._take_held())
+            self._replay(self._take_held())
             reader = await read
         except BaseException:
             self._content = self._content_sink = None
@@ -348,14 +378,18 @@ class KeylessSMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: STARTTLS")
             return False
-        setup = None if self._tls_protocol else self._tls_setup()
+        setup = None if self._tls_protocol else self._tls_setup(self.peer)
         if setup is None:
             await self.push("454 4.7.0 TLS not available")
+            return False
+        refusal = self._admission.starttls(self.peer) if self._admission is not None else None
+        if refusal is not None:
+            await self.push(refusal)
             return False
         config, signer = setup
         # RFC 3207 4.2: what the client sent behind STARTTLS before our 220 is discarded, never run;
         # what comes after the 220 is TLS, held until the TLS layer takes over the connection.
-        self._held = bytearray()
+        self._held = []
         self._scanner.reset()
         await self.push("220 2.0.0 Ready to start TLS")
         waiter = self.loop.create_future()
@@ -365,8 +399,7 @@ class KeylessSMTP(SMTP):
         self._original_transport = self.transport
         self._original_transport.set_protocol(tls)
         tls.connection_made(self._original_transport)
-        early = self._take_held()
-        if early:
+        for early in self._take_held():
             tls.data_received(early)
         try:
             await waiter
@@ -398,21 +431,76 @@ def _address(peer) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
-def implicit_tls_protocol(config_and_signer: Callable[[], tuple[ServerConfig, Signer] | None],
-                          smtp_factory: Callable[[], KeylessSMTP], handshake_timeout: float = 30.0):
-    """A protocol factory for a listener where TLS starts at once (no STARTTLS)."""
-    def factory():
-        setup = config_and_signer()
-        smtp = smtp_factory()
+class Admission(Protocol):
+    """Who may connect, and start TLS, now (the edge's: relay/edge/server.py)."""
+
+    def admit(self, peer, *, implicit_tls: bool) -> str | None:
+        """At the connection: None to go on, or the reply to close with (421 ...)."""
+
+    def release(self, peer) -> None:
+        """An admitted connection ended."""
+
+    def starttls(self, peer) -> str | None:
+        """At a STARTTLS command: None to go on, or the refusal (454 ...)."""
+
+
+def implicit_tls_protocol(tls_setup: Callable[[object], tuple[ServerConfig, Signer] | None],
+                          smtp_factory: Callable[[], KeylessSMTP], admission: Admission | None = None,
+                          handshake_timeout: float = 30.0):
+    """A protocol factory for a listener where TLS starts at once (no STARTTLS).
+
+    The connection is admitted before its handshake (a handshake costs a
+    signature at home), and released when it ends, handshake or not.
+    """
+    return lambda: _ImplicitTLS(tls_setup, smtp_factory, admission, handshake_timeout)
+
+
+class _ImplicitTLS(asyncio.Protocol):
+    """Admission, then the TLS layer with the SMTP session on it; closed at once when either says no."""
+
+    def __init__(self, tls_setup, smtp_factory, admission: Admission | None, handshake_timeout: float):
+        self._tls_setup = tls_setup
+        self._smtp_factory = smtp_factory
+        self._admission = admission
+        self._handshake_timeout = handshake_timeout
+        self._peer = None
+        self._tls: TLSServerProtocol | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._peer = transport.get_extra_info("peername")
+        refusal = self._admission.admit(self._peer, implicit_tls=True) if self._admission is not None else None
+        setup = self._tls_setup(self._peer) if refusal is None else None
         if setup is None:
-            return _Refuse()
+            # Nothing can be said in cleartext on a TLS port: the client sees the close and retries later.
+            if refusal is None and self._admission is not None:
+                self._admission.release(self._peer)
+            self._admission = None
+            transport.abort()
+            return
         config, signer = setup
-        return TLSServerProtocol(config, signer, smtp, handshake_timeout=handshake_timeout)
-    return factory
+        self._tls = TLSServerProtocol(config, signer, self._smtp_factory(), handshake_timeout=self._handshake_timeout)
+        self._tls.connection_made(transport)
 
+    # The TLS layer does the rest; this protocol stays the transport's, to release the admission at the end.
+    def data_received(self, data: bytes) -> None:
+        if self._tls is not None:
+            self._tls.data_received(data)
 
-class _Refuse(asyncio.Protocol):
-    """TLS cannot be offered now: close at once; the sender retries later."""
+    def eof_received(self) -> bool:
+        return self._tls.eof_received() if self._tls is not None else False
 
-    def connection_made(self, transport) -> None:
-        transport.abort()
+    def pause_writing(self) -> None:
+        if self._tls is not None:
+            self._tls.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._tls is not None:
+            self._tls.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        if self._tls is not None:
+            self._tls.connection_lost(exc)
+        if self._admission is not None:
+            self._admission.release(self._peer)
+            self._admission = None
+

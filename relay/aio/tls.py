@@ -4,7 +4,9 @@
 hands each `SignatureRequest` to an async signer (a local key in tests and in
 `yestls tls-serve`, the key oracle on the edge), and once the handshake is done
 gives the application protocol a `TLSTransport` that reads and writes
-plaintext, like asyncio's own SSL layer does.
+plaintext, like asyncio's own SSL layer does. The bytes given to the
+application's `data_received` are wiped when it returns: it copies what it
+keeps (mail plaintext must not linger in freed memory).
 """
 
 import asyncio
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from relay.scrub import wipe
 from relay.tls import (
     CloseNotifyReceived,
     DataReceived,
@@ -30,6 +33,11 @@ log = logging.getLogger("yestls.tls")
 
 class Signer(Protocol):
     async def sign(self, request: SignatureRequest) -> bytes: ...
+
+
+class SignatureDeclined(Exception):
+    """The signer would not ask for this signature (the client is over its budget): the handshake
+    ends with internal_error, and the signer has already counted and logged it."""
 
 
 class LocalKeySigner:
@@ -83,7 +91,10 @@ class TLSServerProtocol(asyncio.Protocol):
             return
         for event in events:
             if isinstance(event, DataReceived):
-                self._app.data_received(event.data)
+                try:
+                    self._app.data_received(event.data)
+                finally:
+                    wipe(event.data)  # mail plaintext: the application has copied what it keeps
             elif isinstance(event, SignatureRequest):
                 self._sign_task = asyncio.get_running_loop().create_task(self._sign(event))
             elif isinstance(event, HandshakeComplete):
@@ -124,7 +135,9 @@ class TLSServerProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - any signer failure ends this handshake only
-            log.warning("%s: signer failed (%s: %s); handshake aborted", self._peer(), type(error).__name__, error)
+            if not isinstance(error, SignatureDeclined):
+                log.warning("%s: signer failed (%s: %s); handshake aborted", self._peer(), type(error).__name__,
+                            error)
             self.engine.signature_failed()
             self._resolve_waiter(error)
             self._flush()

@@ -20,6 +20,17 @@
     max_errors = 10
     oracle_down = "tempfail"             # or "resume-only", or "plaintext" (opt-in)
 
+    [tls]                                # all optional; relay/edge/tls_budget.py explains the budget
+    handshakes_per_minute = 30           # full handshakes (each a signature at home) per client address
+    handshake_burst = 10
+    network_handshakes_per_minute = 120  # ... per /24 (IPv4) or /64 (IPv6)
+    network_handshake_burst = 30
+    starttls_per_minute = 60             # STARTTLS commands per client address
+    starttls_burst = 20
+    retry_after = 60                     # seconds a client whose TLS failed is told to retry later, not in cleartext
+    ticket_lifetime = 7200               # seconds a session ticket may resume (no signature needed)
+    ticket_rotation = 3600               # seconds each ticket key issues tickets; it is forgotten a lifetime later
+
     [oracle]
     servers = ["10.77.0.2:7443"]
     identity_key = "/var/lib/yestls-edge/identity.key"
@@ -49,6 +60,7 @@ from pathlib import Path
 from relay.audit import AuditSettings, load_audit_settings
 from relay.config import ConfigError, Table
 from relay.edge.recipients import normal_address, normal_domain
+from relay.edge.tls_budget import TlsLimits
 from relay.tunnel import Peer, load_peers
 
 ORACLE_DOWN_POLICIES = ("tempfail", "resume-only", "plaintext")
@@ -67,6 +79,15 @@ class SmtpSettings:
     max_connections_per_ip: int
     max_errors: int
     oracle_down: str
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    limits: TlsLimits
+    # Session tickets: a ticket resumes TLS without a signature, so revoking the edge's identity at the
+    # oracle ends resumption only when the last ticket key is forgotten, rotation + lifetime later (3 h).
+    ticket_lifetime: int
+    ticket_rotation: int
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,7 @@ class EdgeConfig:
     state_dir: Path
     metrics_listen: tuple[str, int] | None
     smtp: SmtpSettings
+    tls: TlsSettings
     oracle: OracleSettings
     spool: SpoolSettings
     spool_service: SpoolServiceSettings | None
@@ -155,6 +177,7 @@ def load(path: Path) -> EdgeConfig:
         oracle_down=oracle_down,
     )
     smtp.done()
+    tls_settings = _tls_settings(table.table("tls"))
 
     oracle = table.table("oracle")
     oracle_settings = OracleSettings(
@@ -192,9 +215,35 @@ def load(path: Path) -> EdgeConfig:
     return EdgeConfig(
         hostname=normal_domain(hostname), domains=frozenset(normal_domains),
         mailboxes=frozenset(mailboxes) if mailboxes else None, mailboxes_from_home=from_home,
-        state_dir=state_dir, metrics_listen=metrics, smtp=smtp_settings, oracle=oracle_settings,
+        state_dir=state_dir, metrics_listen=metrics, smtp=smtp_settings, tls=tls_settings, oracle=oracle_settings,
         spool=spool_settings, spool_service=service,
     )
+
+
+def _tls_settings(tls: Table) -> TlsSettings:
+    defaults = TlsLimits()
+
+    def rate(key: str, default: float) -> float:
+        return float(tls.get(key, (int, float), default=default, check=_positive, hint="a number above 0"))
+
+    def count(key: str, default: int) -> int:
+        return tls.get(key, int, default=default, check=_positive, hint="a whole number above 0")
+
+    limits = TlsLimits(
+        handshakes_per_minute=rate("handshakes_per_minute", defaults.handshakes_per_minute),
+        handshake_burst=count("handshake_burst", defaults.handshake_burst),
+        network_handshakes_per_minute=rate("network_handshakes_per_minute", defaults.network_handshakes_per_minute),
+        network_handshake_burst=count("network_handshake_burst", defaults.network_handshake_burst),
+        starttls_per_minute=rate("starttls_per_minute", defaults.starttls_per_minute),
+        starttls_burst=count("starttls_burst", defaults.starttls_burst),
+        retry_after=rate("retry_after", defaults.retry_after),
+    )
+    lifetime = tls.get("ticket_lifetime", int, default=7200, check=lambda n: 1 <= n <= 604800,
+                       hint="seconds, 1..604800 (RFC 8446 4.6.1)")
+    rotation = tls.get("ticket_rotation", int, default=3600, check=lambda n: 1 <= n <= lifetime,
+                       hint="seconds, 1..ticket_lifetime")
+    tls.done()
+    return TlsSettings(limits, lifetime, rotation)
 
 
 __all__ = ["ConfigError", "EdgeConfig", "load"]

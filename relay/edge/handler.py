@@ -32,8 +32,9 @@ class TransactionRules:
     hostname: str
     primary_domain: str   # where a bare "postmaster" goes
     max_recipients: int
-    # True when a transaction needs TLS now (resume-only policy with the oracle away).
-    tls_required: Callable[[], bool]
+    # The refusal for a transaction in cleartext from this session now (the oracle away under
+    # resume-only, or the edge could not finish this client's TLS a moment ago), or None.
+    tls_required: Callable[[object], str | None]
     recipients: Callable[[], RecipientPolicy]
 
 
@@ -66,9 +67,9 @@ class EdgeHandler:
         return lines + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
 
     async def handle_MAIL(self, server, session, envelope, address: str, mail_options: list[str]) -> str:
-        if server.tls_session is None and self.rules.tls_required():
-            return self._refuse(server, "tls_required",
-                                "451 4.7.0 TLS is required while our key service is away; please retry later")
+        refusal = self.rules.tls_required(server) if server.tls_session is None else None
+        if refusal is not None:
+            return self._refuse(server, "tls_required", refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"

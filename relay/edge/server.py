@@ -18,6 +18,7 @@ When no oracle answers, `smtp.oracle_down` decides:
 import asyncio
 import logging
 import os
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,10 +27,13 @@ from prometheus_client import Counter as MetricCounter
 
 from relay import daemon
 from relay.aio.starttls import KeylessSMTP, implicit_tls_protocol
+from relay.aio.tls import SignatureDeclined
+from relay.audit import AuditLog
 from relay.edge import config as edge_config
 from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
 from relay.edge.mailboxes import MailboxList
 from relay.edge.recipients import RecipientPolicy
+from relay.edge.tls_budget import Refusal, TlsBudget
 from relay.identity import IdentityError, load_identity
 from relay.oracle.client import OraclePool, OracleUnavailable
 from relay.spool.keys import parse_spool_public_key
@@ -71,37 +75,72 @@ class EdgeMetrics:
 
 
 class Admission:
-    """Connection caps and the greeting refusal of the tempfail policy."""
+    """Who may connect and start TLS now: connection caps, the TLS budget, and the tempfail policy's refusals."""
 
     def __init__(self, edge: "Edge"):
         self.edge = edge
         self.total = 0
         self.per_ip: Counter = Counter()
 
-    def admit(self, smtp: KeylessSMTP) -> str | None:
+    def admit(self, peer, *, implicit_tls: bool) -> str | None:
         settings = self.edge.config.smtp
-        ip = smtp.peer[0] if isinstance(smtp.peer, tuple) else "unknown"
+        ip = _ip(peer)
         if self.total >= settings.max_connections:
             self.edge.metrics.refused("too_many_connections")
             return "421 4.7.0 Too many connections, please retry later"
         if self.per_ip[ip] >= settings.max_connections_per_ip:
             self.edge.metrics.refused("too_many_connections_from_ip")
             return "421 4.7.0 Too many connections from your address, please retry later"
-        if settings.oracle_down == "tempfail" and not self.edge.oracle_available() and not smtp.implicit_tls:
-            self.edge.metrics.refused("oracle_down")
-            return f"421 4.3.0 {self.edge.config.hostname} Service temporarily unavailable, please retry later"
+        if settings.oracle_down == "tempfail" and not implicit_tls:
+            if not self.edge.oracle_available():
+                self.edge.metrics.refused("oracle_down")
+                return f"421 4.3.0 {self.edge.config.hostname} Service temporarily unavailable, please retry later"
+            if self.edge.budget.retry_later(ip):
+                self.edge.metrics.refused("tls_failed_retry_later")
+                return f"421 4.7.0 {self.edge.config.hostname} {RETRY_LATER}"
         self.total += 1
         self.per_ip[ip] += 1
         self.edge.metrics.connections.set(self.total)
         return None
 
-    def release(self, smtp: KeylessSMTP) -> None:
-        ip = smtp.peer[0] if isinstance(smtp.peer, tuple) else "unknown"
+    def release(self, peer) -> None:
+        ip = _ip(peer)
         self.total -= 1
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
         self.edge.metrics.connections.set(self.total)
+
+    def starttls(self, peer) -> str | None:
+        refusal = self.edge.budget.starttls(_ip(peer))
+        if refusal is None:
+            return None
+        self.edge.budget_refused(peer, refusal)
+        return "454 4.7.0 Too many TLS attempts from your address; please retry later"
+
+
+# What a client is told when the edge could not finish its TLS a moment ago (tls_budget.py).
+RETRY_LATER = "Our TLS with you failed a moment ago; please retry later (not in cleartext)"
+
+
+class BudgetedSigner:
+    """The oracle pool, for one client: a full handshake spends that client's TLS budget before home is asked."""
+
+    def __init__(self, edge: "Edge", peer):
+        self.edge = edge
+        self.peer = peer
+
+    async def sign(self, request):
+        ip = _ip(self.peer)
+        refusal = self.edge.budget.handshake(ip)
+        if refusal is not None:
+            self.edge.budget_refused(self.peer, refusal)
+            raise SignatureDeclined(refusal.value)
+        try:
+            return await self.edge.pool.sign(request)
+        except Exception:
+            self.edge.budget.tls_failed(ip)  # the sender must not retry in cleartext: it waits, then TLS again
+            raise
 
 
 class Edge:
@@ -110,9 +149,13 @@ class Edge:
         self.pool = pool
         self.spool = spool
         self.metrics = metrics
-        self.tickets = TicketKeyring(os.urandom)  # in memory only; survives certificate refreshes
+        # In memory only; survives certificate refreshes. Short-lived: see TlsSettings.
+        self.tickets = TicketKeyring(os.urandom, lifetime=config.tls.ticket_lifetime,
+                                     rotate_every=config.tls.ticket_rotation)
         self.tls_config: ServerConfig | None = None
         self.mailboxes = MailboxList(config.state_dir / "mailboxes.json") if config.mailboxes_from_home else None
+        self.budget = TlsBudget(config.tls.limits)
+        self._budget_logged: dict[str, float] = {}   # address -> when its last budget refusal was logged
         self.admission = Admission(self)
         self.handler = EdgeHandler(
             TransactionRules(config.hostname, sorted(config.domains)[0], config.smtp.max_recipients,
@@ -120,11 +163,31 @@ class Edge:
             spool, metrics)
         metrics.policy.labels(config.smtp.oracle_down).set(1)
 
+    def budget_refused(self, peer, refusal: Refusal) -> None:
+        """Counted always; logged once per address per `retry_after` (a flood must not flood the log)."""
+        self.metrics.refused(refusal.value)
+        ip = _ip(peer)
+        now = time.monotonic()
+        if now - self._budget_logged.get(ip, -1e9) >= self.config.tls.limits.retry_after:
+            if len(self._budget_logged) >= self.config.tls.limits.max_tracked:
+                self._budget_logged.clear()
+            self._budget_logged[ip] = now
+            log.warning("%s: over its TLS budget (%s); it is told to retry later; more refusals in the next "
+                        "%.0f s are counted, not logged", ip, refusal.value, self.config.tls.limits.retry_after)
+
     def oracle_available(self) -> bool:
         return self.pool.health().available
 
-    def tls_required(self) -> bool:
-        return self.config.smtp.oracle_down == "resume-only" and not self.oracle_available()
+    def tls_required(self, smtp) -> str | None:
+        """Why a cleartext transaction from `smtp`'s client is refused now, or None (it may go on)."""
+        policy = self.config.smtp.oracle_down
+        if policy == "plaintext":
+            return None  # the operator chose cleartext over waiting
+        if policy == "resume-only" and not self.oracle_available():
+            return "451 4.7.0 TLS is required while our key service is away; please retry later"
+        if self.budget.retry_later(_ip(smtp.peer)):
+            return f"451 4.7.0 {RETRY_LATER}"
+        return None
 
     def recipient_policy(self) -> RecipientPolicy:
         mailboxes = self.config.mailboxes
@@ -132,12 +195,13 @@ class Edge:
             mailboxes = self.mailboxes.current()
         return RecipientPolicy(self.config.domains, mailboxes)
 
-    def tls_setup(self):
+    def tls_setup(self, peer):
+        """The TLS configuration and a signer for the client at `peer`; None when TLS cannot be offered now."""
         if self.tls_config is None:
             return None
         if self.config.smtp.oracle_down == "plaintext" and not self.oracle_available():
             return None
-        return self.tls_config, self.pool
+        return self.tls_config, BudgetedSigner(self, peer)
 
     async def refresh_certificates(self) -> None:
         chains = [chain for _, chain in await self.pool.certificates()]
@@ -172,9 +236,10 @@ class Edge:
             await asyncio.sleep(1)
 
     def smtp_factory(self, implicit_tls: bool = False):
+        """One SMTP session; on the implicit-TLS listener its admission was done before the handshake."""
         settings = self.config.smtp
         return KeylessSMTP(
-            self.handler, tls_setup=self.tls_setup, admission=self.admission,
+            self.handler, tls_setup=self.tls_setup, admission=None if implicit_tls else self.admission,
             data_timeout=settings.data_timeout, handshake_timeout=settings.handshake_timeout,
             max_errors=settings.max_errors, implicit_tls=implicit_tls, on_refusal=self.metrics.refused,
             hostname=self.config.hostname, ident="ESMTP YesTLS", data_size_limit=settings.max_message_size,
@@ -210,9 +275,9 @@ async def serve(config: edge_config.EdgeConfig) -> None:
         servers.append(await loop.create_server(edge.smtp_factory, host, port))
     for host, port in config.smtp.implicit_tls_listen:
         factory = implicit_tls_protocol(edge.tls_setup, lambda: edge.smtp_factory(implicit_tls=True),
-                                        config.smtp.handshake_timeout)
+                                        edge.admission, config.smtp.handshake_timeout)
         servers.append(await loop.create_server(factory, host, port))
-    service_servers = await _start_spool_service(config, spool, edge, registry)
+    service_servers, audit = await _start_spool_service(config, spool, edge, registry)
     metrics_server = None
     if config.metrics_listen:
         metrics_server, _ = start_http_server(config.metrics_listen[1], addr=config.metrics_listen[0],
@@ -230,20 +295,26 @@ async def serve(config: edge_config.EdgeConfig) -> None:
             server.close()
         await pool.close()
         spool.close()
+        if audit is not None:
+            audit.close()  # writes the refusal summaries still pending
         if metrics_server is not None:
             metrics_server.shutdown()
 
 
-async def _start_spool_service(config, spool, edge, registry) -> list:
+async def _start_spool_service(config, spool, edge, registry) -> tuple[list, AuditLog | None]:
+    """The spool service for home (its servers, and its audit log to close at the end), if configured."""
     if config.spool_service is None:
-        return []
-    from relay.audit import AuditLog
+        return [], None
     from relay.spool.service import SpoolService
 
-    audit = AuditLog(config.spool_service.audit_log)
+    audit = AuditLog.open(config.spool_service.audit)
     extra = {"mailboxes": edge.mailboxes.publish} if edge.mailboxes is not None else {}
     service = SpoolService(spool, config.spool_service.peers, audit, registry, extra_methods=extra)
-    return await service.serve(config.spool_service.listen)
+    return await service.serve(config.spool_service.listen), audit
+
+
+def _ip(peer) -> str:
+    return peer[0] if isinstance(peer, tuple) else "unknown"
 
 
 def run(args) -> int:

@@ -83,8 +83,9 @@ class CommandScanner:
         self._head = b""
         self._length = 0
 
-    def scan(self, data: bytes, start: int = 0) -> Scan:
-        n = len(data)
+    def scan(self, data: bytes, start: int = 0, end: int | None = None) -> Scan:
+        """Scan `data[start:end]` (a bytes or bytearray: it is searched, not copied)."""
+        n = len(data) if end is None else end
         i = start
         if self._cr and i < n:
             if data[i] != LF:
@@ -94,10 +95,10 @@ class CommandScanner:
             if hold is not None:
                 return Scan(i, hold)
         while i < n:
-            lf = data.find(b"\n", i)
-            end = n if lf < 0 else lf
-            cr = data.find(b"\r", i, end)
-            if cr >= 0 and cr != end - 1:
+            lf = data.find(b"\n", i, n)
+            line_end = n if lf < 0 else lf
+            cr = data.find(b"\r", i, line_end)
+            if cr >= 0 and cr != line_end - 1:
                 return Scan(cr, Violation.BARE_CR)  # a CR with something other than LF after it
             if lf < 0:
                 self._cr = cr >= 0   # the piece ends with a CR: its LF may come next
@@ -134,7 +135,7 @@ _LINE, _MID, _CR, _DOT, _DOT_CR = range(5)
 class DataReader:
     """DATA content from the 354 to CRLF "." CRLF, un-stuffed, handed to `sink` as it arrives.
 
-    `feed(data)` returns how many bytes of `data` were content (the rest
+    `feed(data)` returns where in `data` the content ended (what follows
     belongs to the commands after DATA). Once `done`, `violation` says whether
     the message must be refused; `size` counts the content's bytes. The sink
     gets memoryviews valid only during the call: it must copy what it keeps.
@@ -149,14 +150,15 @@ class DataReader:
         self.violation: Violation | None = None
         self.done = False
 
-    def feed(self, data: bytes) -> int:
+    def feed(self, data: bytes, start: int = 0, end: int | None = None) -> int:
+        """Read `data[start:end]` (bytes or bytearray, searched in place); the position content ended at."""
         view = memoryview(data)
-        n = len(data)
-        i = 0
+        n = len(data) if end is None else end
+        i = start
         while i < n and not self.done:
             state = self._state
             if state == _MID:
-                i = self._bulk(data, view, i)
+                i = self._bulk(data, view, i, n)
                 continue
             byte = data[i]
             if state == _LINE:
@@ -186,10 +188,9 @@ class DataReader:
                     self._fail(Violation.BARE_CR)
         return i
 
-    def _bulk(self, data: bytes, view: memoryview, i: int) -> int:
-        """From the middle of a line: everything up to the next line that starts with a dot."""
-        n = len(data)
-        found = data.find(b"\r\n.", i)
+    def _bulk(self, data: bytes, view: memoryview, i: int, n: int) -> int:
+        """From the middle of a line: everything up to the next line that starts with a dot (or `n`)."""
+        found = data.find(b"\r\n.", i, n)
         if found >= 0:
             end = resume = found + 2
             self._state = _LINE
@@ -198,7 +199,7 @@ class DataReader:
             self._state = _CR
         else:
             end = resume = n
-            self._state = _LINE if data.endswith(b"\r\n", i) else _MID
+            self._state = _LINE if data.endswith(b"\r\n", i, n) else _MID
         crlf = data.count(b"\r\n", i, end)
         if data.count(b"\n", i, end) != crlf or data.count(b"\r", i, end) != crlf:
             self._fail(_first_bare(data, i, end))

@@ -28,6 +28,7 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from relay.scrub import wipe
 from relay.spool.keys import SUITES_BY_CODE, SpoolPrivateKey, SpoolPublicKey, Suite
 
 MAGIC = b"YTLSPOOL"
@@ -119,8 +120,7 @@ class Sealer:
         self.aad = header
         self.counter = 0
         self.written = 0
-        self._buffer = bytearray(chunk_size)
-        self._zeros = _ZEROS if chunk_size <= len(_ZEROS) else memoryview(bytes(chunk_size))
+        self._buffer = memoryview(bytearray(chunk_size))  # slices of it are written to in place, never copied
         self._filled = 0
         self._write_out(header)
         self._write_out(key_block)
@@ -145,11 +145,11 @@ class Sealer:
 
     def wipe(self) -> None:
         """Overwrite the plaintext not yet sealed (the message is abandoned)."""
-        memoryview(self._buffer)[:self._filled] = self._zeros[:self._filled]
+        wipe(self._buffer, self._filled)
         self._filled = 0
 
     def _emit(self, final: bool) -> None:
-        sealed = self.aead.encrypt(_nonce(self.counter, final), memoryview(self._buffer)[:self._filled], self.aad)
+        sealed = self.aead.encrypt(_nonce(self.counter, final), self._buffer[:self._filled], self.aad)
         self.wipe()
         self.counter += 1
         self._write_out(sealed)
@@ -157,9 +157,6 @@ class Sealer:
     def _write_out(self, data: bytes) -> None:
         self.out.write(data)
         self.written += len(data)
-
-
-_ZEROS = memoryview(bytes(DEFAULT_CHUNK_SIZE))
 
 
 def seal(out: BinaryIO, public_key: SpoolPublicKey, spool_id: bytes, metadata: dict,

@@ -44,7 +44,9 @@ class HandshakeComplete:
 
 @dataclass(frozen=True)
 class DataReceived:
-    data: bytes
+    """Application data: a bytearray of its own, which the receiver may (and relay/aio/tls.py does) wipe."""
+
+    data: bytearray
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,20 @@ class Protection:
         The sequence number advances only on success, so a record skipped as
         rejected early data does not disturb the handshake key.
         """
+        inner = memoryview(bytearray(max(len(payload) - TAG_LEN, 0)))
+        return bytes(inner) if self.open_into(header, payload, inner) else None
+
+    def open_into(self, header: bytes, payload: bytes, inner: memoryview) -> bool:
+        """Decrypt into `inner` (exactly len(payload) - 16 bytes): no copy of the plaintext is made.
+
+        False when the record does not authenticate (`inner` then holds nothing).
+        """
+        if len(payload) < TAG_LEN:
+            return False
         nonce = (self._iv ^ self.seq).to_bytes(12, "big")
         try:
-            inner = self._aead.decrypt(nonce, payload, header)
+            self._aead.decrypt_into(nonce, payload, header, inner)
         except InvalidTag:
-            return None
+            return False
         self.seq += 1
-        return inner
+        return True

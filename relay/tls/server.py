@@ -15,11 +15,14 @@ import hmac
 from collections.abc import Callable
 from enum import Enum, auto
 
+from relay.scrub import wipe
+
 from . import keyshare, messages
 from .certs import select_certificate
 from .config import ServerConfig
 from .constants import (
     HELLO_RETRY_REQUEST_RANDOM,
+    MAX_CIPHERTEXT,
     MAX_INNER_PLAINTEXT,
     MAX_PLAINTEXT,
     TLS13,
@@ -59,7 +62,7 @@ from .events import (
     SessionInfo,
     SignatureRequest,
 )
-from .keyschedule import SUITES, KeySchedule, Suite, finished_mac, next_traffic_secret, resumption_psk
+from .keyschedule import SUITES, TAG_LEN, KeySchedule, Suite, finished_mac, next_traffic_secret, resumption_psk
 from .messages import ClientHello, extension
 from .record import Protection, RecordReader
 from .signing import Transcript, certificate_verify_content, verify
@@ -70,6 +73,26 @@ from .wire import u16, u32, vec8, vec16
 RECORDS_PER_KEY = 2**24
 # Record overhead of our protected records: content type byte and AEAD tag.
 _INNER_OVERHEAD = 17
+_ZERO_PADDING = bytes(MAX_CIPHERTEXT)
+
+
+def _content_type_index(buffer: bytearray, length: int) -> int:
+    """Where the content type is in a TLSInnerPlaintext of `length` bytes: its last nonzero byte (-1: none).
+
+    Padding is rare: the common case is one look at the last byte. Otherwise
+    the zeros are measured by halving with `endswith` (C speed, no copy of
+    the plaintext), so a record of padding costs no Python loop per byte.
+    """
+    if length and buffer[length - 1]:
+        return length - 1
+    zeros, most = 0, length   # the last `zeros` bytes are zero; more than `most` are not
+    while zeros < most:
+        middle = (zeros + most + 1) // 2
+        if buffer.endswith(memoryview(_ZERO_PADDING)[:middle], 0, length):
+            zeros = middle
+        else:
+            most = middle - 1
+    return length - zeros - 1
 
 
 class State(Enum):
@@ -88,6 +111,8 @@ class ServerConnection:
         self._now = now
         self.state = State.START
         self._records = RecordReader()
+        # Each protected record is decrypted here, in place, and wiped once its content has moved on.
+        self._plaintext = memoryview(bytearray(MAX_CIPHERTEXT))
         self._handshake_buffer = bytearray()
         self._out: list[bytes] = []
         self._pending_handshake = bytearray()  # handshake bytes not yet framed
@@ -242,36 +267,40 @@ class ServerConnection:
             return
         if content_type != ContentType.APPLICATION_DATA:
             raise UnexpectedMessage(f"unprotected record type {content_type} after encryption started")
-        inner = self._read.open(header, payload)
-        if inner is None:
+        inner = self._plaintext[:max(len(payload) - TAG_LEN, 0)]
+        if not self._read.open_into(header, payload, inner):
             if self._early_data_budget >= 0:
                 self._skip_early_data(payload)
                 return
             raise BadRecordMac("record does not authenticate")
         self._early_data_budget = -1
-        self._receive_inner_plaintext(inner, events)
+        try:
+            self._receive_inner_plaintext(inner, events)
+        finally:
+            wipe(inner)
 
-    def _receive_inner_plaintext(self, inner: bytes, events: list[Event]) -> None:
+    def _receive_inner_plaintext(self, inner: memoryview, events: list[Event]) -> None:
+        """`inner` is a view of the record plaintext buffer, wiped once this returns."""
         if len(inner) > self._receive_limit:
             raise RecordOverflow(f"record plaintext of {len(inner)} bytes exceeds our limit")
-        if not inner or inner[-1] == 0:
-            inner = inner.rstrip(b"\x00")
-            if not inner:
-                raise UnexpectedMessage("protected record without a content type")
-        content_type = inner[-1]
-        content = inner[:-1]
-        if not content and content_type in (ContentType.HANDSHAKE, ContentType.ALERT):
+        end = _content_type_index(inner.obj, len(inner))
+        if end < 0:
+            raise UnexpectedMessage("protected record without a content type")
+        content_type = inner[end]
+        if not end and content_type in (ContentType.HANDSHAKE, ContentType.ALERT):
             raise UnexpectedMessage("zero-length handshake or alert record")  # RFC 8446 5.4
         if self._handshake_buffer and content_type != ContentType.HANDSHAKE:
             raise UnexpectedMessage("record interleaved with a fragmented handshake message")
         if content_type == ContentType.APPLICATION_DATA:
             if self.state is not State.CONNECTED:
                 raise UnexpectedMessage("application data before the handshake finished")
-            events.append(DataReceived(content))
+            data = bytearray(end)            # the receiver's to wipe once it has used it
+            memoryview(data)[:] = inner[:end]
+            events.append(DataReceived(data))
         elif content_type == ContentType.HANDSHAKE:
-            self._receive_handshake_fragment(content, events)
+            self._receive_handshake_fragment(bytes(inner[:end]), events)
         elif content_type == ContentType.ALERT:
-            self._receive_alert(content, events)
+            self._receive_alert(bytes(inner[:end]), events)
         else:
             raise UnexpectedMessage(f"protected record of type {content_type}")
 

@@ -11,8 +11,15 @@ Against a running `yestls edge serve` (plaintext and after STARTTLS):
   read as commands;
 - content pipelined right behind DATA, before the 354, is the content; after
   a refused DATA it is commands again;
-- the false ends split across TCP segments at every place are still caught.
+- the false ends split across TCP segments at every place are still caught;
+- envelope addresses: control characters, line separators, bytes that are
+  not UTF-8, an over-long local part, UTF-8 without SMTPUTF8 are refused
+  at MAIL (553 5.1.7 / 5.6.7) and RCPT (553 5.1.3 / 5.6.7), the session going
+  on; a bare CR in one ends the session; refused recipients are logged as
+  their domain and a tag, never in full.
 """
+
+import secrets
 
 import pytest
 
@@ -193,3 +200,73 @@ def test_connection_closed_is_what_the_client_sees_after_521(edge):
         assert client.read_reply().code == 521
         with pytest.raises(ConnectionClosed):
             client.read_reply()
+
+
+# --- envelope addresses -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sender, expected", [
+    ("a\x01b@sender.example.net", (553, "5.1.7")),
+    ("ab\x7f@sender.example.net", (553, "5.1.7")),
+    ("a\u2028b@sender.example.net", (553, "5.1.7")),           # a line separator, under SMTPUTF8 too
+    ("a>b@sender.example.net", (501, "5.5.4")),                # aiosmtpd: the path ends at the first >
+    ("x" * 65 + "@sender.example.net", (553, "5.1.7")),
+    ("jörg@sender.example.net", (553, "5.6.7")),               # UTF-8 without SMTPUTF8
+], ids=["SOH", "DEL", "U+2028", "angle", "long local part", "UTF-8 without SMTPUTF8"])
+def test_a_sender_address_unfit_for_a_path_is_refused_at_mail(edge, sender, expected):
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.ehlo()
+        options = " SMTPUTF8" if sender == "a\u2028b@sender.example.net" else ""
+        reply = client.command(f"MAIL FROM:<{sender}>{options}".encode())
+        assert (reply.code, reply.enhanced) == expected, reply
+        client.expect(f"MAIL FROM:<{SENDER}>", 250)  # the session goes on
+
+
+def test_white_space_in_a_local_part_travels_quoted(edge):
+    """aiosmtpd reads a path as an RFC 5322 address: "a<TAB>b" becomes the quoted string "a b", which is
+    one valid mailbox; no control character reaches the sealed envelope."""
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.ehlo()
+        client.expect("MAIL FROM:<a\tb@sender.example.net>", 250)
+        client.expect(f"RCPT TO:<{RECIPIENT}>", 250)
+        spool_id = queued_id(client.data(b"Subject: tab\r\n\r\nbody\r\n"))
+    assert edge.unseal(spool_id).metadata["mail_from"] == '"a b"@sender.example.net'
+
+
+def test_bytes_that_are_not_utf8_in_an_address_are_refused(edge):
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.ehlo()
+        reply = client.command(b"MAIL FROM:<a\xff\xfeb@sender.example.net> SMTPUTF8")
+        assert (reply.code, reply.enhanced) == (553, "5.1.7"), reply
+        client.expect(f"MAIL FROM:<{SENDER}> SMTPUTF8", 250)
+        reply = client.command(b"RCPT TO:<us\xc3er@example.org>")
+        assert (reply.code, reply.enhanced) == (553, "5.1.3"), reply
+
+
+def test_a_utf8_recipient_needs_smtputf8(edge):
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.ehlo()
+        client.expect(f"MAIL FROM:<{SENDER}>", 250)
+        reply = client.command("RCPT TO:<jörg@example.org>".encode())
+        assert (reply.code, reply.enhanced) == (553, "5.6.7"), reply
+        client.expect("RSET", 250)
+        client.expect(f"MAIL FROM:<{SENDER}> SMTPUTF8", 250)
+        client.expect("RCPT TO:<jörg@example.org>".encode(), 250)
+
+
+def test_a_bare_cr_in_an_address_ends_the_session(edge):
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.ehlo()
+        client.send(b"MAIL FROM:<a\rb@sender.example.net>\r\n")
+        assert_ended_with_521(client)
+
+
+def test_refused_recipients_are_not_written_to_the_log_in_full(edge):
+    local = f"nosuch{secrets.token_hex(6)}"
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.ehlo()
+        client.expect(f"MAIL FROM:<{SENDER}>", 250)
+        for address in (f"{local}@foreign.example", f"{local}%foreign.example@example.org"):
+            assert client.command(f"RCPT TO:<{address}>").code == 550
+    log = edge.log()
+    assert local not in log
+    assert "refused a recipient at 'foreign.example' (#" in log

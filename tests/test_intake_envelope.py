@@ -10,7 +10,8 @@ tests/test_intake_hostile_content.py.
 
 import pytest
 
-from relay.home.envelope import MAX_RECIPIENTS, Envelope, EnvelopeError, check_mailbox, envelope_from_metadata
+from relay.home.envelope import MAX_RECIPIENTS, Envelope, EnvelopeError, envelope_from_metadata
+from relay.smtp.address import AddressError, check_mailbox
 
 ACCEPTED = [
     ("user@example.org", False),
@@ -71,7 +72,7 @@ def test_real_addresses_are_accepted_unchanged(address, smtputf8):
 
 @pytest.mark.parametrize("address, smtputf8, reason", REFUSED)
 def test_addresses_unfit_for_an_lmtp_path_are_refused_with_a_reason(address, smtputf8, reason):
-    with pytest.raises(EnvelopeError) as refused:
+    with pytest.raises(AddressError) as refused:
         check_mailbox(address, smtputf8)
     assert reason in str(refused.value)
     assert "\r" not in str(refused.value) and "\n" not in str(refused.value), "the reason is one log line"

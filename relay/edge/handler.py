@@ -9,7 +9,10 @@ fsync never stalls other sessions).
 
 import asyncio
 import email.utils
+import hashlib
+import hmac
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from aiosmtpd.smtp import TLSSetupException
 
 from relay.edge.recipients import RecipientPolicy
+from relay.show import show
+from relay.smtp.address import AddressError, check_mailbox
 from relay.spool.store import SpoolFull
 
 log = logging.getLogger("yestls.edge")
@@ -25,6 +30,7 @@ log = logging.getLogger("yestls.edge")
 SEAL_THREADS = 4
 SPOOL_FULL = "452 4.3.1 Insufficient system storage, please retry later"
 SPOOL_ERROR = "451 4.3.0 Temporary failure, please retry later"
+NULL_SENDER = "<>"   # aiosmtpd's form of the null reverse-path (bounces), kept as it is in the sealed metadata
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,12 @@ class EdgeHandler:
         self.rules = rules
         self.spool = spool
         self.metrics = metrics
+        self._tag_key = os.urandom(32)  # this process's only: tags match within one run, and mean nothing later
+
+    def address_tag(self, address: str) -> str:
+        """A short tag that is the same for the same address while the edge runs, and reveals nothing else."""
+        digest = hmac.new(self._tag_key, address.lower().encode("utf-8", "surrogateescape"), hashlib.sha256)
+        return "#" + digest.hexdigest()[:12]
 
     def _refuse(self, server, reason: str, reply: str) -> str:
         self.metrics.refused(reason)
@@ -70,6 +82,11 @@ class EdgeHandler:
         refusal = self.rules.tls_required(server) if server.tls_session is None else None
         if refusal is not None:
             return self._refuse(server, "tls_required", refusal)
+        if address != NULL_SENDER:
+            refusal = _address_refusal(address, envelope.smtp_utf8, "5.1.7", "sender")
+            if refusal is not None:
+                log.info("%s: refused a sender address: %s", _peer(session), refusal)
+                return self._refuse(server, "bad_address", refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -80,10 +97,17 @@ class EdgeHandler:
         if address.lower() == "postmaster":
             # RFC 5321 4.5.1: "postmaster" without a domain must be accepted: it is ours.
             address = f"postmaster@{self.rules.primary_domain}"
+        # The policy first: a relay attempt is answered as one (550 5.7.1), whatever its syntax; then what
+        # the policy lets through must still be one mailbox for this transaction's mode (UTF-8 needs SMTPUTF8).
         refusal = self.rules.recipients().check(address)
+        reason = "relay_denied" if refusal and refusal.startswith("550 5.7.1") else "unknown_mailbox"
+        if refusal is None:
+            refusal = _address_refusal(address, envelope.smtp_utf8, "5.1.3", "recipient")
+            reason = "bad_address"
         if refusal is not None:
-            log.info("%s: refused recipient %r", _peer(session), address)
-            reason = "relay_denied" if refusal.startswith("550 5.7.1") else "unknown_mailbox"
+            # The edge should learn as little as it can: the domain and a tag to match repeats, not the address.
+            log.info("%s: refused a recipient at %s (%s): %s", _peer(session), show(address.rpartition("@")[2]),
+                     self.address_tag(address), refusal[:3])
             return self._refuse(server, reason, refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -187,6 +211,18 @@ class SealingSink:
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+def _address_refusal(address: str, smtputf8: bool, code: str, role: str) -> str | None:
+    """The reply refusing an envelope address that is not one RFC 5321 mailbox (relay/smtp/address.py)."""
+    if not address.isascii() and not smtputf8:
+        return f"553 5.6.7 The {role} address is not ASCII: send it with SMTPUTF8 (RFC 6531)"
+    try:
+        check_mailbox(address, smtputf8)
+    except AddressError:
+        return (f"553 {code} The {role} address is not a valid mailbox (RFC 5321 4.1.2: no control characters, "
+                "no angle brackets, at most 64 octets before the @ and 254 in all)")
+    return None
 
 
 def _declared_size(mail_options: list[str]) -> int | None:

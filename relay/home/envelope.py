@@ -1,23 +1,9 @@
 """The envelope home delivers with, checked from the sealed metadata before any LMTP command is written.
 
 The edge records the envelope in the sealed metadata (`mail_from`,
-`rcpt_tos`, `smtputf8`); a compromised edge can put anything there, and
-what goes between the angle brackets of `MAIL FROM:<...>` and `RCPT
-TO:<...>` must be one RFC 5321 path and nothing more — a CR or LF would end
-the command and start another (`a@b>\\r\\nRCPT TO:<victim@...`). So every
-address must be:
-
-- a string of at most 254 octets (a path is at most 256 with its brackets,
-  RFC 5321 4.5.3.1.3), its local part at most 64 (4.5.3.1.1) and its domain
-  at most 255 (4.5.3.1.2), labels at most 63;
-- a Mailbox of RFC 5321 4.1.2: a Dot-string or a Quoted-string, "@", a
-  domain name or an address literal (`[192.0.2.1]`, `[IPv6:...]`);
-- free of control characters (C0, DEL, C1), of line and paragraph
-  separators, and of `<` and `>` anywhere — stricter than RFC 5321, which
-  allows `<`/`>` inside a quoted local part: no real mailbox needs them, and
-  a reader that stops at the first `>` would split the path there;
-- ASCII unless the message came with SMTPUTF8 (RFC 6531 3.3: then the
-  local part may hold UTF-8 and the domain U-labels).
+`rcpt_tos`, `smtputf8`); a compromised edge can put anything there. Every
+address must be one RFC 5321 mailbox fit for a path (relay/smtp/address.py,
+the same rules the edge applies at MAIL and RCPT).
 
 The null reverse-path (`<>`, recorded as "<>" or "") is the sender of
 bounces, allowed for MAIL FROM only. `rcpt_tos` must be a non-empty list of
@@ -26,29 +12,12 @@ Anything else is an EnvelopeError, and the intake quarantines the message:
 no recipient gets it, so it is never half-delivered.
 """
 
-import ipaddress
-import re
-import reprlib
-import unicodedata
 from dataclasses import dataclass
 
-MAX_MAILBOX = 254        # octets: a 256-octet path less its angle brackets
-MAX_LOCAL_PART = 64
-MAX_DOMAIN = 255
-MAX_LABEL = 63
-MAX_RECIPIENTS = 1000    # RFC 5321 4.5.3.1.8 asks servers to take at least 100; the edge's default limit is 100
+from relay.show import show
+from relay.smtp.address import AddressError, check_mailbox
 
-_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
-_DOT_STRING = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-_DOT_STRING_UTF8 = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*")
-# qtextSMTP (%d32-33 / %d35-91 / %d93-126) and quoted-pairSMTP ("\" %d32-126), RFC 5321 4.1.2.
-_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
-_QUOTED_STRING_UTF8 = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
-_STANDARDIZED_TAG = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
-_DCONTENT = re.compile(r"[\x21-\x5a\x5e-\x7e]+")
-# Control characters, surrogates, private use, and anything that ends a line for some reader.
-_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Zl", "Zp"})
+MAX_RECIPIENTS = 1000    # RFC 5321 4.5.3.1.8 asks servers to take at least 100; the edge's default limit is 100
 
 
 class EnvelopeError(ValueError):
@@ -66,102 +35,25 @@ def envelope_from_metadata(metadata: dict) -> Envelope:
     """The checked envelope of the sealed metadata; EnvelopeError saying what is wrong."""
     smtputf8 = metadata.get("smtputf8", False)
     if not isinstance(smtputf8, bool):
-        raise EnvelopeError(f"smtputf8 is {_show(smtputf8)}, not true or false")
+        raise EnvelopeError(f"smtputf8 is {show(smtputf8)}, not true or false")
     if "mail_from" not in metadata:
         raise EnvelopeError("no mail_from")
     mail_from = metadata["mail_from"]
     if mail_from in ("", "<>"):
         mail_from = ""
     else:
-        mail_from = check_mailbox(mail_from, smtputf8, what="mail_from")
+        mail_from = _mailbox(mail_from, smtputf8, "mail_from")
     recipients = metadata.get("rcpt_tos")
     if not isinstance(recipients, list) or not recipients:
-        raise EnvelopeError(f"rcpt_tos is {_show(recipients)}, not a non-empty list of addresses")
+        raise EnvelopeError(f"rcpt_tos is {show(recipients)}, not a non-empty list of addresses")
     if len(recipients) > MAX_RECIPIENTS:
         raise EnvelopeError(f"rcpt_tos names {len(recipients)} recipients, more than {MAX_RECIPIENTS}")
-    checked = tuple(check_mailbox(r, smtputf8, what=f"rcpt_tos[{i}]") for i, r in enumerate(recipients))
+    checked = tuple(_mailbox(r, smtputf8, f"rcpt_tos[{i}]") for i, r in enumerate(recipients))
     return Envelope(mail_from, checked, smtputf8)
 
 
-def check_mailbox(address, smtputf8: bool, *, what: str = "address") -> str:
-    """`address` if it is one RFC 5321 Mailbox fit for an LMTP path (see the module); EnvelopeError otherwise."""
-    if not isinstance(address, str):
-        raise EnvelopeError(f"{what} is {_show(address)}, not a string")
+def _mailbox(address, smtputf8: bool, what: str) -> str:
     try:
-        octets = len(address.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise EnvelopeError(f"{what} {_show(address)} is not valid Unicode") from None
-    if octets > MAX_MAILBOX:
-        raise EnvelopeError(f"{what} is {octets} octets long, more than {MAX_MAILBOX}")
-    for character in address:
-        if unicodedata.category(character) in _FORBIDDEN_CATEGORIES or character in "<>":
-            raise EnvelopeError(f"{what} {_show(address)} holds the character {character!r}")
-    if not address.isascii() and not smtputf8:
-        raise EnvelopeError(f"{what} {_show(address)} is not ASCII, and the message did not come with SMTPUTF8")
-    local, at, domain = address.rpartition("@")
-    if not at:
-        raise EnvelopeError(f"{what} {_show(address)} has no @domain")
-    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
-        raise EnvelopeError(f"{what} {_show(address)}: the local part is longer than {MAX_LOCAL_PART} octets")
-    dot_string, quoted_string = (_DOT_STRING_UTF8, _QUOTED_STRING_UTF8) if smtputf8 else (_DOT_STRING, _QUOTED_STRING)
-    if not (dot_string.fullmatch(local) or quoted_string.fullmatch(local)):
-        raise EnvelopeError(f"{what} {_show(address)}: the local part is neither a dot-string nor a quoted string")
-    if not (_domain_ok(domain, smtputf8) or _address_literal_ok(domain)):
-        raise EnvelopeError(f"{what} {_show(address)}: {_show(domain)} is neither a domain name nor an "
-                            "address literal")
-    return address
-
-
-def _domain_ok(domain: str, smtputf8: bool) -> bool:
-    if not domain or len(domain.encode("utf-8")) > MAX_DOMAIN:
-        return False
-    for label in domain.split("."):
-        if label.isascii():
-            if not (len(label) <= MAX_LABEL and _LABEL.fullmatch(label)):
-                return False
-        elif not (smtputf8 and _u_label_ok(label)):
-            return False
-    return True
-
-
-def _u_label_ok(label: str) -> bool:
-    """A non-ASCII label that has an A-label form (RFC 5890) of at most 63 octets."""
-    if label.startswith("-") or label.endswith("-"):
-        return False
-    if not all(c == "-" or unicodedata.category(c)[0] in "LMN" for c in label):
-        return False
-    try:
-        encoded = label.encode("idna")
-    except UnicodeError:
-        return False
-    return len(encoded) <= MAX_LABEL
-
-
-def _address_literal_ok(domain: str) -> bool:
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return False
-    literal = domain[1:-1]
-    tag, colon, content = literal.partition(":")
-    if not colon:
-        try:
-            return isinstance(ipaddress.ip_address(literal), ipaddress.IPv4Address) and literal.count(".") == 3
-        except ValueError:
-            return False
-    if tag.upper() == "IPV6":
-        try:
-            ipaddress.IPv6Address(content)
-            return True
-        except ValueError:
-            return False
-    # General-address-literal: Standardized-tag ":" 1*dcontent.
-    return bool(_STANDARDIZED_TAG.fullmatch(tag) and _DCONTENT.fullmatch(content))
-
-
-_shown = reprlib.Repr()
-_shown.maxstring = _shown.maxother = 120
-_shown.maxlevel = 3
-
-
-def _show(value) -> str:
-    """A bounded, printable rendering of a value from the edge (however long or deeply nested), for a log line."""
-    return _shown.repr(value)
+        return check_mailbox(address, smtputf8, what=what)
+    except AddressError as error:
+        raise EnvelopeError(str(error)) from None

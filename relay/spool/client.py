@@ -27,13 +27,13 @@ SpoolProtocolError (a malformed listing page) or a refused entry.
 
 import asyncio
 import math
-import reprlib
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from relay import tunnel
 from relay.rpc import Frame, RpcConnection
+from relay.show import show
 from relay.spool.keys import SUITES
 from relay.spool.protocol import MAX_FETCH, MAX_FRAME, MAX_LIST, MAX_WAIT, SERVICE
 from relay.spool.sealed import DEFAULT_CHUNK_SIZE, HEADER, MAX_METADATA, METADATA_LENGTH, TAG_LENGTH, key_block_length
@@ -43,12 +43,6 @@ DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024   # the edge's default [smtp] max_me
 # The edge prepends its Received: header inside the sealed message: a few hundred bytes, room for far more.
 TRACE_ROOM = 64 * 1024
 MAX_LISTED = 10 * MAX_LIST                    # entries one list() reads; the rest come in the next one
-
-# The edge's values in an error message: bounded in length and depth (a deeply nested value must not recurse).
-_shown = reprlib.Repr()
-_shown.maxstring = _shown.maxother = 100
-_shown.maxlevel = 3
-
 
 def max_file_size(max_message_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
     """The largest sealed file the edge makes for a message its max_message_size lets in (docs/spool-format.md,
@@ -138,7 +132,7 @@ class SpoolClient:
             frame = await self._call("list", {"after": after, "limit": limit})
             entries, more = frame.meta.get("messages"), frame.meta.get("more")
             if not isinstance(entries, list) or not isinstance(more, bool):
-                raise SpoolProtocolError(f"malformed list answer: {_shown.repr(frame.meta)}")
+                raise SpoolProtocolError(f"malformed list answer: {show(frame.meta)}")
             if len(entries) > limit:
                 refused.append(f"a list page of {len(entries)} entries, asked for at most {limit}: "
                                f"the {len(entries) - limit} after them left out")
@@ -168,17 +162,17 @@ class SpoolClient:
     def _entry(self, entry) -> tuple[ListedMessage | None, str | None]:
         """The listed message (when its id is one) and what is wrong with the entry (None when nothing)."""
         if not isinstance(entry, dict):
-            return None, f"a list entry that is not an object: {_shown.repr(entry)}"
+            return None, f"a list entry that is not an object: {show(entry)}"
         try:
             spool_id = validate_id(entry.get("id") if isinstance(entry.get("id"), str) else None)
         except ValueError:
-            return None, f"a list entry with a bad id: {_shown.repr(entry.get('id'))} is not a spool id"
+            return None, f"a list entry with a bad id: {show(entry.get('id'))} is not a spool id"
         size, accepted = entry.get("size"), _seconds(entry.get("accepted"))
         if accepted is None:
-            return ListedMessage(spool_id, 0, 0.0), f"{spool_id}: accepted {_shown.repr(entry.get('accepted'))} " \
+            return ListedMessage(spool_id, 0, 0.0), f"{spool_id}: accepted {show(entry.get('accepted'))} " \
                                                     "is not a time"
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            return ListedMessage(spool_id, 0, 0.0), f"{spool_id}: size {_shown.repr(size)} is not a file size"
+            return ListedMessage(spool_id, 0, 0.0), f"{spool_id}: size {show(size)} is not a file size"
         listed = ListedMessage(spool_id, size, accepted)
         if size > self.max_size:
             return listed, (f"{spool_id}: the edge lists {size} bytes, over the {self.max_size}-byte cap "
@@ -195,7 +189,7 @@ class SpoolClient:
         first = await self._call("fetch", {"id": spool_id, "offset": 0, "length": MAX_FETCH})
         size = first.meta.get("size")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise SpoolProtocolError(f"fetch of {spool_id}: size {_shown.repr(size)} is not a file size")
+            raise SpoolProtocolError(f"fetch of {spool_id}: size {show(size)} is not a file size")
         if size > self.max_size:
             raise SpoolProtocolError(f"fetch of {spool_id}: the edge claims {size} bytes, over the "
                                      f"{self.max_size}-byte cap (max_message_size in intake.toml)")
@@ -217,7 +211,7 @@ class SpoolClient:
                 if len(frame.tail) != expected or frame.meta.get("size") != size:
                     raise SpoolProtocolError(
                         f"fetch of {spool_id} at {offset} returned {len(frame.tail)} bytes of a "
-                        f"{_shown.repr(frame.meta.get('size'))}-byte file; expected {expected} of {size}")
+                        f"{show(frame.meta.get('size'))}-byte file; expected {expected} of {size}")
                 pieces[offset] = frame.tail
 
         workers = [asyncio.ensure_future(fetch_pieces())

@@ -9,7 +9,8 @@ DEMO_LOG = .demo-converge.log
 IN_VENV = PATH="$(abspath $(VENV))/bin:$$PATH"
 ANSIBLE_LINT = $(IN_VENV) ansible-lint roles playbooks
 
-.PHONY: test demo demo-down molecule lint-ansible packages venv bench bench-oracle bench-smtp bench-intake clean
+.PHONY: test demo demo-down molecule lint-ansible packages venv bench bench-oracle bench-smtp bench-intake \
+	bench-flood bench-memory clean
 
 # ruff, the unit tests, ansible-lint, then the two-host deployment in containers.
 test: packages venv
@@ -74,6 +75,14 @@ bench-smtp: packages venv
 # The intake against Dovecot's own LMTP fed directly (Dovecot: installed by `packages`).
 bench-intake: packages venv
 	$(PY) bench/intake.py
+
+# A ClientHello flood from one address while a genuine sender delivers over STARTTLS.
+bench-flood: packages venv
+	$(PY) bench/handshake_flood.py
+
+# Mail plaintext left in the edge's memory after the 250 (reads /proc/PID/mem: root).
+bench-memory: packages venv
+	$(PY) bench/plaintext_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -12,17 +12,15 @@ no oracle answers.
 """
 
 import asyncio
-import base64
 import logging
 import random
 from dataclasses import dataclass
 from enum import Enum
 
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from relay import rpc, tunnel
-from relay.oracle.protocol import MAX_FRAME, SERVICE
+from relay.oracle.protocol import MAX_FRAME, SERVICE, parse_certificate_listing
 from relay.tls import CertificateChain, SignatureRequest
 
 log = logging.getLogger("yestls.oracle.client")
@@ -205,13 +203,13 @@ class OraclePool:
     async def certificates(self) -> list[tuple[str, CertificateChain]]:
         """(key id, chain) for every key the oracles hold: the edge's public material."""
         frame = await self._call("certificates", {}, b"")
-        chains = []
-        for item in frame.meta["certificates"]:
-            chain = CertificateChain.from_certificates(
-                [x509.load_der_x509_certificate(base64.b64decode(der)) for der in item["chain"]])
-            self._key_ids[chain.der_chain[0]] = item["key_id"]
-            chains.append((item["key_id"], chain))
-        return chains
+        try:
+            entries = parse_certificate_listing(frame.meta.get("certificates"))
+        except ValueError as error:
+            raise OracleUnavailable(f"the oracle's certificate listing does not add up: {error}") from None
+        for entry in entries:
+            self._key_ids[entry.chain.der_chain[0]] = entry.key_id
+        return [(entry.key_id, entry.chain) for entry in entries]
 
     async def sign(self, request: SignatureRequest) -> bytes:
         key_id = self._key_ids.get(request.certificate.der_chain[0])

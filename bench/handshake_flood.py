@@ -38,7 +38,6 @@ import json
 import ssl
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -52,32 +51,32 @@ NO_BUDGET = ("handshakes_per_minute = 1000000\nhandshake_burst = 100000\nnetwork
              "retry_after = 0.001\n")
 
 
-class Flood:
-    """Threads sending ClientHellos after STARTTLS from one address, until stopped."""
+def flood_class():
+    from tests.background import Background
+    from tests.edge_smtp import SmtpClient
 
-    def __init__(self, port: int, threads: int):
-        self.port = port
-        self.attempts = 0
-        self.hellos = 0       # ClientHellos that reached the edge (after its 220 to STARTTLS)
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
+    class Flood(Background):
+        """Threads sending ClientHellos after STARTTLS from one address, until stopped."""
 
-    def run(self) -> None:
-        from tests.edge_smtp import SmtpClient
+        def __init__(self, port: int, threads: int):
+            super().__init__(threads, join_timeout=30)
+            self.port = port
+            self.attempts = 0
+            self.hellos = 0       # ClientHellos that reached the edge (after its 220 to STARTTLS)
+            self.context = ssl.create_default_context()
+            self.context.check_hostname, self.context.verify_mode = False, ssl.CERT_NONE
 
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        while not self.stopping.is_set():
+        def work(self, index: int) -> None:
             self.attempts += 1
             try:
                 with SmtpClient.connect(self.port, source=FLOODER, timeout=5) as client:
                     if client.greeting.code != 220:
-                        continue
+                        return
                     client.ehlo()
                     if client.command("STARTTLS").code != 220:
-                        continue
+                        return
                     outgoing = ssl.MemoryBIO()
-                    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="mx.example.org")
+                    tls = self.context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="mx.example.org")
                     try:
                         tls.do_handshake()
                     except ssl.SSLWantReadError:
@@ -88,15 +87,7 @@ class Flood:
             except (OSError, AssertionError):
                 time.sleep(0.01)
 
-    def __enter__(self) -> "Flood":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(30)
+    return Flood
 
 
 def genuine_sender(port: int, cafile: str, seconds: float, interval: float) -> tuple[int, int]:
@@ -136,7 +127,7 @@ def run_once(directory: Path, pki, args, budget: bool) -> dict:
     edge = None
     try:
         edge = start_edge(site, timeout=60)
-        with Flood(site.smtp_port, args.flooders) as flood:
+        with flood_class()(site.smtp_port, args.flooders) as flood:
             time.sleep(1.0)  # the flood is on before the sender comes
             tried, ok = genuine_sender(site.smtp_port, str(pki.ca_pem), args.seconds, args.interval)
         return {"tried": tried, "ok": ok, "attempts": flood.attempts, "hellos": flood.hellos,

@@ -34,7 +34,6 @@ import secrets
 import ssl
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -74,36 +73,29 @@ def send(port: int, message: bytes, context: ssl.SSLContext | None) -> None:
         client.expect("QUIT", 221)
 
 
-class Flow:
-    """Other mail, on two clients, until stopped."""
+def flow_class():
+    from tests.background import Background
 
-    def __init__(self, port: int, context: ssl.SSLContext):
-        self.port = port
-        self.context = context
-        self.stopping = threading.Event()
-        self.sent = 0
-        self.errors = 0
-        self.threads = [threading.Thread(target=self.run, args=(tls,), daemon=True) for tls in (True, False)]
+    class Flow(Background):
+        """Other mail, on two clients (STARTTLS, cleartext), until stopped."""
 
-    def run(self, tls: bool) -> None:
-        sizes = list(SIZES.values())
-        while not self.stopping.is_set():
+        def __init__(self, port: int, context: ssl.SSLContext):
+            super().__init__(threads=2)
+            self.port = port
+            self.context = context
+            self.sent = 0
+            self.errors = 0
+
+        def work(self, index: int) -> None:
+            sizes = list(SIZES.values())
             try:
-                send(self.port, filler_message(sizes[self.sent % len(sizes)]), self.context if tls else None)
+                send(self.port, filler_message(sizes[self.sent % len(sizes)]), self.context if index == 0 else None)
                 self.sent += 1
             except Exception:  # noqa: BLE001 - counted and printed; the measurement goes on
                 self.errors += 1
                 time.sleep(0.2)
 
-    def __enter__(self) -> "Flow":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(60)
+    return Flow
 
 
 def main(argv=None) -> None:
@@ -137,7 +129,7 @@ def main(argv=None) -> None:
                     send(site.smtp_port, message, context if mode == "starttls" else None)
             pid = edge.process.pid
             right_after = marker_hits(pid, markers)
-            with Flow(site.smtp_port, context) as flow:
+            with flow_class()(site.smtp_port, context) as flow:
                 time.sleep(args.after)
             later = marker_hits(pid, markers)
             print(f"# edge pid {pid}; other mail during the {args.after:.0f} s: {flow.sent} messages "

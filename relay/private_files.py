@@ -1,13 +1,17 @@
-"""Files that hold secrets: created readable by their owner only, read only when still so.
+"""Files that hold secrets: created readable by their owner only, read only when still so; files replaced whole.
 
 Every private key YesTLS writes (the edge identity, the home spool key, the
 oracle's TLS keys) goes through `create_private_file`; the identity and spool
 keys are read back through `read_private_file`, which refuses a file others
-could read or that another user owns, naming the file and the fix.
+could read or that another user owns, naming the file and the fix. Every
+file YesTLS replaces (a certificate chain, a quarantined message, a cached
+address book, the status file) goes through `write_atomically`: a crash
+leaves the old file or the new one, never half of one.
 """
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 
@@ -24,6 +28,21 @@ def create_private_file(path: Path, data: bytes) -> None:
             os.fsync(fd)
     except BaseException:
         os.unlink(path)
+        raise
+    fsync_directory(path.parent)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (owner-only): temp file, fsync, rename, fsync the directory."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
         raise
     fsync_directory(path.parent)
 

@@ -3,8 +3,8 @@
     hostname = "mx.example.org"          # the MX name: greeting, EHLO, Received
     domains = ["example.org"]            # we accept mail for these, nothing else
     mailboxes = []                       # optional: only these addresses
-    mailboxes_from_home = false          # or: the list home publishes (cached on disk)
-    state_dir = "/var/lib/yestls-edge"   # the cached mailbox list
+    addresses_from_home = false          # or: the address book home publishes (cached on disk)
+    state_dir = "/var/lib/yestls-edge"   # the cached address book
     metrics_listen = "10.77.0.1:9465"    # optional; tunnel address only
 
     [smtp]
@@ -122,7 +122,7 @@ class EdgeConfig:
     hostname: str
     domains: frozenset[str]
     mailboxes: frozenset[str] | None
-    mailboxes_from_home: bool
+    addresses_from_home: bool
     state_dir: Path
     metrics_listen: tuple[str, int] | None
     smtp: SmtpSettings
@@ -154,9 +154,9 @@ def load(path: Path) -> EdgeConfig:
         if normal is None or normal.rpartition("@")[2] not in normal_domains:
             raise table.error("mailboxes", f"{address!r} is not an address at one of `domains`")
         mailboxes.append(normal)
-    from_home = table.get("mailboxes_from_home", bool, default=False)
+    from_home = table.get("addresses_from_home", bool, default=False)
     if from_home and mailboxes:
-        raise table.error("mailboxes_from_home", "set either `mailboxes` or `mailboxes_from_home`, not both")
+        raise table.error("addresses_from_home", "set either `mailboxes` or `addresses_from_home`, not both")
     state_dir = Path(table.get("state_dir", str, default="/var/lib/yestls-edge"))
     metrics = table.address("metrics_listen", default=None, hint='"HOST:PORT" on the tunnel address')
 
@@ -214,7 +214,7 @@ def load(path: Path) -> EdgeConfig:
     table.done()
     return EdgeConfig(
         hostname=normal_domain(hostname), domains=frozenset(normal_domains),
-        mailboxes=frozenset(mailboxes) if mailboxes else None, mailboxes_from_home=from_home,
+        mailboxes=frozenset(mailboxes) if mailboxes else None, addresses_from_home=from_home,
         state_dir=state_dir, metrics_listen=metrics, smtp=smtp_settings, tls=tls_settings, oracle=oracle_settings,
         spool=spool_settings, spool_service=service,
     )

@@ -2,8 +2,9 @@
 
 The edge is an MX for a few domains, nothing more. A recipient is accepted
 only as a plain `local@domain` where the domain is one of ours, the local
-part is a dot-atom (RFC 5321 4.1.2) and, when a mailbox list is configured
-(or published by home), the address is on it. Everything else is refused with
+part is a dot-atom (RFC 5321 4.1.2) and, when home has published its address
+book (relay/addressbook.py: mailboxes, aliases, plus forms, catch-alls) or a
+mailbox list is configured, the address is in it. Everything else is refused with
 550 5.7.1, in particular what open-relay checkers try: foreign domains,
 `user%foreign@ours` and `foreign!user@ours` (percent and bang routing), quoted
 local parts (which can hide an `@`), IP literals, and trailing dots.
@@ -14,6 +15,8 @@ elsewhere.
 
 import re
 from dataclasses import dataclass
+
+from relay.addressbook import AddressBook
 
 REFUSED = "550 5.7.1 Relaying denied: we accept mail only for our own domains"
 UNKNOWN_MAILBOX = "550 5.1.1 No such mailbox here"
@@ -28,6 +31,7 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
 class RecipientPolicy:
     domains: frozenset[str]                 # lower case, ASCII (IDNA) form
     mailboxes: frozenset[str] | None = None  # lower case addresses; None: any mailbox at our domains
+    book: AddressBook | None = None         # home's address book, when it published one: it decides
 
     def check(self, address: str) -> str | None:
         """None to accept `address`, else the reply that refuses it."""
@@ -41,8 +45,11 @@ class RecipientPolicy:
         if normal is None or normal not in self.domains:
             return REFUSED
         # postmaster@ each of our domains is always accepted (RFC 5321 4.5.1).
-        if self.mailboxes is not None and local.lower() != "postmaster" \
-                and f"{local.lower()}@{normal}" not in self.mailboxes:
+        if local.lower() == "postmaster":
+            return None
+        if self.book is not None:
+            return None if self.book.accepts(f"{local}@{normal}") else UNKNOWN_MAILBOX
+        if self.mailboxes is not None and f"{local.lower()}@{normal}" not in self.mailboxes:
             return UNKNOWN_MAILBOX
         return None
 

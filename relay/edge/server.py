@@ -30,8 +30,8 @@ from relay.aio.starttls import KeylessSMTP, implicit_tls_protocol
 from relay.aio.tls import SignatureDeclined
 from relay.audit import AuditLog
 from relay.edge import config as edge_config
+from relay.edge.addresses import PublishedAddresses
 from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
-from relay.edge.mailboxes import MailboxList
 from relay.edge.recipients import RecipientPolicy
 from relay.edge.tls_budget import Refusal, TlsBudget
 from relay.identity import IdentityError, load_identity
@@ -153,7 +153,8 @@ class Edge:
         self.tickets = TicketKeyring(os.urandom, lifetime=config.tls.ticket_lifetime,
                                      rotate_every=config.tls.ticket_rotation)
         self.tls_config: ServerConfig | None = None
-        self.mailboxes = MailboxList(config.state_dir / "mailboxes.json") if config.mailboxes_from_home else None
+        self.addresses = (PublishedAddresses(config.state_dir / "addresses.json") if config.addresses_from_home
+                          else None)
         self.budget = TlsBudget(config.tls.limits)
         self._budget_logged: dict[str, float] = {}   # address -> when its last budget refusal was logged
         self.admission = Admission(self)
@@ -190,10 +191,8 @@ class Edge:
         return None
 
     def recipient_policy(self) -> RecipientPolicy:
-        mailboxes = self.config.mailboxes
-        if self.mailboxes is not None:
-            mailboxes = self.mailboxes.current()
-        return RecipientPolicy(self.config.domains, mailboxes)
+        book = self.addresses.current() if self.addresses is not None else None
+        return RecipientPolicy(self.config.domains, self.config.mailboxes, book)
 
     def tls_setup(self, peer):
         """The TLS configuration and a signer for the client at `peer`; None when TLS cannot be offered now."""
@@ -308,7 +307,7 @@ async def _start_spool_service(config, spool, edge, registry) -> tuple[list, Aud
     from relay.spool.service import SpoolService
 
     audit = AuditLog.open(config.spool_service.audit)
-    extra = {"mailboxes": edge.mailboxes.publish} if edge.mailboxes is not None else {}
+    extra = {"addresses": edge.addresses.publish} if edge.addresses is not None else {}
     service = SpoolService(spool, config.spool_service.peers, audit, registry, extra_methods=extra)
     return await service.serve(config.spool_service.listen), audit
 

@@ -17,6 +17,11 @@
     doveadm_api_key = "..."
     dns_nameservers = []                         # optional: resolvers for SPF/DKIM/DMARC
     dns_port = 53
+    addresses = "/etc/yestls/addresses.json"     # optional: the site's address book (relay/addressbook.py):
+                                                 # aliases delivered to their mailboxes, published to the edge
+    bounce_relay = "127.0.0.1:25"                # optional: home's MTA, which sends the intake's DSNs out
+    outbox = "/var/lib/yestls-intake/outbox"     # DSNs waiting for it
+    give_up_after = 432000                       # seconds of temporary failures before a DSN (5 days)
 """
 
 from dataclasses import dataclass
@@ -49,6 +54,10 @@ class IntakeConfig:
     dns_nameservers: tuple[str, ...]
     dns_port: int
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    addresses: Path | None = None
+    bounce_relay: tuple[str, int] | None = None
+    outbox: Path = Path("/var/lib/yestls-intake/outbox")
+    give_up_after: float = 5 * 86400
 
     @property
     def max_sealed_size(self) -> int:
@@ -93,11 +102,21 @@ def load(path: Path) -> IntakeConfig:
             check=lambda n: 1024 <= n <= MAX_MESSAGE_SIZE_LIMIT,
             hint=f"bytes, 1024 to {MAX_MESSAGE_SIZE_LIMIT}: at least the edge's [smtp] max_message_size "
                  f"({DEFAULT_MAX_MESSAGE_SIZE} unless set), or larger messages stay on the edge"),
+        addresses=_optional_path(table.get("addresses", str, default=None,
+                                           hint="the address book's path, e.g. /etc/yestls/addresses.json")),
+        bounce_relay=table.address("bounce_relay", default=None, hint='home\'s MTA for DSNs, "HOST:PORT"'),
+        outbox=Path(table.get("outbox", str, default=str(state / "outbox"))),
+        give_up_after=float(table.get("give_up_after", (int, float), default=5 * 86400, check=lambda n: n > 0,
+                                      hint="seconds of temporary failures before the message is bounced")),
     )
     if config.doveadm_url and not config.doveadm_api_key:
         raise table.error("doveadm_api_key", "doveadm_url needs the API key Dovecot's doveadm_api_key has")
     table.done()
     return config
+
+
+def _optional_path(text: str | None) -> Path | None:
+    return None if text is None else Path(text)
 
 
 __all__ = ["ConfigError", "IntakeConfig", "load"]

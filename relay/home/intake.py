@@ -3,9 +3,11 @@
 The loop: keep a long-poll open to the edge's spool service; for each sealed
 message, in order of acceptance, fetch it (several fetches in flight), unseal
 it with the home spool key, and deliver it over LMTP with its original
-envelope. Per recipient, Dovecot's answer decides: 2xx delivered, 5xx failed
-(recorded; bounced once outbound mail exists), 4xx tried again later with
-backoff. Only when every recipient has a final answer is the message
+envelope (an alias of the site's address book delivered to its mailboxes).
+Per recipient, Dovecot's answer decides: 2xx delivered, 5xx failed (a DSN
+goes back to the sender through home's MTA: relay/home/dsn.py,
+relay/home/outbox.py), 4xx tried again later with backoff, and failed too
+once `give_up_after` has passed since the edge accepted the message. Only when every recipient has a final answer is the message
 acknowledged to the edge, which deletes it. The ledger (relay/home/ledger.py)
 makes that exactly once across crashes. A message that cannot be unsealed, or
 whose envelope is not fit for LMTP (relay/home/envelope.py), is moved, still
@@ -26,21 +28,24 @@ Authentication-Results headers forged with our name (relay/home/authresults.py).
 import asyncio
 import json
 import logging
-import os
 import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from relay import daemon
+from relay.addressbook import AddressBook, AddressBookError, load
 from relay.home import config as intake_config
+from relay.home import dsn
 from relay.home.authresults import AuthenticationChecker
 from relay.home.doveadm import DeliveryFinder, DoveadmError
 from relay.home.envelope import EnvelopeError, envelope_from_metadata
 from relay.home.headers import Field, without_fields
 from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, QUARANTINED, Entry, Ledger
 from relay.home.lmtp import LmtpError, deliver
+from relay.home.outbox import Outbox
 from relay.identity import load_identity
+from relay.private_files import write_atomically
 from relay.rpc import RemoteError
 from relay.spool.client import ListedMessage, Listing, SpoolClient, SpoolProtocolError
 from relay.spool.keys import load_spool_private_key
@@ -52,6 +57,7 @@ log = logging.getLogger("yestls.intake")
 SPOOL_ID_HEADER = b"X-YesTLS-Spool-Id"
 SPOOL_ID_FIELD = SPOOL_ID_HEADER.lower()
 REPORTED_PROBLEMS = 10_000   # protocol errors remembered, so that a lie repeated every round is logged once
+KEEP_ACKED = 7 * 86400       # seconds the ledger remembers an acknowledged message (a late duplicate is known)
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,11 @@ class Prepared:
     """A message unsealed and ready for LMTP."""
 
     mail_from: str   # checked (relay.home.envelope); "" for the null sender
-    recipients: list[str]
+    recipients: list[str]            # the mailboxes to deliver to
     message: bytes   # with our trace headers
     smtputf8: bool
+    arrival: float = 0.0             # when the edge accepted it (its clock)
+    addressed: dict[str, str] = field(default_factory=dict)   # mailbox -> the address the sender used
 
 
 @dataclass
@@ -71,6 +79,7 @@ class IntakeStats:
     delivered: int = 0
     retried: int = 0
     failed: int = 0
+    bounced: int = 0
     quarantined: int = 0
     protocol_errors: int = 0   # answers from the edge that break the spool protocol (each lie counted once)
     edge_depth: int | None = None
@@ -91,7 +100,17 @@ class Intake:
         self.failures: dict[str, int] = {}    # spool id -> failed rounds so far (the backoff step)
         self._reported: set[str] = set()      # protocol errors logged already
         self._status_written = 0.0
+        self._pruned = 0.0
         config.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.book: AddressBook | None = None
+        self._book_stamp: tuple | None = None
+        self._published: AddressBook | None = None
+        if config.addresses is not None:
+            self._load_book()
+            if self.book is None:
+                raise AddressBookError(f"{config.addresses}: no valid address book (see the log line above)")
+        self.outbox = (Outbox(config.outbox, config.bounce_relay, config.authserv_id)
+                       if config.bounce_relay is not None else None)
 
     # --- the loop -------------------------------------------------------------
 
@@ -105,6 +124,7 @@ class Intake:
                 await client.connect()
                 log.info("connected to the edge's spool at %s:%d", host, port)
                 delay = 1.0
+                self._published = None   # a new connection: the edge may have restarted
                 await self._serve(client, stop)
             except SpoolProtocolError as error:
                 self._protocol_error(str(error))
@@ -125,12 +145,14 @@ class Intake:
     async def _serve(self, client: SpoolClient, stop: asyncio.Event) -> None:
         said_ready, newest = False, None
         while not stop.is_set():
+            await self._publish_addresses(client)
             listing = await client.list()
             self._contact(await client.stats())
             self._take_listing(listing)
             now = time.time()
             due = [m for m in listing.messages if self.retry_at.get(m.id, 0) <= now]
             await self._process_in_order(client, due)
+            await self._housekeeping()
             self._write_status()
             # Long-poll: back at once when new mail arrives, or when a retry is due.
             retry_in = min((t - time.time() for t in self.retry_at.values()), default=self.config.poll)
@@ -238,7 +260,21 @@ class Intake:
         except (SealedError, EnvelopeError) as error:
             return error
         message = await self._with_trace_headers(spool_id, opened.message, opened.metadata)
-        return Prepared(envelope.mail_from, list(envelope.recipients), message, envelope.smtputf8)
+        addressed = self._mailboxes_for(envelope.recipients)
+        arrival = opened.metadata.get("received_at")
+        arrival = float(arrival) if isinstance(arrival, (int, float)) and not isinstance(arrival, bool) else time.time()
+        return Prepared(envelope.mail_from, list(addressed), message, envelope.smtputf8, arrival, addressed)
+
+    def _mailboxes_for(self, recipients) -> dict[str, str]:
+        """{mailbox: the address the sender used} for the envelope's recipients (aliases expanded, plus
+        forms and catch-alls resolved); an address the book does not know is delivered as it is (Dovecot
+        decides: the edge may have accepted it under an older book)."""
+        addressed: dict[str, str] = {}
+        for recipient in recipients:
+            mailboxes = self.book.deliver_to(recipient) if self.book is not None else ()
+            for mailbox in mailboxes or (recipient,):
+                addressed.setdefault(mailbox, recipient)
+        return addressed
 
     async def process(self, spool_id: str, sealed: bytes, prepared: "Prepared | Exception | None" = None) -> bool:
         """Deliver one sealed message as far as possible; True when it may be acknowledged."""
@@ -259,8 +295,11 @@ class Intake:
         pending = entry.pending()
         if pending:
             await self._deliver(entry, prepared.mail_from, pending, prepared.message, prepared.smtputf8)
+        if not entry.final() and time.time() - prepared.arrival > self.config.give_up_after:
+            self._give_up(entry)
         if entry.final():
             if entry.state != DONE:
+                self._bounce(entry, prepared)   # before DONE: a crash in between bounces on the next try
                 entry.state = DONE
                 self.ledger.save(entry)
             self.retry_at.pop(spool_id, None)
@@ -318,16 +357,92 @@ class Intake:
             elif reply.code >= 500:
                 info.status = FAILED
                 self.stats.failed += 1
-                log.warning("%s: %s refused permanently: %s (bounce once outbound mail exists)",
-                            entry.spool_id, recipient, reply)
+                log.warning("%s: %s refused permanently: %s", entry.spool_id, recipient, reply)
             else:
                 info.status = PENDING
                 log.info("%s: %s deferred: %s", entry.spool_id, recipient, reply)
-        if entry.final():
-            entry.state = DONE  # recorded with the replies: one commit
+        if entry.final() and not any(info.status == FAILED for info in entry.recipients.values()):
+            entry.state = DONE  # recorded with the replies: one commit (a failure is bounced first: process)
         self.ledger.save(entry)
         if not entry.final():
             self._schedule_retry(entry)
+
+    def _give_up(self, entry: Entry) -> None:
+        """Temporary failures for longer than give_up_after: they are failures (and bounced)."""
+        days = self.config.give_up_after / 86400
+        for recipient in entry.pending():
+            info = entry.recipients[recipient]
+            info.status = FAILED
+            info.reply = f"451 4.4.7 Delivery time expired after {days:g} days (last: {info.reply or 'no answer'})"
+            self.stats.failed += 1
+            log.warning("%s: %s given up after %g days", entry.spool_id, recipient, days)
+        self.ledger.save(entry)
+
+    def _bounce(self, entry: Entry, prepared: Prepared) -> None:
+        """A DSN to the sender for the recipients that failed, into the outbox (sent by _housekeeping)."""
+        # As the sender wrote it: an alias's mailbox is the site's business, in the reply text too.
+        failed = [(prepared.addressed.get(mailbox, mailbox),
+                   info.reply.replace(mailbox, prepared.addressed.get(mailbox, mailbox)))
+                  for mailbox, info in entry.recipients.items() if info.status == FAILED]
+        if not failed:
+            return
+        domains = self.book.domains if self.book is not None else frozenset()
+        to = dsn.bounce_to(prepared.mail_from, domains)
+        if to is None or self.outbox is None:
+            log.info("%s: no DSN (%s)", entry.spool_id, "no bounce_relay configured" if to else
+                     "null or local sender")
+            return
+        failures = [(address, _reply_code(reply), reply[4:]) for address, reply in dict(failed).items()]
+        message = dsn.build(to=to, reporting_mta=self.config.authserv_id,
+                            postmaster=f"MAILER-DAEMON@{min(domains) if domains else self.config.authserv_id}",
+                            original=prepared.message, arrival=prepared.arrival, failures=failures)
+        self.outbox.put(entry.spool_id, to, message)
+        self.stats.bounced += 1
+        log.info("%s: DSN to %s for %d recipient(s) queued", entry.spool_id, to, len(failures))
+
+    # --- around the messages ----------------------------------------------------------
+
+    def _load_book(self) -> None:
+        """(Re)read the address book when its file changed; a broken file keeps the book in force."""
+        path = self.config.addresses
+        try:
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError as error:
+            log.error("address book %s: %s; keeping the one in force", path, error)
+            return
+        if stamp == self._book_stamp:
+            return
+        try:
+            self.book = load(path)
+        except AddressBookError as error:
+            log.error("%s; keeping the address book in force", error)
+            return
+        self._book_stamp = stamp
+        log.info("address book: %d mailboxes, %d aliases", len(self.book.mailboxes), len(self.book.aliases))
+
+    async def _publish_addresses(self, client: SpoolClient) -> None:
+        """The edge accepts at RCPT what the address book names: give it the book when it is new to it."""
+        if self.config.addresses is None:
+            return
+        self._load_book()
+        if self.book is None or self.book == self._published:
+            return
+        try:
+            await client.publish_addresses(self.book.to_json())
+        except RemoteError as error:
+            log.warning("the edge did not take the address book (%r); it keeps what it had", str(error)[:300])
+            return
+        self._published = self.book
+        log.info("address book published to the edge")
+
+    async def _housekeeping(self) -> None:
+        """DSNs out to home's MTA; the ledger's old acknowledged rows pruned (hourly)."""
+        if self.outbox is not None and self.outbox.waiting():
+            await asyncio.get_running_loop().run_in_executor(None, self.outbox.send_all)
+        if time.time() - self._pruned > 3600:
+            self._pruned = time.time()
+            self.ledger.forget_acked_before(KEEP_ACKED)
 
     def _schedule_retry(self, entry: Entry) -> None:
         # Each failed round (LMTP 4xx, Dovecot unreachable, doveadm unreachable) waits longer.
@@ -350,17 +465,7 @@ class Intake:
 
     def _quarantine(self, spool_id: str, sealed: bytes, error: Exception) -> None:
         path = self.config.quarantine / f"{validate_id(spool_id)}.sealed"   # an id names no other path
-        temporary = path.with_suffix(".tmp")
-        with open(temporary, "wb") as f:
-            f.write(sealed)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        dir_fd = os.open(self.config.quarantine, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(path, sealed)
         self.ledger.save(Entry(spool_id, QUARANTINED))
         self.stats.quarantined += 1
         log.error("%s: QUARANTINED, not delivered: %s; the sealed file is kept at %s", spool_id, error, path)
@@ -377,10 +482,12 @@ class Intake:
         self._status_written = time.time()
         status = {"updated": self._status_written, **vars(self.stats), "ledger": self.ledger.counts(),
                   "retrying": len(self.retry_at)}
-        path = self.config.status_file
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(status))
-        os.replace(temporary, path)
+        write_atomically(self.config.status_file, json.dumps(status).encode())
+
+
+def _reply_code(reply: str) -> int:
+    """The code of a reply as the ledger keeps it ("550 5.1.1 ..."); 500 if it has none."""
+    return int(reply[:3]) if reply[:3].isdigit() else 500
 
 
 def without_spool_id_headers(message: bytes) -> tuple[bytes, list[Field]]:

@@ -15,7 +15,6 @@ import hashlib
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from relay.private_files import create_private_file, fsync_directory
+from relay.private_files import create_private_file, fsync_directory, write_atomically
 from relay.tls import CertificateChain
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519")
@@ -245,7 +244,7 @@ class Keystore:
         )
         # Created 0600 with O_EXCL: never readable by others, never replacing a key.
         create_private_file(self.key_path(new_id), key_pem)
-        _write_atomically(self.csr_path(new_id), csr_pem)
+        write_atomically(self.csr_path(new_id), csr_pem)
         return new_id, csr_pem
 
     def import_chain(self, chain_pem: bytes, source: str = "the imported chain") -> str:
@@ -271,7 +270,7 @@ class Keystore:
             raise KeystoreError(f"{source}: {error}") from None
         # Re-serialise only the certificates: a bundle may carry other PEM blocks (even a key).
         pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
-        _write_atomically(self.chain_path(leaf_id), pem)
+        write_atomically(self.chain_path(leaf_id), pem)
         return leaf_id
 
     def _check_names(self, names: list[str]) -> list[str]:
@@ -340,18 +339,3 @@ def _check_order(certs: list[x509.Certificate], source: str) -> None:
                 f"certificate {position + 1} ({issuer.subject.rfc4514_string()}); put the chain in order, "
                 f"leaf first, each certificate followed by its issuer"
             ) from None
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory: a crash leaves the old file or the new, never half."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-    fsync_directory(path.parent)

@@ -237,6 +237,10 @@ class SpoolClient:
         frame = await self._call("wait", {"after": after, "timeout": timeout}, timeout=timeout + self.timeout)
         return bool(frame.meta.get("ready"))
 
+    async def publish_addresses(self, book: dict) -> None:
+        """Give the edge home's address book (relay/addressbook.py): it accepts at RCPT what the book names."""
+        await self._call("addresses", {"book": book})
+
     async def stats(self) -> dict[str, int | float]:
         """The spool's counters: the finite numbers the edge sent, and nothing else it sent."""
         meta = (await self._call("stats", {})).meta

@@ -68,11 +68,13 @@ def address(name: str, network: str = INTERNET) -> str:
 _PROBE = """
 import errno, json, socket, sys
 from concurrent.futures import ThreadPoolExecutor
-timeout, targets = json.loads(sys.argv[1])
+timeout, bind, targets = json.loads(sys.argv[1])
 def probe(target):
     s = socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET)
     s.settimeout(timeout)
     try:
+        if bind:
+            s.bind((bind, 0))
         s.connect(tuple(target))
         return "open"
     except ConnectionRefusedError:
@@ -90,11 +92,13 @@ with ThreadPoolExecutor(len(targets)) as pool:
 """
 
 
-def tcp_probe(source: str | None, targets: list[tuple[str, int]], user: str = "root") -> dict[tuple[str, int], str]:
+def tcp_probe(
+    source: str | None, targets: list[tuple[str, int]], user: str = "root", bind: str | None = None
+) -> dict[tuple[str, int], str]:
     """Connect to each (address, port) from the container `source` (or from the
-    controller when None), all at once, as `user` there; say what each port
-    looked like."""
-    args = json.dumps([PROBE_TIMEOUT, targets])
+    controller when None), all at once, as `user` there, from the address
+    `bind` if given; say what each port looked like."""
+    args = json.dumps([PROBE_TIMEOUT, bind, targets])
     if source is None:
         assert user == "root", "the controller probes as itself"
         out = subprocess.run(

@@ -10,7 +10,8 @@ One table (or `--json`) on either host, read-only, each part optional:
     spool         the edge's sealed spool: depth and oldest age (the edge's metrics; at home, what
                   the edge last told the intake)
     intake        the intake's status file: last contact with the edge, pulled, delivered, retried,
-                  failed, quarantined, the ledger's counts, the edge's protocol errors if any
+                  failed, bounced, quarantined, the ledger's counts, DSNs waiting, the edge's protocol
+                  errors if any
     certificates  the oracle keystore's chains and when each leaf expires (chain files only: no
                   private key is opened); on the edge, the chains it serves (its metrics)
 
@@ -391,7 +392,7 @@ def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[R
         rows.append(Row("intake", "last contact", _iso(contact), f"with the edge {ago(now - contact)} ago"))
     else:
         rows.append(unknown("intake", "last contact", "the intake has not reached the edge since it started"))
-    counters = {k: status.get(k) for k in ("pulled", "delivered", "retried", "failed", "quarantined")}
+    counters = {k: status.get(k) for k in ("pulled", "delivered", "retried", "failed", "bounced", "quarantined")}
     rows.append(Row("intake", "progress", counters,
                     ", ".join(f"{k} {v}" for k, v in counters.items()) + " (since the intake started)"))
     ledger = status.get("ledger") if isinstance(status.get("ledger"), dict) else {}
@@ -400,6 +401,9 @@ def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[R
     if status.get("retrying"):
         rows.append(Row("intake", "retrying", status["retrying"],
                         f"{status['retrying']} message(s) waiting for a retry"))
+    if status.get("outbox"):
+        rows.append(Row("intake", "outbox", status["outbox"],
+                        f"{status['outbox']} DSN(s) waiting for home's MTA (bounce_relay) to take them"))
     if status.get("protocol_errors"):
         rows.append(Row("intake", "edge protocol errors", status["protocol_errors"],
                         f"{status['protocol_errors']} answer(s) from the edge broke the spool protocol since the "

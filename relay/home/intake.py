@@ -481,7 +481,7 @@ class Intake:
         """The status file `yestls status` reads: what the intake knows, as of now."""
         self._status_written = time.time()
         status = {"updated": self._status_written, **vars(self.stats), "ledger": self.ledger.counts(),
-                  "retrying": len(self.retry_at)}
+                  "retrying": len(self.retry_at), "outbox": len(self.outbox.waiting()) if self.outbox else 0}
         write_atomically(self.config.status_file, json.dumps(status).encode())
 
 

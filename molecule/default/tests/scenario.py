@@ -204,34 +204,49 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 1.0):
         time.sleep(interval)
 
 
-IMAP_CERTIFICATE = "/etc/dovecot/yestls-imap.pem"
+def client_name() -> str:
+    """The name mail clients connect to (IMAPS, submission): the clients' certificate's name."""
+    return site().get("site_client_name", site()["site_mx_name"])
+
+
+def test_ca_context() -> ssl.SSLContext:
+    """A TLS client context that trusts the scenario's test CA only."""
+    return ssl.create_default_context(cafile=site()["site_test_ca"]["cert"])
+
+
+def full_address(mailbox_setting: str) -> str:
+    """A site_mailboxes entry as an address: a bare local part is at the first domain."""
+    return mailbox_setting if "@" in mailbox_setting else f"{mailbox_setting}@{site()['site_domains'][0]}"
 
 
 def mailbox() -> str:
-    return f"{site()['site_mailboxes'][0]}@{site()['site_domains'][0]}"
+    return full_address(site()["site_mailboxes"][0])
 
 
-def imap_password() -> str:
-    password = site()["site_mailbox_passwords"][site()["site_mailboxes"][0]]
-    assert password.startswith("{PLAIN}"), "the scenario's mailbox password must be {PLAIN}"
+def imap_password(address: str | None = None) -> str:
+    """The scenario's password of a mailbox (the first one by default)."""
+    address = address or mailbox()
+    setting = next(m for m in site()["site_mailboxes"] if full_address(m) == address)
+    password = site()["site_mailbox_passwords"][setting]
+    assert password.startswith("{PLAIN}"), "the scenario's mailbox passwords must be {PLAIN}"
     return password.removeprefix("{PLAIN}")
 
 
 class IMAPSAtHome(imaplib.IMAP4_SSL):
-    """IMAPS to home's certificate name, connected to home's LAN address."""
+    """IMAPS to the clients' name, connected to home's LAN address."""
 
     def _create_socket(self, timeout):
         sock = socket.create_connection((address("home", HOME_LAN), self.port), timeout)
         return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
 
 
-def messages_with(token: str) -> list[bytes]:
-    """Every message in the user's INBOX whose Subject holds token, read over
-    IMAPS from home's LAN (the controller is on it), home's own certificate
-    trusted."""
-    trusted = ssl.create_default_context(cadata=container("home").file(IMAP_CERTIFICATE).content_string)
-    with IMAPSAtHome("home", 993, ssl_context=trusted, timeout=10) as imap:
-        imap.login(mailbox(), imap_password())
+def messages_with(token: str, address: str | None = None) -> list[bytes]:
+    """Every message in a mailbox's INBOX (the first mailbox by default) whose
+    Subject holds token, read over IMAPS from home's LAN (the controller is
+    on it), the clients' certificate verified against the test CA."""
+    address = address or mailbox()
+    with IMAPSAtHome(client_name(), 993, ssl_context=test_ca_context(), timeout=10) as imap:
+        imap.login(address, imap_password(address))
         imap.select("INBOX", readonly=True)
         _, numbers = imap.search(None, "SUBJECT", token)
         found = []

@@ -46,7 +46,8 @@ AUDIT_LOG = "/var/log/yestls-oracle/audit.jsonl"
 EDGE_IDENTITY = "/var/lib/yestls-edge/identity.key"
 SPOOL_KEY = "/var/lib/yestls-intake/spool.key"
 INTAKE_IDENTITY = "/var/lib/yestls-intake/identity.key"
-IMAP_KEY = "/etc/dovecot/private/yestls-imap.key"
+CLIENT_TLS_KEY = "/etc/yestls/client-tls/key.pem"
+DKIM_KEYS = ["/etc/dkimkeys/yestls-rsa.key", "/etc/dkimkeys/yestls-ed25519.key"]
 DOVEADM_API_KEY = "/etc/dovecot/private/doveadm-api.key"
 SPOOL_QUEUE = "/var/spool/yestls/queue"
 
@@ -64,6 +65,13 @@ LISTENERS = {
         (HOME_TUNNEL, 9464): "yestls-oracle.service",
         ("0.0.0.0", 993): "dovecot.service",
         ("127.0.0.1", 8080): "dovecot.service",
+        # home's Postfix (roles/home_postfix): submission, and port 25 for home's own processes only
+        ("0.0.0.0", 465): "postfix@-.service",
+        ("0.0.0.0", 587): "postfix@-.service",
+        ("127.0.0.1", 25): "postfix@-.service",
+        # its validating resolver and the MTA-STS policy map, on loopback
+        ("127.0.0.1", 53): "unbound.service",
+        ("127.0.0.1", 8461): "postfix-mta-sts-resolver.service",
     },
 }
 DOCKER_DNS = "127.0.0.11"
@@ -138,7 +146,11 @@ def keystore_keys() -> list[str]:
         ("home", "/var/lib/yestls-intake", "yestls-intake", "yestls-intake", 0o700),
         ("home", SPOOL_KEY, "yestls-intake", "yestls-intake", 0o600),
         ("home", INTAKE_IDENTITY, "yestls-intake", "yestls-intake", 0o600),
-        ("home", IMAP_KEY, "root", "root", 0o600),
+        ("home", CLIENT_TLS_KEY, "root", "root", 0o600),
+        ("home", "/etc/yestls/client-tls", "root", "root", 0o700),
+        ("home", DKIM_KEYS[0], "root", "root", 0o600),
+        ("home", DKIM_KEYS[1], "root", "root", 0o600),
+        ("home", "/etc/dkimkeys", "root", "root", 0o700),
         ("home", DOVEADM_API_KEY, "root", "root", 0o600),
         ("home", "/etc/yestls/intake.toml", "root", "yestls-intake", 0o640),
         ("edge", EDGE_IDENTITY, "yestls-edge", "yestls-edge", 0o600),
@@ -244,14 +256,17 @@ def spool_key_needles(text: bytes) -> dict[str, bytes]:
 
 
 def home_secrets() -> dict[str, bytes]:
-    """Every private key home made (TLS, spool, intake identity, IMAPS) and
+    """Every private key home made (TLS, spool, intake identity, the clients'
+    TLS key, DKIM) and
     the doveadm API key, in each form a leak could take."""
     needles = {}
     for path in keystore_keys():
         needles.update(pem_needles(f"TLS key {Path(path).name}", read_secret("home", path)))
     needles.update(spool_key_needles(read_secret("home", SPOOL_KEY)))
     needles.update(pem_needles("intake identity key", read_secret("home", INTAKE_IDENTITY)))
-    needles.update(pem_needles("IMAPS key", read_secret("home", IMAP_KEY)))
+    needles.update(pem_needles("clients' TLS key", read_secret("home", CLIENT_TLS_KEY)))
+    needles.update(pem_needles("DKIM RSA key", read_secret("home", DKIM_KEYS[0])))
+    needles["DKIM Ed25519 key"] = read_secret("home", DKIM_KEYS[1]).strip()
     needles["doveadm API key"] = read_secret("home", DOVEADM_API_KEY).strip()
     return needles
 

@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import tarfile
 import time
 from functools import cache
@@ -174,6 +175,29 @@ def find_in_filesystem(name: str, needles: dict[str, bytes]) -> list[tuple[str, 
         finally:
             tar.stdout.close()
             tar.wait(timeout=300)
+    return found
+
+
+def find_in_process_memory(name: str, needles: dict[str, bytes]) -> dict[str, list[str]]:
+    """Search the memory of every process of a container for each needle;
+    return {needle name: [the processes holding it]}. Read from the host
+    (/proc/PID/mem of the container's processes, as root), so the needles
+    never go into the container; tests/process_memory.py does the reading."""
+    sys.path.insert(0, str(SCENARIO_DIR.parent.parent / "tests"))
+    from process_memory import marker_hits
+
+    pids = subprocess.run(["docker", "top", name, "-eo", "pid,comm"], check=True, capture_output=True,
+                          text=True).stdout.splitlines()[1:]
+    found: dict[str, list[str]] = {}
+    for line in pids:
+        pid, command = line.split(None, 1)
+        try:
+            hits = marker_hits(int(pid), needles)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+        for what, count in hits.items():
+            if count:
+                found.setdefault(what, []).append(f"{command}[{pid}]")
     return found
 
 

@@ -207,9 +207,9 @@ def test_imaps_through_the_edge_reads_the_mailbox_with_the_clients_certificate()
     assert out == [address("edge"), "OK", "OK"]
 
 
-def test_the_clients_certificate_on_the_home_lan_too():
+def test_imaps_on_the_home_lan_serves_the_clients_certificate_too():
     """On home's LAN the same name and certificate (the controller is on it)."""
-    with socket.create_connection((address("home", HOME_LAN), 465), timeout=10) as sock:
+    with socket.create_connection((address("home", HOME_LAN), 993), timeout=10) as sock:
         with test_ca_context().wrap_socket(sock, server_hostname=client_name()) as tls:
             names = [value for kind, value in tls.getpeercert()["subjectAltName"] if kind == "DNS"]
     assert names == [client_name()]

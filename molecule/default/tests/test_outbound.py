@@ -163,6 +163,7 @@ def test_a_wrong_password_is_refused_and_failures_are_slowed():
     ("sender", "allowed"),
     [
         (USER, True),  # its own address
+        (USER.replace("@", "+lists@"), True),  # its own address with a tag
         (ALIAS, True),  # an alias that delivers to it (docs/deploy.md)
         (OTHER, False),  # another user of the site
         (ANN, False),  # another user, in the other domain

@@ -233,7 +233,7 @@ def client_name() -> str:
     return site().get("site_client_name", site()["site_mx_name"])
 
 
-def test_ca_context() -> ssl.SSLContext:
+def ca_context() -> ssl.SSLContext:
     """A TLS client context that trusts the scenario's test CA only."""
     return ssl.create_default_context(cafile=site()["site_test_ca"]["cert"])
 
@@ -269,7 +269,7 @@ def messages_with(token: str, address: str | None = None) -> list[bytes]:
     Subject holds token, read over IMAPS from home's LAN (the controller is
     on it), the clients' certificate verified against the test CA."""
     address = address or mailbox()
-    with IMAPSAtHome(client_name(), 993, ssl_context=test_ca_context(), timeout=10) as imap:
+    with IMAPSAtHome(client_name(), 993, ssl_context=ca_context(), timeout=10) as imap:
         imap.login(address, imap_password(address))
         imap.select("INBOX", readonly=True)
         _, numbers = imap.search(None, "SUBJECT", token)

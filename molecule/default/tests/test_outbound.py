@@ -19,6 +19,7 @@ import pytest
 from scenario import (
     HOME_LAN,
     address,
+    ca_context,
     client_name,
     container,
     find_in_filesystem,
@@ -27,7 +28,6 @@ from scenario import (
     mailbox,
     messages_with,
     site,
-    test_ca_context,
     wait_for,
 )
 from submission import (
@@ -211,7 +211,7 @@ def test_imaps_through_the_edge_reads_the_mailbox_with_the_clients_certificate()
 def test_imaps_on_the_home_lan_serves_the_clients_certificate_too():
     """On home's LAN the same name and certificate (the controller is on it)."""
     with socket.create_connection((address("home", HOME_LAN), 993), timeout=10) as sock:
-        with test_ca_context().wrap_socket(sock, server_hostname=client_name()) as tls:
+        with ca_context().wrap_socket(sock, server_hostname=client_name()) as tls:
             names = [value for kind, value in tls.getpeercert()["subjectAltName"] if kind == "DNS"]
     assert names == [client_name()]
 

@@ -120,6 +120,8 @@ def test_a_permanent_failure_is_bounced_once_to_the_sender(world, sink):
     assert report.get_content_type() == "multipart/report"
     assert report.get_param("report-type") == "delivery-status"
     assert report["Auto-Submitted"] == "auto-replied" and report["To"].addresses[0].addr_spec == SENDER
+    # from the domain the sender wrote to (example.org), not the site's first domain (example.net)
+    assert report["From"].addresses[0].addr_spec == "MAILER-DAEMON@example.org"
     human, status, headers = report.get_payload()
     blocks = status.get_payload()
     assert blocks[0]["Reporting-MTA"] == "dns; mx.example.org"

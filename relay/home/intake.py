@@ -393,8 +393,11 @@ class Intake:
                      "null or local sender")
             return
         failures = [(address, _reply_code(reply), reply[4:]) for address, reply in dict(failed).items()]
+        # From the domain the sender wrote to (its DKIM signature then aligns with what they expect).
+        addressed = failed[0][0].rpartition("@")[2].lower()
+        postmaster_domain = addressed if addressed in domains else min(domains, default=self.config.authserv_id)
         message = dsn.build(to=to, reporting_mta=self.config.authserv_id,
-                            postmaster=f"MAILER-DAEMON@{min(domains) if domains else self.config.authserv_id}",
+                            postmaster=f"MAILER-DAEMON@{postmaster_domain}",
                             original=prepared.message, arrival=prepared.arrival, failures=failures)
         self.outbox.put(entry.spool_id, to, message)
         self.stats.bounced += 1

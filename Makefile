@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DEMO_LOG = .demo-converge.log
+# Molecule's working directory for the scenario (its inventory, the test CA):
+# a known place, so that `make demo`'s script, run outside Molecule, finds it.
+export MOLECULE_EPHEMERAL_DIRECTORY ?= $(abspath .molecule-state)
 # molecule and ansible-lint run ansible-playbook & co. from the virtualenv
 IN_VENV = PATH="$(abspath $(VENV))/bin:$$PATH"
 ANSIBLE_LINT = $(IN_VENV) ansible-lint roles playbooks

@@ -22,6 +22,10 @@ GONE = "other@" + site()["site_domains"][0]  # in the address book; out of Dovec
 BOUNCE_TIMEOUT = 150  # seconds: the intake long-polls, then the DSN crosses home's Postfix and the edge
 
 
+def dovecot_knows(address: str) -> bool:
+    return container("home").run("doveadm user %s", address).rc == 0
+
+
 def test_a_recipient_dovecot_refuses_is_bounced_to_the_sender_through_the_edge():
     home = container("home")
     marker = f"yestls-bounce-{uuid.uuid4().hex}"
@@ -30,11 +34,14 @@ def test_a_recipient_dovecot_refuses_is_bounced_to_the_sender_through_the_edge()
     home.check_output("cp -p %s %s.yestls-test && sed -i %s %s", DOVECOT_USERS, DOVECOT_USERS,
                       "/^" + GONE.replace(".", "\\.") + ":/d", DOVECOT_USERS)
     try:
+        # Dovecot notices a changed users file on a later lookup (it looks at most once a second)
+        assert wait_for(lambda: not dovecot_knows(GONE), timeout=10), f"Dovecot still knows {GONE}"
         submit(marker, GONE)
         attempt = wait_until_sent(marker)  # the edge took it: the address book names it
         dsn = wait_for(lambda: received_at_correspondent(marker), timeout=BOUNCE_TIMEOUT, interval=2)
     finally:
-        home.check_output("mv %s.yestls-test %s", DOVECOT_USERS, DOVECOT_USERS)
+        home.check_output("mv %s.yestls-test %s && touch %s", DOVECOT_USERS, DOVECOT_USERS, DOVECOT_USERS)
+        assert wait_for(lambda: dovecot_knows(GONE), timeout=10), f"Dovecot did not take {GONE} back"
     assert dsn, f"no DSN for {marker} (spool id {attempt.spool_id}) reached {SENDER}"
 
     report = email.message_from_bytes(dsn, policy=policy.default)

@@ -63,6 +63,7 @@ class Code:
     BAD_REQUEST = "bad_request"
     UNKNOWN_METHOD = "unknown_method"
     NOT_AUTHENTICATED = "not_authenticated"
+    NOT_PERMITTED = "not_permitted"   # authenticated, but the peer's `methods` does not list the method
     BUSY = "busy"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"

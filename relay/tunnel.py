@@ -30,6 +30,18 @@ What this does not stop is a process on the peer's host that reconnects
 faster than the peer can authenticate: that is a flood of the service like
 any other; the host's firewall (allow the service's user only) is the answer.
 
+Several peers may share an address (home's intake and home's ACME client,
+each with its own identity key): a connection from that address proves one
+of their keys, and the key it proves decides which peer it is. Until then it
+waits among the first such peer's unauthenticated connections, under that
+peer's `auth_timeout` and `max_unauthenticated`.
+
+A peer's `methods`, when set, is all it may call besides ping/hello/auth;
+anything else is refused `not_permitted` and audited. A peer without it
+may call every method of the service. So a key that only places ACME tokens
+(`methods = ["acme_challenge_put", "acme_challenge_delete"]`) cannot fetch
+or delete sealed mail if it is stolen.
+
 `authenticate()` is the client's half.
 """
 
@@ -82,6 +94,10 @@ class Peer:
     burst: int
     auth_timeout: float = DEFAULT_AUTH_TIMEOUT        # seconds from connect to a successful `auth`
     max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED  # connections waiting to authenticate at once
+    methods: frozenset[str] | None = None             # the service methods it may call; None: all of them
+
+    def may_call(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
 
 
 def load_peers(table: Table, who: str) -> tuple[Peer, ...]:
@@ -108,11 +124,28 @@ def load_peers(table: Table, who: str) -> tuple[Peer, ...]:
             max_unauthenticated=peer.get("max_unauthenticated", int, default=DEFAULT_MAX_UNAUTHENTICATED,
                                          check=lambda n: n >= 1,
                                          hint="connections waiting to authenticate at once"),
+            methods=_methods(peer),
         ))
         peer.done()
     if not peers:
         raise table.error("peer", f"no [[peer]]: nobody could use this service; add {who} as a [[peer]]")
+    names = [p.name for p in peers]
+    if len(set(names)) != len(names):
+        raise table.error("peer", "two [[peer]] tables have the same name: each needs its own")
+    identities = [p.identity.public_bytes_raw() for p in peers]
+    if len(set(identities)) != len(identities):
+        raise table.error("peer", "two [[peer]] tables have the same identity: give each its own key")
     return tuple(peers)
+
+
+def _methods(peer: Table) -> frozenset[str] | None:
+    listed = peer.get("methods", list, default=None, check=bool,
+                      hint='the methods this peer may call, e.g. ["acme_challenge_put"]; leave it out for all')
+    if listed is None:
+        return None
+    if not all(isinstance(m, str) and m for m in listed):
+        raise peer.error("methods", f"{listed!r} is not a list of method names")
+    return frozenset(listed)
 
 
 def _ip(table: Table, text) -> str:
@@ -178,9 +211,17 @@ class TunnelService:
         self.max_frame = max_frame
         self.self_auditing = self_auditing
         self.peer_states: dict[str, PeerState] = {}
+        for peer in peers:
+            unknown = sorted((peer.methods or frozenset()) - set(methods))
+            if unknown:
+                raise ValueError(f"peer {peer.name}: the {service} service has no method {', '.join(unknown)}")
 
-    def peer_for_address(self, address: str) -> Peer | None:
-        return next((p for p in self.peers if address in p.addresses), None)
+    def peers_for_address(self, address: str) -> list[Peer]:
+        return [p for p in self.peers if address in p.addresses]
+
+    def _state(self, peer: Peer) -> PeerState:
+        return self.peer_states.setdefault(
+            peer.name, PeerState(bucket=TokenBucket(peer.rate, peer.burst, time.monotonic())))
 
     # --- connections --------------------------------------------------------
 
@@ -190,23 +231,23 @@ class TunnelService:
 
     def _accept(self, connection: RpcConnection) -> None:
         address = connection.transport.get_extra_info("peername")[0]
-        peer = self.peer_for_address(address)
-        if peer is None:
+        candidates = self.peers_for_address(address)
+        if not candidates:
             self._count_and_audit(Reason.PEER_NOT_ALLOWED, peer=address, method="connect",
                                   log_as=f"refused connection from {address}")
             connection.transport.abort()
             return
-        state = self.peer_states.setdefault(
-            peer.name, PeerState(bucket=TokenBucket(peer.rate, peer.burst, time.monotonic())))
-        connection.state.update(peer=peer, peer_state=state, authenticated=False, challenge=None)
-        connection.max_in_flight = peer.max_in_flight
+        # Until `auth` proves one of the candidates' keys, the connection is the first one's, waiting.
+        connection.state.update(candidates=candidates, authenticated=False, challenge=None)
         self.metrics.connections.inc()
         self._wait_for_auth(connection)
 
     def _wait_for_auth(self, connection: RpcConnection) -> None:
         """Start the connection's auth deadline; make room among the peer's waiting connections."""
-        peer: Peer = connection.state["peer"]
-        state: PeerState = connection.state["peer_state"]
+        peer: Peer = connection.state["candidates"][0]
+        state = self._state(peer)
+        connection.state.update(peer=peer, peer_state=state)
+        connection.max_in_flight = peer.max_in_flight
         while len(state.unauthenticated) >= peer.max_unauthenticated:
             oldest = next(iter(state.unauthenticated))
             self._drop(oldest, Reason.EVICTED,
@@ -270,6 +311,10 @@ class TunnelService:
                 raise RemoteError(Code.NOT_AUTHENTICATED, "prove the peer's identity first (hello, auth)")
             elif known is None:
                 raise RemoteError(Code.UNKNOWN_METHOD, f"no method {method!r} in the {self.service} service")
+            elif not peer.may_call(known):
+                log.warning("%s: %s called %s, which its [[peer]] `methods` does not list: refused",
+                            self.service, peer.name, known)
+                raise RemoteError(Code.NOT_PERMITTED, f"{peer.name} may not call {known!r} (its [[peer]] methods)")
             else:
                 result = await self.methods[known](connection, frame)
         except RemoteError as error:
@@ -308,22 +353,29 @@ class TunnelService:
         transport = connection.transport
         message = auth_message(self.service, challenge, transport.get_extra_info("sockname"),
                                transport.get_extra_info("peername"))
-        peer: Peer = connection.state["peer"]
-        try:
-            peer.identity.verify(signature, message)
-        except InvalidSignature:
-            raise RemoteError(Code.NOT_AUTHENTICATED, "the signature is not the peer's identity key's") from None
-        state: PeerState = connection.state["peer_state"]
+        peer = next((p for p in connection.state["candidates"] if _verifies(p.identity, signature, message)), None)
+        if peer is None:
+            raise RemoteError(Code.NOT_AUTHENTICATED, "the signature is not the peer's identity key's")
+        state = self._state(peer)
         if state.connections >= peer.max_connections:
             raise GateRefusal(Code.BUSY, f"{peer.name} has {peer.max_connections} authenticated connections already",
                               close_connection=True, reason=Reason.TOO_MANY_CONNECTIONS)
-        deadline = state.unauthenticated.pop(connection, None)
+        deadline = connection.state["peer_state"].unauthenticated.pop(connection, None)
         if deadline is not None:
             deadline.cancel()
         state.connections += 1
-        connection.state["authenticated"] = True
+        connection.state.update(peer=peer, peer_state=state, authenticated=True)
+        connection.max_in_flight = peer.max_in_flight
         self.audit.record(peer=peer.name, method="auth", outcome="ok")
         return {}, b""
+
+
+def _verifies(identity: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
+    try:
+        identity.verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
 
 
 async def serve(service: TunnelService, listen: tuple[tuple[str, int], ...]) -> list[asyncio.Server]:

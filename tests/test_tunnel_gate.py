@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry
 
 from relay import rpc, tunnel
 from relay.audit import MAX_LINE, AuditLog
+from relay.config import ConfigError, Table
+from relay.identity import public_key_text
 from relay.rpc import HEADER, VERSION, Code, Kind, RemoteError
 from relay.spool.metrics import SpoolServiceMetrics
 from relay.tunnel import Peer, Reason, TunnelService
@@ -53,19 +55,22 @@ def run(coro):
     return asyncio.run(bounded())
 
 
+PEER_OPTIONS = {"max_connections": 2, "max_in_flight": 32, "rate": 50.0, "burst": 100}
+
+
 class Gate:
     """A TunnelService on 127.0.0.1 with `echo` and `big` (1 MiB) behind it, a real AuditLog and real metrics."""
 
-    def __init__(self, directory, *, audit_options: dict | None = None, **peer_options):
+    def __init__(self, directory, *, audit_options: dict | None = None, more_peers: tuple[Peer, ...] = (),
+                 **peer_options):
         self.identity = Ed25519PrivateKey.generate()
-        options = {"max_connections": 2, "max_in_flight": 32, "rate": 50.0, "burst": 100, **peer_options}
         self.peer = Peer(name="home", addresses=frozenset({"127.0.0.1"}), identity=self.identity.public_key(),
-                         **options)
+                         **{**PEER_OPTIONS, **peer_options})
         self.audit_path = directory / "audit.jsonl"
         self.audit = AuditLog(self.audit_path, **(audit_options or {}))
         self.registry = CollectorRegistry()
-        self.service = TunnelService(SERVICE, (self.peer,), {"echo": self._echo, "big": self._big}, self.audit,
-                                     SpoolServiceMetrics(self.registry), max_frame=MAX_FRAME)
+        self.service = TunnelService(SERVICE, (self.peer, *more_peers), {"echo": self._echo, "big": self._big},
+                                     self.audit, SpoolServiceMetrics(self.registry), max_frame=MAX_FRAME)
         self.server_sides: list[rpc.RpcConnection] = []
         self.servers: list[asyncio.Server] = []
 
@@ -432,3 +437,106 @@ def test_a_proved_peer_that_never_reads_its_answers_holds_a_bounded_buffer(tmp_p
 
     buffered = with_gate(tmp_path, test)
     assert BIG // 2 < buffered <= rpc.WRITE_HIGH_WATER + BIG + 1024, buffered
+
+
+# --- what each peer may call ([[peer]] methods) ------------------------------------------------------------------
+
+def test_a_peer_limited_to_some_methods_is_refused_the_others_audited_and_counted(tmp_path, caplog):
+    async def test(gate):
+        connection = await gate.genuine()
+        await proved_and_served(gate, connection, 1)
+        with pytest.raises(RemoteError) as refused:
+            await connection.call("big", timeout=5)
+        await proved_and_served(gate, connection, 2)  # the connection goes on
+        with pytest.raises(RemoteError) as unknown:
+            await connection.call("nothing", timeout=5)
+        connection.close()
+        return refused.value, unknown.value, gate.audit_lines(), gate.refusals(Code.NOT_PERMITTED)
+
+    refused, unknown, lines, counted = with_gate(tmp_path, test, methods=frozenset({"echo"}))
+    assert refused.code == Code.NOT_PERMITTED == "not_permitted" and "'big'" in refused.message
+    assert unknown.code == Code.UNKNOWN_METHOD
+    assert counted == 1
+    assert {"peer": "home", "method": "big", "outcome": "refused:not_permitted"}.items() <= \
+        next(line for line in lines if line["method"] == "big").items()
+    assert any("home called big" in r.getMessage() for r in caplog.records)
+
+
+def test_two_peers_on_one_address_are_told_apart_by_the_key_they_prove(tmp_path):
+    """Home's intake (every method) and home's ACME client (echo only) share home's tunnel address."""
+    acme_key = Ed25519PrivateKey.generate()
+    acme = Peer(name="acme", addresses=frozenset({"127.0.0.1"}), identity=acme_key.public_key(),
+                **{**PEER_OPTIONS, "max_connections": 1}, methods=frozenset({"echo"}))
+
+    async def test(gate):
+        intake = await gate.genuine()
+        tokens = await gate.connect()
+        await tunnel.authenticate(tokens, SERVICE, acme_key, 5)
+        await proved_and_served(gate, tokens, 1)
+        with pytest.raises(RemoteError) as refused:
+            await tokens.call("big", timeout=5)
+        big = await intake.call("big", timeout=5)
+        # Each counts against its own max_connections: the ACME client's one slot is taken, the intake's is not.
+        second_acme = await gate.connect()
+        with pytest.raises(RemoteError) as busy:
+            await tunnel.authenticate(second_acme, SERVICE, acme_key, 5)
+        second_intake = await gate.genuine()
+        await proved_and_served(gate, second_intake, 2)
+        # A stranger's key is neither.
+        stranger = await gate.connect()
+        with pytest.raises(RemoteError) as strange:
+            await tunnel.authenticate(stranger, SERVICE, Ed25519PrivateKey.generate(), 5)
+        for connection in (intake, tokens, second_intake, stranger):
+            connection.close()
+        return refused.value, len(big.tail), busy.value, strange.value, gate.audit_lines()
+
+    refused, big, busy, strange, lines = with_gate(tmp_path, test, more_peers=(acme,))
+    assert refused.code == Code.NOT_PERMITTED and big == BIG
+    assert busy.code == Code.BUSY and "acme has 1 authenticated" in busy.message
+    assert strange.code == Code.NOT_AUTHENTICATED
+    assert [line["peer"] for line in lines if line["method"] == "auth" and line["outcome"] == "ok"] == \
+        ["home", "acme", "home"]
+
+
+def test_a_peer_allowed_a_method_the_service_lacks_is_a_configuration_error(tmp_path):
+    peer = Peer(name="acme", addresses=frozenset({"127.0.0.1"}), identity=Ed25519PrivateKey.generate().public_key(),
+                **PEER_OPTIONS, methods=frozenset({"echo", "acme_challenge_put"}))
+    with pytest.raises(ValueError, match="acme: the test service has no method acme_challenge_put"):
+        TunnelService(SERVICE, (peer,), {"echo": None}, None, None, max_frame=MAX_FRAME)
+
+
+def peers_config(tmp_path, *peers: str) -> Table:
+    path = tmp_path / "service.toml"
+    path.write_text("".join(f"[[peer]]\naddresses = [\"10.77.0.2\"]\n{peer}\n" for peer in peers))
+    return Table.load(path)
+
+
+def identity_line() -> str:
+    return f'identity = "{public_key_text(Ed25519PrivateKey.generate().public_key())}"\n'
+
+
+def test_peer_methods_in_the_config(tmp_path):
+    intake, acme = tunnel.load_peers(peers_config(
+        tmp_path, f'name = "intake"\n{identity_line()}',
+        f'name = "acme"\n{identity_line()}methods = ["acme_challenge_put", "acme_challenge_delete"]'), "home")
+    assert intake.methods is None and intake.may_call("fetch")
+    assert acme.methods == {"acme_challenge_put", "acme_challenge_delete"}
+    assert acme.may_call("acme_challenge_put") and not acme.may_call("fetch")
+
+
+@pytest.mark.parametrize("peers, error", [
+    (['name = "a"\nmethods = []'], "methods: [] is not valid"),
+    (['name = "a"\nmethods = ["fetch", 3]'], "is not a list of method names"),
+    (['name = "a"\nmethods = "fetch"'], "methods: 'fetch' is not valid"),
+    (['name = "a"', 'name = "a"'], "the same name"),
+])
+def test_bad_peer_methods_and_names_are_refused(tmp_path, peers, error):
+    with pytest.raises(ConfigError) as refused:
+        tunnel.load_peers(peers_config(tmp_path, *(f"{p}\n{identity_line()}" for p in peers)), "home")
+    assert error in str(refused.value)
+
+
+def test_two_peers_with_one_key_are_refused(tmp_path):
+    same = identity_line()
+    with pytest.raises(ConfigError, match="the same identity"):
+        tunnel.load_peers(peers_config(tmp_path, f'name = "a"\n{same}', f'name = "b"\n{same}'), "home")

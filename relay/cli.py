@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from relay.oracle import keys_cli
+from relay.keys import cli as keys_cli
 from relay.tls.constants import Group
 
 GROUP_NAMES = {"X25519MLKEM768": Group.X25519MLKEM768, "x25519": Group.X25519,

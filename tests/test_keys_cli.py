@@ -10,10 +10,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.identity import load_identity, parse_public_key_text, public_key_text
-from relay.oracle import keys_cli
+from relay.keys import cli as keys_cli
 from relay.oracle.keystore import Keystore
 
-from .test_keystore import CA
+from .signing_ca import CA
 
 
 def yestls(*argv: str) -> int:

@@ -68,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"{name}.toml (default /etc/yestls/{name}.toml when present)")
     status.add_argument("--json", action="store_true", help="JSON for scripts instead of the table")
 
+    dns = commands.add_parser("dns", help="print the DNS records the site needs, as zone-file lines (at home)")
+    dns.add_argument("--site", type=Path, default=Path("/etc/yestls/site.toml"), metavar="PATH",
+                     help="site.toml (default %(default)s)")
+
+    doctor = commands.add_parser("doctor", help="check the published DNS records, the MTA-STS policy and the "
+                                                "MX's certificate, live (at home)")
+    doctor.add_argument("--site", type=Path, default=Path("/etc/yestls/site.toml"), metavar="PATH",
+                        help="site.toml (default %(default)s)")
+    doctor.add_argument("--nameserver", metavar="HOST[:PORT]",
+                        help="ask this resolver (default: the system's, /etc/resolv.conf)")
+    doctor.add_argument("--ca-file", type=Path, metavar="PATH",
+                        help="trust these CA certificates for STARTTLS and MTA-STS (default: the system's)")
+    doctor.add_argument("--smtp-port", type=int, default=25, help="the MX's SMTP port (default %(default)s)")
+    doctor.add_argument("--https-port", type=int, default=443,
+                        help="the MTA-STS policy host's HTTPS port (default %(default)s)")
+    doctor.add_argument("--json", action="store_true", help="JSON for scripts instead of the table")
+
     keys_cli.add_parsers(commands)
     return parser
 
@@ -95,6 +112,14 @@ def main(argv=None) -> int:
         from relay import status
 
         return status.run(args)
+    if args.command == "dns":
+        from relay import dnsrecords
+
+        return dnsrecords.run(args)
+    if args.command == "doctor":
+        from relay import doctor
+
+        return doctor.run(args)
     if args.command == "keys":
         return keys_cli.run(args)
     return 2

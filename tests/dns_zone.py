@@ -1,4 +1,4 @@
-"""A tiny authoritative DNS server for tests: TXT records from a dict, over UDP on 127.0.0.1.
+"""Tiny authoritative DNS servers for tests, over UDP on 127.0.0.1: TXT records from a dict, or a whole zone.
 
     with serve_zone({"example.net": ["v=spf1 ip4:127.0.0.1 -all"]}) as zone:
         ... point a resolver at 127.0.0.1:zone.port ...
@@ -11,6 +11,14 @@ need); other types at an existing name get an empty answer (NODATA); any
 other name is NXDOMAIN. Names match without regard to case or a trailing dot.
 The server runs in a daemon thread and stops, within a bounded time, when
 the `with` block ends.
+
+    with serve_zone_text(ZONE_TEXT, authenticated=True) as served:
+        served.zone             # a dns.zone.Zone: change or delete records while it runs
+        served.servfail.add("example.org")   # answer SERVFAIL for that name
+        served.silent.add("example.org")     # never answer for it (the resolver times out)
+
+answers every type from a zone file's records (absolute names, `$TTL` given),
+with the AD flag set when `authenticated` (as a validating resolver does).
 """
 
 import socket
@@ -18,6 +26,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -26,6 +35,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.rrset
+import dns.zone
 
 TTL = 60
 MAX_STRING = 255
@@ -68,9 +78,66 @@ class Zone:
         return response.to_wire()
 
 
+@dataclass
+class ZoneFile:
+    zone: dns.zone.Zone
+    authenticated: bool = False
+    port: int = 0
+    servfail: set[str] = field(default_factory=set)
+    silent: set[str] = field(default_factory=set)
+    queries: list[tuple[str, str]] = field(default_factory=list)
+
+    def answer(self, wire: bytes) -> bytes | None:
+        try:
+            query = dns.message.from_wire(wire)
+        except Exception:  # noqa: BLE001 - anything unparsable is ignored
+            return None
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA | (dns.flags.AD if self.authenticated else 0)
+        if len(query.question) != 1:
+            response.set_rcode(dns.rcode.FORMERR)
+            return response.to_wire()
+        question = query.question[0]
+        name = _key(question.name.to_text())
+        self.queries.append((name, dns.rdatatype.to_text(question.rdtype)))
+        if name in self.silent:
+            return None
+        if name in self.servfail:
+            response.flags &= ~(dns.flags.AA | dns.flags.AD)
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response.to_wire()
+        node = self.zone.get_node(question.name)
+        if node is None:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        else:
+            rdataset = node.get_rdataset(dns.rdataclass.IN, question.rdtype)
+            if rdataset is not None:
+                response.answer.append(dns.rrset.from_rdata_list(question.name, rdataset.ttl, list(rdataset)))
+        try:
+            return response.to_wire(max_size=query.payload if query.edns >= 0 else 512)
+        except dns.exception.TooBig:
+            response.answer.clear()
+            response.flags |= dns.flags.TC
+            return response.to_wire()
+
+
 @contextmanager
 def serve_zone(records: dict[str, list[str]]):
-    zone = Zone(dict(records))
+    """TXT records from a dict (see the module)."""
+    with _serve(Zone(dict(records))) as zone:
+        yield zone
+
+
+@contextmanager
+def serve_zone_text(text: str, authenticated: bool = False):
+    """Every record of a zone file (absolute names, a $TTL line), as an authoritative server would."""
+    zone = dns.zone.from_text(text, origin=dns.name.root, relativize=False, check_origin=False)
+    with _serve(ZoneFile(zone, authenticated)) as served:
+        yield served
+
+
+@contextmanager
+def _serve(zone):
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.settimeout(0.1)

@@ -86,7 +86,8 @@ async def _signer_and_chains(args) -> tuple[Signer, list[CertificateChain], Orac
         raise SystemExit("tls-serve: with --oracle the chains come from the oracle; drop --cert/--key")
     if args.alpn:
         raise SystemExit("tls-serve: --alpn needs --cert/--key: the key oracle signs no handshake that selects an "
-                         "application protocol (policy.alpn_selected)")
+                         "application protocol but http/1.1 for an mta-sts. name, the edge's MTA-STS listener "
+                         "(policy.alpn_selected)")
     if args.identity_key is None:
         raise SystemExit("tls-serve: --oracle needs --identity-key (made by `yestls keys identity-new`)")
     try:

@@ -6,8 +6,10 @@ engine asked for: signing it makes the engine finish the handshake. Every
 off-policy request gets its refusal code: bare digests and arbitrary bytes,
 TLS 1.2, resumed (PSK) handshakes, another certificate chain, names outside
 the certificate, schemes the key or the client cannot use, a selected
-application protocol (ALPN: the edge is an MX), and transcripts whose
-messages are out of order, truncated or inconsistent. Hypothesis
+application protocol (ALPN: the edge is an MX) but one, and transcripts whose
+messages are out of order, truncated or inconsistent. The one protocol
+signed for is http/1.1 for an mta-sts.<domain> name (the MTA-STS policy
+host), offered by the client; each other ALPN/SNI pairing is refused. Hypothesis
 mutates real transcripts: the answer is a Refusal or an Approved whose content
 is the mutated transcript's own, never anything else.
 """
@@ -36,6 +38,7 @@ from relay.oracle.policy import (
     Refusal,
     check_certificate_verify,
     expected_certificate_message,
+    parse_encrypted_extensions,
 )
 from relay.tls import CipherSuite, Group, ServerConfig, SignatureRequest, SignatureScheme, State, TicketKeyring
 from relay.tls.constants import HELLO_RETRY_REQUEST_RANDOM, TLS12, TLS13, ContentType, ExtensionType, HandshakeType
@@ -853,6 +856,101 @@ def test_alpn_selected_after_a_hello_retry_request_is_refused(pki, chains):
     msgs = request.handshake_messages
     assert [m[0] for m in msgs] == [1, 2, 1, 2, 8, 11] and msgs[1][6:38] == HELLO_RETRY_REQUEST_RANDOM
     assert_refused(ALPN_SELECTED, msgs, request.scheme, chains["ecdsa-p256"])
+
+
+# --- the one exception: http/1.1 for the MTA-STS policy host (mta-sts.<domain>) ---------------------------
+
+STS = "mta-sts.example.org"
+HTTP = b"http/1.1"
+
+
+@pytest.fixture(scope="module")
+def sts_pki(tmp_path_factory):
+    """A certificate for the MX and the MTA-STS policy host, as home's ACME client orders it."""
+    return make_pki(tmp_path_factory.mktemp("sts"), names=("mx.example.org", STS), key_types=("ecdsa-p256",))
+
+
+def alpn_request(pki, server_name: str | None, offered=(b"h2", HTTP), engine=(HTTP,), **hello_options):
+    """The engine's request for a raw hello offering `offered` (None: no ALPN extension) to a server of `engine`."""
+    leaf = pki.leaves["ecdsa-p256"]
+    config = ServerConfig([leaf.chain], alpn_protocols=engine, hello_retry_cookie=lambda digest: digest[:16])
+    client = RawClient(config, leaf.key, auto_sign=False)
+    hello = client.hello(server_name=server_name, **hello_options)
+    if offered is not None:
+        hello.add(ExtensionType.ALPN, vec16(b"".join(vec8(p) for p in offered)))
+    client.send_hello(hello)
+    if client.hello_retry_group is not None:
+        client.send_hello(client.retry_hello(hello))
+    return client.signature_requests[-1]
+
+
+def selected_alpn(request: SignatureRequest) -> bytes | None:
+    return parse_encrypted_extensions(request.handshake_messages[-2]).alpn
+
+
+def test_openssl_fetching_the_mta_sts_policy_over_http11_is_approved(sts_pki):
+    """What an MTA-STS fetcher does: SNI mta-sts.<domain>, ALPN h2 and http/1.1; the engine picks http/1.1."""
+    leaf = sts_pki.leaves["ecdsa-p256"]
+    context = client_context(sts_pki.ca_pem)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    pair = MemoryPair(ServerConfig([leaf.chain], alpn_protocols=(HTTP,)), context, leaf.key, server_hostname=STS)
+    pair.server = PolicyInTheLoop(pair.server, leaf.chain)
+    pair.handshake()
+    assert pair.server_error is None and pair.client.selected_alpn_protocol() == "http/1.1"
+    [(request, approved)] = pair.server.approvals
+    assert approved.server_name == STS and approved.content == request.content
+
+
+@pytest.mark.parametrize("offered", [None, (b"h2", HTTP)], ids=["no ALPN offered", "none selected"])
+def test_mta_sts_name_without_alpn_is_approved(sts_pki, offered):
+    request = alpn_request(sts_pki, STS, offered=offered, engine=())
+    assert selected_alpn(request) is None
+    assert_approved_as_sent(request, sts_pki.leaves["ecdsa-p256"].chain)
+
+
+def test_mta_sts_http11_after_a_hello_retry_request_is_approved(sts_pki):
+    request = alpn_request(sts_pki, STS, shares=(), groups=(Group.X25519, Group.SECP256R1))
+    assert len(request.handshake_messages) == 6 and selected_alpn(request) == HTTP
+    assert assert_approved_as_sent(request, sts_pki.leaves["ecdsa-p256"].chain).server_name == STS
+
+
+ALPN_REFUSALS = {
+    # (server_name, offered, the engine's protocols): what is refused, and why.
+    "http/1.1 for the MX name": ("mx.example.org", (HTTP,), (HTTP,), ALPN_SELECTED),
+    "http/1.1 without SNI": (None, (HTTP,), (HTTP,), ALPN_SELECTED),
+    "h2 for the mta-sts name": (STS, (b"h2", HTTP), (b"h2",), ALPN_SELECTED),
+    "smtp for the mta-sts name": (STS, (b"smtp",), (b"smtp",), ALPN_SELECTED),
+    "acme-tls/1 for the mta-sts name": (STS, (b"acme-tls/1",), (b"acme-tls/1",), ALPN_SELECTED),
+    "a name merely containing mta-sts": ("xmta-sts.example.org", (HTTP,), (HTTP,), ALPN_SELECTED),
+    "mta-sts without its dot": ("mta-stsexample.org", (HTTP,), (HTTP,), ALPN_SELECTED),
+    "mta-sts name the certificate lacks": ("mta-sts.example.net", (HTTP,), (HTTP,), SNI_MISMATCH),
+}
+
+
+@pytest.mark.parametrize("name", list(ALPN_REFUSALS))
+def test_other_alpn_and_sni_pairings_are_refused(sts_pki, name):
+    server_name, offered, engine, code = ALPN_REFUSALS[name]
+    request = alpn_request(sts_pki, server_name, offered=offered, engine=engine)
+    assert selected_alpn(request) == engine[0]  # the engine alone would go on
+    assert_refused(code, request.handshake_messages, request.scheme, sts_pki.leaves["ecdsa-p256"].chain)
+
+
+def test_mta_sts_http11_for_a_certificate_without_that_name_is_refused(pki, chains):
+    """The session PKI's certificate names mx.example.org and localhost only."""
+    request = alpn_request(pki, STS)
+    assert selected_alpn(request) == HTTP
+    assert_refused(SNI_MISMATCH, request.handshake_messages, request.scheme, chains["ecdsa-p256"])
+
+
+def test_http11_selected_for_an_mta_sts_name_without_the_client_offering_it_is_refused(sts_pki):
+    """A stolen edge writing EncryptedExtensions itself: http/1.1 the client never offered (or offered no ALPN)."""
+    chain = sts_pki.leaves["ecdsa-p256"].chain
+    forged = encrypted_extensions((ExtensionType.SERVER_NAME, b""), (ExtensionType.ALPN, vec16(vec8(HTTP))))
+    for offered in (None, (b"h2",)):
+        request = alpn_request(sts_pki, STS, offered=offered, engine=())
+        assert_approved_as_sent(request, chain)
+        refusal = assert_refused(ALPN_SELECTED, replaced(request.handshake_messages, 2, forged), P256, chain)
+        assert "did not offer" in refusal.message
 
 
 # --- every code, and nothing but Refusal -------------------------------------------------------------

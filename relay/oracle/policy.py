@@ -14,10 +14,22 @@ stable code (the audit log and metrics count them by code).
 
 The ServerHello, HelloRetryRequest and EncryptedExtensions parsers here accept
 what YesTLS's engine sends and nothing more: an extension the engine never
-sends in them is a refusal, not something to ignore. The engine can select an
-application protocol (ALPN), but the edge is an MX and never does: a
-handshake that selects one is refused (`policy.alpn_selected`), so a stolen
-edge cannot get handshakes for HTTPS or any other protocol signed.
+sends in them is a refusal, not something to ignore.
+
+Application protocols (ALPN): the edge is an MX, and its SMTP listeners never
+select one. Its one other TLS service is the MTA-STS policy (RFC 8461), which
+must be fetched over HTTPS from `mta-sts.<domain>`. So a selected protocol is
+refused (`policy.alpn_selected`) unless it is exactly "http/1.1", the client
+offered it, and the SNI is a name starting with "mta-sts." (which, as any
+SNI, must be one of the certificate's names: `policy.sni_mismatch`). No ALPN
+stays accepted for any of the certificate's names, as before. Why this much
+and no more: a compromised edge already serves the policy (the HTTP side is
+the edge's), so signing its HTTPS handshakes for the policy host gives it
+nothing about mail it did not have; it still cannot get a handshake signed
+for HTTP under the MX's name (or any name but mta-sts.*), nor for h2,
+acme-tls/1 or any other protocol. What it can do with mta-sts.<domain> over
+HTTPS is what any holder of that host can: serve browsers other content there
+(docs/oracle.md, docs/edge.md).
 
 Every request goes through this check before its signature, so the common
 path parses each message once and compares the Certificate against bytes
@@ -398,8 +410,22 @@ def _check_encrypted_extensions(hello: ClientHello, ee: EncryptedExtensions) -> 
         raise Refusal(MALFORMED, "EncryptedExtensions acknowledges a server_name the client did not send")
     if ee.record_size_limit is not None and hello.record_size_limit is None:
         raise Refusal(MALFORMED, "EncryptedExtensions has a record_size_limit the client did not offer")
-    if ee.alpn is not None:  # offered or not: the edge is an MX and negotiates no application protocol
-        raise Refusal(ALPN_SELECTED, f"EncryptedExtensions selects the application protocol {_quote(ee.alpn)}")
+    if ee.alpn is not None:
+        _check_alpn(hello, ee.alpn)
+
+
+# The one application protocol signed for, and the names it is signed for: the MTA-STS policy host's HTTPS.
+MTA_STS_ALPN = b"http/1.1"
+MTA_STS_PREFIX = "mta-sts."
+
+
+def _check_alpn(hello: ClientHello, selected: bytes) -> None:
+    name = hello.server_name
+    if selected != MTA_STS_ALPN or name is None or not name.startswith(MTA_STS_PREFIX):
+        raise Refusal(ALPN_SELECTED, f"EncryptedExtensions selects the application protocol {_quote(selected)} for "
+                                     f"server_name {name!r}: only http/1.1 for an mta-sts. name is signed")
+    if hello.alpn is None or MTA_STS_ALPN not in hello.alpn:
+        raise Refusal(ALPN_SELECTED, "EncryptedExtensions selects http/1.1, which the client did not offer")
 
 
 def _quote(name: bytes) -> str:

@@ -11,7 +11,7 @@ One table (or `--json`) on either host, read-only, each part optional:
                   the edge last told the intake)
     intake        the intake's status file: last contact with the edge, pulled, delivered, retried,
                   failed, bounced, quarantined, the ledger's counts, DSNs waiting, the edge's protocol
-                  errors if any
+                  errors if any; senders' TLS reports (sessions failed, by result type) when read
     certificates  the oracle keystore's chains and when each leaf expires (chain files only: no
                   private key is opened); on the edge, the chains it serves (its metrics)
 
@@ -408,11 +408,33 @@ def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[R
         rows.append(Row("intake", "edge protocol errors", status["protocol_errors"],
                         f"{status['protocol_errors']} answer(s) from the edge broke the spool protocol since the "
                         "intake started: a broken or compromised edge; the intake's ERROR lines name each"))
+    rows.extend(tls_report_rows(status.get("tls_reports"), now))
     if not edge_spool_known and status.get("edge_depth") is not None and isinstance(contact, (int, float)):
         depth, oldest = status["edge_depth"], status.get("edge_oldest_age") or 0
         rows.append(Row("spool", "depth", depth,
                         f"{depth} message(s) waiting, as the edge told the intake {ago(now - contact)} ago"))
         rows.append(Row("spool", "oldest", oldest, f"{ago(oldest)} waiting" if depth else "none waiting"))
+    return rows
+
+
+def tls_report_rows(totals, now: float) -> list[Row]:
+    """The senders' TLS reports (RFC 8460) the intake read: sessions, failures by result type, malformed."""
+    if not isinstance(totals, dict):
+        return []
+    from relay.home.tlsrpt import ReportTotals
+
+    kept = ReportTotals.from_json(totals)
+    last = f", last {ago(now - kept.last_report)} ago" if kept.last_report is not None else ""
+    malformed = f"; {kept.malformed} malformed (delivered, not counted)" if kept.malformed else ""
+    rows = [Row("intake", "TLS reports", kept.to_json(),
+                f"{kept.reports} report(s){last}: {kept.successful} session(s) successful, {kept.failed} failed"
+                f"{malformed}")]
+    if kept.failed:
+        by_type = ", ".join(f"{k} {v}" for k, v in sorted(kept.result_types.items(), key=lambda kv: -kv[1]))
+        by_org = ", ".join(f"{org} {v['failed']}" for org, v in sorted(kept.organizations.items()) if v["failed"])
+        rows.append(Row("intake", "TLS failures", {"result_types": kept.result_types},
+                        f"FAILED SESSIONS by result: {by_type or 'none detailed'} (reported by {by_org}); "
+                        "`yestls doctor` checks the certificate, MTA-STS and TLSA"))
     return rows
 
 

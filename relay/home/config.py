@@ -22,6 +22,8 @@
     bounce_relay = "127.0.0.1:25"                # optional: home's MTA, which sends the intake's DSNs out
     outbox = "/var/lib/yestls-intake/outbox"     # DSNs waiting for it
     give_up_after = 432000                       # seconds of temporary failures before a DSN (5 days)
+    tls_reports = "tls-reports@example.org"      # optional: the TLS-RPT rua mailbox: its mail is read as
+                                                 # RFC 8460 reports too (relay/home/tlsrpt.py), and delivered
 """
 
 from dataclasses import dataclass
@@ -58,6 +60,7 @@ class IntakeConfig:
     bounce_relay: tuple[str, int] | None = None
     outbox: Path = Path("/var/lib/yestls-intake/outbox")
     give_up_after: float = 5 * 86400
+    tls_reports: str | None = None
 
     @property
     def max_sealed_size(self) -> int:
@@ -108,11 +111,19 @@ def load(path: Path) -> IntakeConfig:
         outbox=Path(table.get("outbox", str, default=str(state / "outbox"))),
         give_up_after=float(table.get("give_up_after", (int, float), default=5 * 86400, check=lambda n: n > 0,
                                       hint="seconds of temporary failures before the message is bounced")),
+        tls_reports=_address(table.get("tls_reports", str, default=None,
+                                        check=lambda v: "@" in v.removeprefix("mailto:"),
+                                        hint='the address of site.toml\'s [tls_rpt] rua, "tls-reports@example.org"')),
     )
     if config.doveadm_url and not config.doveadm_api_key:
         raise table.error("doveadm_api_key", "doveadm_url needs the API key Dovecot's doveadm_api_key has")
     table.done()
     return config
+
+
+def _address(text: str | None) -> str | None:
+    """An address compared without regard to case; a "mailto:" (as the rua is written) dropped."""
+    return None if text is None else text.removeprefix("mailto:").lower()
 
 
 def _optional_path(text: str | None) -> Path | None:

@@ -44,6 +44,7 @@ from relay.home.headers import Field, without_fields
 from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, QUARANTINED, Entry, Ledger
 from relay.home.lmtp import LmtpError, deliver
 from relay.home.outbox import Outbox
+from relay.home.tlsrpt import ReportTotals, TlsRptError, read_report
 from relay.identity import load_identity
 from relay.private_files import write_atomically
 from relay.rpc import RemoteError
@@ -111,6 +112,7 @@ class Intake:
                 raise AddressBookError(f"{config.addresses}: no valid address book (see the log line above)")
         self.outbox = (Outbox(config.outbox, config.bounce_relay, config.authserv_id)
                        if config.bounce_relay is not None else None)
+        self.tls_reports = _previous_tls_reports(config.status_file) if config.tls_reports else None
 
     # --- the loop -------------------------------------------------------------
 
@@ -304,6 +306,7 @@ class Intake:
                 self.ledger.save(entry)
             self.retry_at.pop(spool_id, None)
             self.failures.pop(spool_id, None)
+            self._read_tls_report(spool_id, prepared)
             delivered = sum(r.status == DELIVERED for r in entry.recipients.values())
             log.info("%s: delivered to %d of %d recipient(s)", spool_id, delivered, len(entry.recipients))
             return True
@@ -403,6 +406,25 @@ class Intake:
         self.stats.bounced += 1
         log.info("%s: DSN to %s for %d recipient(s) queued", entry.spool_id, to, len(failures))
 
+    def _read_tls_report(self, spool_id: str, prepared: Prepared) -> None:
+        """Mail to the TLS-RPT address, once delivered: its report added to the totals (delivery unchanged)."""
+        if self.tls_reports is None:
+            return
+        addresses = {a.lower() for a in (*prepared.addressed, *prepared.addressed.values())}
+        if self.config.tls_reports not in addresses:
+            return
+        try:
+            report = read_report(prepared.message)
+        except TlsRptError as error:
+            self.tls_reports.malformed += 1
+            log.warning("%s: mail to %s is not a TLS report we can read (%s); delivered as it is",
+                        spool_id, self.config.tls_reports, error)
+            return
+        self.tls_reports.add(report, time.time())
+        log.info("%s: TLS report %r from %r: %d session(s) successful, %d failed%s", spool_id, report.report_id,
+                 report.organization, report.successful, report.failed,
+                 "".join(f", {k} {v}" for k, v in sorted(report.failures().items())))
+
     # --- around the messages ----------------------------------------------------------
 
     def _load_book(self) -> None:
@@ -485,7 +507,17 @@ class Intake:
         self._status_written = time.time()
         status = {"updated": self._status_written, **vars(self.stats), "ledger": self.ledger.counts(),
                   "retrying": len(self.retry_at), "outbox": len(self.outbox.waiting()) if self.outbox else 0}
+        if self.tls_reports is not None:
+            status["tls_reports"] = self.tls_reports.to_json()
         write_atomically(self.config.status_file, json.dumps(status).encode())
+
+
+def _previous_tls_reports(status_file) -> ReportTotals:
+    """The TLS report totals the last run wrote: reports come once a day, a restart must not forget them."""
+    try:
+        return ReportTotals.from_json(json.loads(status_file.read_text()).get("tls_reports"))
+    except (OSError, ValueError, AttributeError):
+        return ReportTotals()
 
 
 def _reply_code(reply: str) -> int:

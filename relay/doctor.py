@@ -716,8 +716,12 @@ def run(args) -> int:
     except ValueError as error:
         print(f"yestls doctor: --nameserver: {error}", file=sys.stderr)
         return 2
-    doctor = Doctor(site, Dns(nameserver), ca_file=args.ca_file, smtp_port=args.smtp_port,
-                    https_port=args.https_port)
+    try:
+        resolver = Dns(nameserver)
+    except dns.resolver.NoResolverConfiguration:
+        print("yestls doctor: no resolver in /etc/resolv.conf; pass --nameserver HOST[:PORT]", file=sys.stderr)
+        return 2
+    doctor = Doctor(site, resolver, ca_file=args.ca_file, smtp_port=args.smtp_port, https_port=args.https_port)
     results = doctor.results()
     if args.json:
         json.dump([r.as_json() for r in results], sys.stdout, indent=2)

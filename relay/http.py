@@ -16,9 +16,11 @@ server that never relays anything has no reason to accept).
 
 What it accepts (RFC 9112), and what it answers otherwise:
 - a request line `METHOD SP origin-form SP HTTP/1.x CRLF`, single spaces,
-  at most MAX_REQUEST_LINE octets (414 when the target makes it longer,
-  400 otherwise); methods GET and HEAD (405 with Allow for any other
-  token); versions HTTP/1.0 and HTTP/1.1 (505 for other HTTP/d.d);
+  at most MAX_REQUEST_LINE octets (414); methods GET and HEAD (405 with
+  Allow for any other token); versions HTTP/1.0 and HTTP/1.1 (505 for
+  other HTTP/d.d). Input that cannot begin a request line (not a token of
+  at most MAX_METHOD octets then SP: a TLS ClientHello, binary junk) is
+  400 as soon as it arrives, not after the timeout;
 - the target in origin-form only: `/` then RFC 3986 path and query
   characters, percent-escapes well formed but never decoded (the routes
   compare paths byte for byte, so `%2e%2e` is just a path that is not
@@ -51,6 +53,7 @@ MAX_HEADERS = 64
 ALLOWED_METHODS = ("GET", "HEAD")
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+MAX_METHOD = 16
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 # origin-form = absolute-path [ "?" query ]; pchar and query characters of RFC 3986, escapes well formed.
 _ORIGIN_FORM = re.compile(rb"(/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)+"
@@ -164,24 +167,31 @@ class RequestReader:
     def _next_line(self, limit: int) -> bytes | None:
         """The next CRLF-ended line without its CRLF, or None until it is all here."""
         buffer = self._buffer
+        if self.state is State.REQUEST_LINE:
+            _check_method_start(buffer)
         end = buffer.find(b"\r\n", 0, limit + 2)
         bare = _bare_line_end(buffer, end if end >= 0 else min(len(buffer), limit + 1))
         if bare is not None:
             raise BadRequest(f"a bare {bare} (CR and LF come only together)")
         if end < 0:
             if len(buffer) > limit:
-                self._too_long(buffer[:limit])
+                self._too_long()
             return None
         line = bytes(buffer[:end])
         del buffer[:end + 2]
         return line
 
-    def _too_long(self, start: bytes) -> None:
-        if self.state is State.REQUEST_LINE:
-            if start.count(b" ") >= 1 and _TOKEN.fullmatch(start.split(b" ", 1)[0]):
-                raise UriTooLong(f"the request line is longer than {MAX_REQUEST_LINE} octets")
-            raise BadRequest(f"no request line in the first {MAX_REQUEST_LINE} octets")
+    def _too_long(self) -> None:
+        if self.state is State.REQUEST_LINE:  # its method was checked: it is the target that is too long
+            raise UriTooLong(f"the request line is longer than {MAX_REQUEST_LINE} octets")
         raise HeadersTooLarge(f"the header block is longer than {MAX_HEADER_BYTES} octets")
+
+
+def _check_method_start(buffer: bytearray) -> None:
+    """Refuse at once what cannot start a request line (a TLS ClientHello, binary junk), not after the timeout."""
+    method = re.split(rb"[ \r]", bytes(buffer[:MAX_METHOD + 1]), maxsplit=1)[0]
+    if method and (len(method) > MAX_METHOD or not _TOKEN.fullmatch(method)):
+        raise BadRequest(f"not an HTTP request line: {_show(bytes(buffer[:16]))}")
 
 
 def _bare_line_end(buffer: bytearray, end: int) -> str | None:

@@ -30,6 +30,9 @@ class EdgeSite:
     spool_service_port: int
     metrics_port: int
     implicit_tls_port: int | None
+    http_port: int | None = None            # [web] http_listen, with web=True
+    https_port: int | None = None           # [web] https_listen
+    acme_identity_path: Path | None = None  # home's ACME client, a spool peer allowed the acme_challenge_* methods
 
     @property
     def spool_private_key(self):
@@ -54,7 +57,10 @@ UNBUDGETED_TLS = ("handshakes_per_minute = 1000000\nhandshake_burst = 100000\n"
 def make_edge_site(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, oracle_down: str = "tempfail",
                    smtp_options: str = "", top_options: str = "", spool_options: str = "",
                    implicit_tls: bool = False, domains=("example.org",), spool_suite: str | None = None,
-                   oracle_options: str = "", tls_options: str = UNBUDGETED_TLS) -> EdgeSite:
+                   oracle_options: str = "", tls_options: str = UNBUDGETED_TLS, web: bool = False,
+                   web_options: str = "") -> EdgeSite:
+    """`web`: ports 80 and 443 on free ports (edge.toml [web], `web_options` more lines there, or [mta_sts]
+    after them), and home's ACME client as a second spool peer on home's address."""
     directory.mkdir(parents=True, exist_ok=True)
     oracle = make_oracle_home(directory / "home", pki, key_types)
     edge_dir = directory / "edge"
@@ -66,6 +72,18 @@ def make_edge_site(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, 
     smtp_port, service_port, metrics_port = free_port(), free_port(), free_port()
     implicit_port = free_port() if implicit_tls else None
     implicit = f'implicit_tls_listen = ["127.0.0.1:{implicit_port}"]\n' if implicit_tls else ""
+    http_port, https_port = (free_port(), free_port()) if web else (None, None)
+    acme_identity_path = directory / "home" / "acme-identity.key" if web else None
+    web_section = (
+        "[[spool_service.peer]]\n"
+        'name = "acme"\n'
+        'addresses = ["127.0.0.1"]\n'
+        f'identity = "{generate_identity(acme_identity_path)}"\n'
+        'methods = ["acme_challenge_put", "acme_challenge_delete"]\n'
+        "[web]\n"
+        f'http_listen = ["127.0.0.1:{http_port}"]\n'
+        f'https_listen = ["127.0.0.1:{https_port}"]\n{web_options}\n'
+    ) if web else ""
     config = edge_dir / "edge.toml"
     config.write_text(
         'hostname = "mx.example.org"\n'
@@ -90,9 +108,10 @@ def make_edge_site(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, 
         'name = "home"\n'
         'addresses = ["127.0.0.1"]\n'
         f'identity = "{home_identity}"\n'
+        + web_section
     )
     return EdgeSite(directory, oracle, config, edge_dir / "spool", spool_key_path, home_identity_path,
-                    smtp_port, service_port, metrics_port, implicit_port)
+                    smtp_port, service_port, metrics_port, implicit_port, http_port, https_port, acme_identity_path)
 
 
 EdgeProcess = ServiceProcess

@@ -107,7 +107,7 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
     `tls_setup(peer)` returns (ServerConfig, signer for that client) or None
     when TLS cannot be offered right now (no certificate yet, or the oracle
     policy says so). `admission` (an Admission) decides at the greeting and
-    at each STARTTLS; on an implicit-TLS listener, `implicit_tls_protocol`
+    at each STARTTLS; on an implicit-TLS listener, relay.aio.tls.tls_listener
     admits before the handshake and this class is given no admission.
     """
 
@@ -442,65 +442,3 @@ class Admission(Protocol):
 
     def starttls(self, peer) -> str | None:
         """At a STARTTLS command: None to go on, or the refusal (454 ...)."""
-
-
-def implicit_tls_protocol(tls_setup: Callable[[object], tuple[ServerConfig, Signer] | None],
-                          smtp_factory: Callable[[], KeylessSMTP], admission: Admission | None = None,
-                          handshake_timeout: float = 30.0):
-    """A protocol factory for a listener where TLS starts at once (no STARTTLS).
-
-    The connection is admitted before its handshake (a handshake costs a
-    signature at home), and released when it ends, handshake or not.
-    """
-    return lambda: _ImplicitTLS(tls_setup, smtp_factory, admission, handshake_timeout)
-
-
-class _ImplicitTLS(asyncio.Protocol):
-    """Admission, then the TLS layer with the SMTP session on it; closed at once when either says no."""
-
-    def __init__(self, tls_setup, smtp_factory, admission: Admission | None, handshake_timeout: float):
-        self._tls_setup = tls_setup
-        self._smtp_factory = smtp_factory
-        self._admission = admission
-        self._handshake_timeout = handshake_timeout
-        self._peer = None
-        self._tls: TLSServerProtocol | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self._peer = transport.get_extra_info("peername")
-        refusal = self._admission.admit(self._peer, implicit_tls=True) if self._admission is not None else None
-        setup = self._tls_setup(self._peer) if refusal is None else None
-        if setup is None:
-            # Nothing can be said in cleartext on a TLS port: the client sees the close and retries later.
-            if refusal is None and self._admission is not None:
-                self._admission.release(self._peer)
-            self._admission = None
-            transport.abort()
-            return
-        config, signer = setup
-        self._tls = TLSServerProtocol(config, signer, self._smtp_factory(), handshake_timeout=self._handshake_timeout)
-        self._tls.connection_made(transport)
-
-    # The TLS layer does the rest; this protocol stays the transport's, to release the admission at the end.
-    def data_received(self, data: bytes) -> None:
-        if self._tls is not None:
-            self._tls.data_received(data)
-
-    def eof_received(self) -> bool:
-        return self._tls.eof_received() if self._tls is not None else False
-
-    def pause_writing(self) -> None:
-        if self._tls is not None:
-            self._tls.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._tls is not None:
-            self._tls.resume_writing()
-
-    def connection_lost(self, exc) -> None:
-        if self._tls is not None:
-            self._tls.connection_lost(exc)
-        if self._admission is not None:
-            self._admission.release(self._peer)
-            self._admission = None
-

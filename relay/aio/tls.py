@@ -278,3 +278,70 @@ class TLSTransport(asyncio.Transport):
 
     def get_protocol(self):
         return self._tls._app
+
+
+def tls_listener(tls_setup: Callable[[object], tuple[ServerConfig, Signer] | None],
+                 app_factory: Callable[[], asyncio.Protocol], *, admit: Callable[[object], bool] | None = None,
+                 release: Callable[[object], None] | None = None, handshake_timeout: float = 30.0):
+    """A protocol factory for a listener where TLS starts at once (SMTP's implicit TLS, HTTPS).
+
+    `admit(peer)` runs before the handshake (a handshake costs a signature at
+    home): False closes the connection at once; an admitted one is given to
+    `release(peer)` when it ends, handshake or not. `tls_setup(peer)` is the
+    configuration and signer for that client, or None (closed: nothing can be
+    said in cleartext on a TLS port, the client sees the close and retries).
+    """
+    return lambda: _ImplicitTLS(tls_setup, app_factory, admit, release, handshake_timeout)
+
+
+class _ImplicitTLS(asyncio.Protocol):
+    """Admission, then the TLS layer with the application on it; closed at once when either says no."""
+
+    def __init__(self, tls_setup, app_factory, admit, release, handshake_timeout: float):
+        self._tls_setup = tls_setup
+        self._app_factory = app_factory
+        self._admit = admit
+        self._release = release
+        self._handshake_timeout = handshake_timeout
+        self._admitted = False
+        self._peer = None
+        self._tls: TLSServerProtocol | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._peer = transport.get_extra_info("peername")
+        admitted = self._admit is None or self._admit(self._peer)
+        self._admitted = admitted and self._admit is not None
+        setup = self._tls_setup(self._peer) if admitted else None
+        if setup is None:
+            self._end_admission()
+            transport.abort()
+            return
+        config, signer = setup
+        self._tls = TLSServerProtocol(config, signer, self._app_factory(), handshake_timeout=self._handshake_timeout)
+        self._tls.connection_made(transport)
+
+    # The TLS layer does the rest; this protocol stays the transport's, to release the admission at the end.
+    def data_received(self, data: bytes) -> None:
+        if self._tls is not None:
+            self._tls.data_received(data)
+
+    def eof_received(self) -> bool:
+        return self._tls.eof_received() if self._tls is not None else False
+
+    def pause_writing(self) -> None:
+        if self._tls is not None:
+            self._tls.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._tls is not None:
+            self._tls.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        if self._tls is not None:
+            self._tls.connection_lost(exc)
+        self._end_admission()
+
+    def _end_admission(self) -> None:
+        if self._admitted and self._release is not None:
+            self._release(self._peer)
+        self._admitted = False

@@ -35,7 +35,19 @@
     servers = ["10.77.0.2:7443"]
     identity_key = "/var/lib/yestls-edge/identity.key"
     request_timeout = 2.0
-    refresh_certificates = 3600
+    refresh_certificates = 60            # seconds: a chain renewed at home is served within this
+
+    [web]                                # optional: relay/edge/web.py; absent or empty lists: no web side
+    http_listen = ["0.0.0.0:80"]         # ACME HTTP-01 tokens home places over the tunnel
+    https_listen = ["0.0.0.0:443"]       # the MTA-STS policy at https://mta-sts.<domain>/.well-known/mta-sts.txt
+    request_timeout = 10                 # seconds from connect (443: and the TLS handshake) to a whole request
+    max_connections = 100                # open web connections, both ports
+    max_connections_per_ip = 8
+
+    [mta_sts]                            # the policy served on https_listen (RFC 8461); as in site.toml
+    mode = "testing"                     # or "enforce", or "none"
+    max_age = 604800                     # seconds, 1 day to 1 year
+    mx = ["mx.example.org"]              # default: [hostname]; "*.example.org" patterns allowed
 
     [spool]
     directory = "/var/spool/yestls"
@@ -59,8 +71,11 @@ from pathlib import Path
 
 from relay.audit import AuditSettings, load_audit_settings
 from relay.config import ConfigError, Table
+from relay.edge.acme import ACME_METHODS
 from relay.edge.recipients import normal_address, normal_domain
 from relay.edge.tls_budget import TlsLimits
+from relay.mtasts import policy_text
+from relay.site import MtaStsMode
 from relay.tunnel import Peer, load_peers
 
 ORACLE_DOWN_POLICIES = ("tempfail", "resume-only", "plaintext")
@@ -118,6 +133,25 @@ class SpoolServiceSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    http_listen: tuple[tuple[str, int], ...]
+    https_listen: tuple[tuple[str, int], ...]
+    request_timeout: float
+    max_connections: int
+    max_connections_per_ip: int
+
+
+@dataclass(frozen=True)
+class MtaStsSettings:
+    mode: MtaStsMode
+    max_age: int
+    mx: tuple[str, ...]
+
+    def policy(self) -> bytes:
+        return policy_text(self.mode.value, self.mx, self.max_age)
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     hostname: str
     domains: frozenset[str]
@@ -130,6 +164,8 @@ class EdgeConfig:
     oracle: OracleSettings
     spool: SpoolSettings
     spool_service: SpoolServiceSettings | None
+    web: WebSettings | None = None
+    mta_sts: MtaStsSettings | None = None
 
 
 def _positive(n) -> bool:
@@ -184,7 +220,7 @@ def load(path: Path) -> EdgeConfig:
         servers=oracle.addresses("servers", hint='the oracles\' "HOST:PORT" on the tunnel'),
         identity_key=Path(oracle.get("identity_key", str, hint="made by `yestls keys identity-new`")),
         request_timeout=float(oracle.get("request_timeout", (int, float), default=2.0, check=_positive)),
-        refresh_certificates=float(oracle.get("refresh_certificates", (int, float), default=3600,
+        refresh_certificates=float(oracle.get("refresh_certificates", (int, float), default=60,
                                               check=_positive)),
     )
     if not oracle_settings.servers:
@@ -211,13 +247,53 @@ def load(path: Path) -> EdgeConfig:
         section.done()
     else:
         table.table("spool_service")  # marks the key as read: absent is allowed
+    web = _web_settings(table.table("web"))
+    mta_sts = _mta_sts_settings(table.table("mta_sts"), normal_domain(hostname))
+    if web is not None and web.http_listen and service is None:
+        raise table.error("web", "http_listen serves ACME tokens home places over the tunnel: "
+                                 "it needs [spool_service]")
+    acme_peers = [p.name for p in (service.peers if service else ()) if p.methods and ACME_METHODS & p.methods]
+    if acme_peers and (web is None or not web.http_listen):
+        raise table.error("web", f"spool_service peer {acme_peers[0]} may place ACME tokens, but no "
+                                 "http_listen answers them: set [web] http_listen")
     table.done()
     return EdgeConfig(
         hostname=normal_domain(hostname), domains=frozenset(normal_domains),
         mailboxes=frozenset(mailboxes) if mailboxes else None, addresses_from_home=from_home,
         state_dir=state_dir, metrics_listen=metrics, smtp=smtp_settings, tls=tls_settings, oracle=oracle_settings,
-        spool=spool_settings, spool_service=service,
+        spool=spool_settings, spool_service=service, web=web, mta_sts=mta_sts,
     )
+
+
+def _web_settings(web: Table) -> WebSettings | None:
+    settings = WebSettings(
+        http_listen=web.addresses("http_listen", default=[]),
+        https_listen=web.addresses("https_listen", default=[]),
+        request_timeout=float(web.get("request_timeout", (int, float), default=10, check=lambda t: 0 < t <= 300,
+                                      hint="seconds, at most 300")),
+        max_connections=web.get("max_connections", int, default=100, check=_positive),
+        max_connections_per_ip=web.get("max_connections_per_ip", int, default=8, check=_positive),
+    )
+    web.done()
+    return settings if settings.http_listen or settings.https_listen else None
+
+
+def _mta_sts_settings(sts: Table, hostname: str) -> MtaStsSettings:
+    modes = [m.value for m in MtaStsMode]
+    mode = sts.get("mode", str, default=MtaStsMode.TESTING.value, check=lambda m: m in modes, hint=" or ".join(modes))
+    max_age = sts.get("max_age", int, default=604800, check=lambda v: 86400 <= v <= 31557600,
+                      hint="seconds, 1 day to 1 year (RFC 8461)")
+    mx = sts.get("mx", list, default=[hostname], check=lambda names: bool(names) and all(map(_mx_pattern, names)),
+                 hint='the MX names, lower case; "*.example.org" matches one label (RFC 8461 4.1)')
+    sts.done()
+    return MtaStsSettings(MtaStsMode(mode), max_age, tuple(mx))
+
+
+def _mx_pattern(name) -> bool:
+    if not isinstance(name, str):
+        return False
+    bare = name[2:] if name.startswith("*.") else name
+    return normal_domain(bare) == bare and "." in bare
 
 
 def _tls_settings(tls: Table) -> TlsSettings:

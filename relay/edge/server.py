@@ -16,6 +16,7 @@ When no oracle answers, `smtp.oracle_down` decides:
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -26,14 +27,16 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as MetricCounter
 
 from relay import daemon
-from relay.aio.starttls import KeylessSMTP, implicit_tls_protocol
-from relay.aio.tls import SignatureDeclined
+from relay.aio.starttls import KeylessSMTP
+from relay.aio.tls import SignatureDeclined, tls_listener
 from relay.audit import AuditLog
 from relay.edge import config as edge_config
+from relay.edge.acme import AcmeChallenges
 from relay.edge.addresses import PublishedAddresses
 from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
 from relay.edge.recipients import RecipientPolicy
 from relay.edge.tls_budget import Refusal, TlsBudget
+from relay.edge.web import HTTP_1_1, MTA_STS_PREFIX, WebSite, start_web
 from relay.identity import IdentityError, load_identity
 from relay.oracle.client import OraclePool, OracleUnavailable
 from relay.spool.keys import parse_spool_public_key
@@ -153,6 +156,11 @@ class Edge:
         self.tickets = TicketKeyring(os.urandom, lifetime=config.tls.ticket_lifetime,
                                      rotate_every=config.tls.ticket_rotation)
         self.tls_config: ServerConfig | None = None
+        # The HTTPS listener's: the same chains and tickets, and ALPN http/1.1 (never on SMTP's).
+        self.web_tls_config: ServerConfig | None = None
+        self._uncovered: set[str] = set()   # mta-sts names no chain covers, as last logged
+        # ACME HTTP-01 tokens home places over the tunnel (spool service), answered on port 80.
+        self.challenges = AcmeChallenges() if config.web is not None and config.web.http_listen else None
         self.addresses = (PublishedAddresses(config.state_dir / "addresses.json") if config.addresses_from_home
                           else None)
         self.budget = TlsBudget(config.tls.limits)
@@ -207,9 +215,17 @@ class Edge:
         if not chains:
             raise OracleUnavailable("the oracle lists no certificate")
         self.tls_config = ServerConfig(chains, tickets=self.tickets)
+        self.web_tls_config = dataclasses.replace(self.tls_config, alpn_protocols=(HTTP_1_1,))
         self.metrics.serving(chains)
         names = sorted({name for chain in chains for name in chain.names})
         log.info("certificates from the oracle: %d chain(s) for %s", len(chains), ", ".join(names))
+        if self.config.web is not None and self.config.web.https_listen:
+            wanted = {MTA_STS_PREFIX + domain for domain in self.config.domains}
+            uncovered = {name for name in wanted if not any(chain.matches(name) for chain in chains)}
+            if uncovered and uncovered != self._uncovered:
+                log.warning("no certificate covers %s: HTTPS (MTA-STS) handshakes for it are refused until the "
+                            "oracle lists one that does", ", ".join(sorted(uncovered)))
+            self._uncovered = uncovered
 
     async def keep_certificates_fresh(self) -> None:
         while True:
@@ -273,9 +289,14 @@ async def serve(config: edge_config.EdgeConfig) -> None:
     for host, port in config.smtp.listen:
         servers.append(await loop.create_server(edge.smtp_factory, host, port))
     for host, port in config.smtp.implicit_tls_listen:
-        factory = implicit_tls_protocol(edge.tls_setup, lambda: edge.smtp_factory(implicit_tls=True),
-                                        edge.admission, config.smtp.handshake_timeout)
+        factory = tls_listener(edge.tls_setup, lambda: edge.smtp_factory(implicit_tls=True),
+                               admit=lambda peer: edge.admission.admit(peer, implicit_tls=True) is None,
+                               release=edge.admission.release, handshake_timeout=config.smtp.handshake_timeout)
         servers.append(await loop.create_server(factory, host, port))
+    if config.web is not None:
+        site = WebSite(edge.challenges, config.domains, config.mta_sts.policy())
+        servers += await start_web(config.web, site, lambda: edge.web_tls_config,
+                                   lambda peer: BudgetedSigner(edge, peer), registry)
     service_servers, audit = await _start_spool_service(config, spool, edge, registry)
     metrics_server = None
     if config.metrics_listen:
@@ -308,6 +329,8 @@ async def _start_spool_service(config, spool, edge, registry) -> tuple[list, Aud
 
     audit = AuditLog.open(config.spool_service.audit)
     extra = {"addresses": edge.addresses.publish} if edge.addresses is not None else {}
+    if edge.challenges is not None:
+        extra.update(edge.challenges.methods())
     service = SpoolService(spool, config.spool_service.peers, audit, registry, extra_methods=extra)
     return await service.serve(config.spool_service.listen), audit
 

@@ -70,7 +70,7 @@ def network_of(address: str) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
-class _Buckets:
+class KeyedBuckets:
     """Token buckets by key, the least recently used forgotten beyond `limit`."""
 
     def __init__(self, per_minute: float, burst: int, limit: int):
@@ -94,10 +94,10 @@ class TlsBudget:
     def __init__(self, limits: TlsLimits, clock: Callable[[], float] = time.monotonic):
         self.limits = limits
         self.clock = clock
-        self._handshakes = _Buckets(limits.handshakes_per_minute, limits.handshake_burst, limits.max_tracked)
-        self._networks = _Buckets(limits.network_handshakes_per_minute, limits.network_handshake_burst,
+        self._handshakes = KeyedBuckets(limits.handshakes_per_minute, limits.handshake_burst, limits.max_tracked)
+        self._networks = KeyedBuckets(limits.network_handshakes_per_minute, limits.network_handshake_burst,
                                   limits.max_tracked)
-        self._starttls = _Buckets(limits.starttls_per_minute, limits.starttls_burst, limits.max_tracked)
+        self._starttls = KeyedBuckets(limits.starttls_per_minute, limits.starttls_burst, limits.max_tracked)
         self._failed: OrderedDict[str, float] = OrderedDict()   # address -> until when it is asked to wait
 
     def starttls(self, address: str) -> Refusal | None:

@@ -207,8 +207,9 @@ def signer_stages(home, frames: list[tuple[dict, bytes]]) -> dict[str, float]:
     from relay.rpc import FrameDecoder, Kind, encode_frame
     from relay.tls import signing
 
-    keys = {entry.key_id: entry for entry in Keystore(home.keystore).private_entries()}
-    entry = keys[frames[0][0]["key_id"]]
+    keys = signer.SignerKeys(Keystore(home.keystore))
+    keys.reload()
+    entry = keys.by_id[frames[0][0]["key_id"]]
     scheme = frames[0][0]["scheme"]
     wire = [encode_frame(Kind.REQUEST, i + 1, {"method": "sign", **params}, tail)
             for i, (params, tail) in enumerate(frames)]

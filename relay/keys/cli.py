@@ -1,8 +1,15 @@
-"""`yestls keys ...`: make keys and CSRs in the home keystore, import issued chains, list them;
-make the edge's identity key.
+"""`yestls keys ...`: make keys and CSRs in the home keystore, import issued chains, list them, roll a key
+over; make the identity keys and home's spool key.
 
-Run these as the user the oracle (or, for identity-new, the edge service) runs
-as: the files they write are readable by that user only.
+Run these as the user the keystore belongs to (yestls-signer: the signing
+processes'), or, for identity-new and spool-new, the service that uses the
+key: the files they write are readable by that user only.
+
+    keys new        a new key and its CSR (the first key for some names)
+    keys csr        a new CSR for an existing key: renewals reuse the key, so TLSA 3 1 1 stays valid
+    keys rollover   the next key (same type and names), not served; --switch serves it, retiring the old
+    keys import     a chain issued for any key in the keystore
+    keys list       every key: id, type, names, role, expiry
 """
 
 import argparse
@@ -12,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from relay.identity import IdentityError, generate_identity
-from relay.oracle.keystore import DEFAULT_KEY_TYPE, KEY_TYPES, Keystore, KeystoreError, key_type_of
+from relay.oracle.keystore import DEFAULT_KEY_TYPE, KEY_TYPES, KeyRole, Keystore, KeystoreError, key_type_of
 from relay.spool.keys import DEFAULT_SUITE, SUITES, SpoolKeyError, generate_spool_key
 
 
@@ -34,6 +41,29 @@ def add_parsers(subparsers) -> None:
                      help="key type (default %(default)s)")
     new.add_argument("--csr-out", type=Path, metavar="FILE", help="write the CSR here instead of stdout")
 
+    csr = commands.add_parser("csr", help="a new CSR for an existing key (renewal with the same key)",
+                              description="Write a CSR for a key already in the keystore, for the names given: "
+                                          "renewing with the same key keeps DANE TLSA 3 1 1 records valid. Opens "
+                                          "the private key: run as the keystore's user.")
+    csr.add_argument("--keystore", type=Path, required=True, help="keystore directory")
+    csr.add_argument("--key-id", required=True, help="the key's id (`yestls keys list`)")
+    csr.add_argument("--name", action="append", required=True, dest="names", metavar="NAME",
+                     help="DNS name for the certificate (repeatable; the first is the CN)")
+    csr.add_argument("--csr-out", type=Path, metavar="FILE", help="write the CSR here instead of stdout")
+
+    rollover = commands.add_parser(
+        "rollover", help="make the next key for a current one, or --switch to it",
+        description="Without --switch: make the next key (same type and names as the current one), not served; "
+                    "print its id and write its CSR (an existing next key is reused). Publish its TLSA record, "
+                    "get its chain imported, wait two TTLs, then --switch: the next key is served, the old one "
+                    "retired (kept, never served).")
+    rollover.add_argument("--keystore", type=Path, required=True, help="keystore directory")
+    rollover.add_argument("--key-id", help="the current key to replace (with --switch: the next key to serve); "
+                                           "needed only when there are several")
+    rollover.add_argument("--switch", action="store_true", help="serve the next key, retire the one it replaces")
+    rollover.add_argument("--csr-out", type=Path, metavar="FILE",
+                          help="write the next key's CSR here instead of stdout")
+
     imp = commands.add_parser("import", help="add an issued certificate chain to its key",
                               description="Store a chain (PEM, leaf first) next to the keystore key it was "
                                           "issued for.")
@@ -41,7 +71,8 @@ def add_parsers(subparsers) -> None:
     imp.add_argument("chain", type=Path, metavar="CHAIN.pem", help="the issued chain, leaf first")
 
     listing = commands.add_parser("list", help="list the keystore's keys",
-                                  description="One line per key: id, type, names, and expiry or "
+                                  description="One line per key: id, type, names, role (current: served; next: "
+                                              "made by rollover, not served yet; retired), and expiry or "
                                               "'awaiting certificate'. Opens no private key.")
     listing.add_argument("--keystore", type=Path, required=True, help="keystore directory")
 
@@ -61,8 +92,8 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    commands = {"new": _new, "import": _import, "list": _list, "identity-new": _identity_new,
-                "spool-new": _spool_new}
+    commands = {"new": _new, "csr": _csr, "rollover": _rollover, "import": _import, "list": _list,
+                "identity-new": _identity_new, "spool-new": _spool_new}
     try:
         commands[args.keys_command](args)
     except (KeystoreError, IdentityError, SpoolKeyError) as error:
@@ -74,15 +105,39 @@ def run(args: argparse.Namespace) -> int:
 def _new(args) -> None:
     keystore = Keystore(args.keystore)
     key_id, csr_pem = keystore.new_key(args.key_type, args.names)
-    if args.csr_out is None:
+    _put_csr(args.csr_out, keystore, key_id, csr_pem)
+
+
+def _csr(args) -> None:
+    keystore = Keystore(args.keystore)
+    _put_csr(args.csr_out, keystore, args.key_id, keystore.csr(args.key_id, args.names))
+
+
+def _rollover(args) -> None:
+    keystore = Keystore(args.keystore)
+    if args.switch:
+        if args.csr_out is not None:
+            raise KeystoreError("--csr-out goes with making the next key, not with --switch")
+        retired, current = keystore.switch(args.key_id)
+        print(f"current {current}\nretired {retired}")
+        return
+    next_id, csr_pem, made = keystore.rollover(args.key_id)
+    if not made:
+        print(f"key {next_id} is already the next key; its CSR again", file=sys.stderr)
+    _put_csr(args.csr_out, keystore, next_id, csr_pem)
+
+
+def _put_csr(csr_out: Path | None, keystore: Keystore, key_id: str, csr_pem: bytes) -> None:
+    """The CSR to `csr_out` and the key id to stdout; or, without it, the CSR alone to stdout, the id to stderr."""
+    if csr_out is None:
         # stdout is the CSR alone, so `> mx.csr` gives a clean file; the id goes beside it.
         print(f"key {key_id}", file=sys.stderr)
         sys.stdout.write(csr_pem.decode("ascii"))
         return
     try:
-        args.csr_out.write_bytes(csr_pem)
+        csr_out.write_bytes(csr_pem)
     except OSError as error:
-        raise KeystoreError(f"cannot write {args.csr_out} ({error.strerror}); the CSR for key {key_id} is also "
+        raise KeystoreError(f"cannot write {csr_out} ({error.strerror}); the CSR for key {key_id} is also "
                             f"in {keystore.csr_path(key_id)}") from None
     print(key_id)
 
@@ -103,13 +158,15 @@ def _list(args) -> None:
     if not keystore.directory.is_dir():
         raise KeystoreError(f"keystore {keystore.directory} does not exist; make a key with "
                             f"`yestls keys new --keystore {keystore.directory} --name NAME`")
+    roles = keystore.roles()
     lines = []
-    for entry in keystore.public_entries():
+    for entry in keystore.public_entries(roles=tuple(KeyRole)):
         expiry = entry.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
-        lines.append((entry.key_id, entry.key_type, ",".join(sorted(entry.chain.names)), f"not-after {expiry}"))
+        lines.append((entry.key_id, entry.key_type, ",".join(sorted(entry.chain.names)), roles[entry.key_id],
+                      f"not-after {expiry}"))
     for key_id in keystore.pending():
         key_type, names = _requested(keystore, key_id)
-        lines.append((key_id, key_type, names, "awaiting certificate"))
+        lines.append((key_id, key_type, names, roles[key_id], "awaiting certificate"))
     for line in sorted(lines):
         print("  ".join(line))
 

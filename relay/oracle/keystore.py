@@ -1,22 +1,43 @@
 """The home keystore: the oracle's private keys and their certificate chains.
 
-One directory, readable by the oracle's user only, three files per key:
+One directory, readable by the signing processes' user only, three files per key
+and one for the keystore:
 
     <key_id>.key.pem     PKCS#8 PEM private key (mode 0600, never leaves home)
-    <key_id>.csr.pem     the request `yestls keys new` made for it
+    <key_id>.csr.pem     the latest request made for it (`yestls keys new`, `csr`, `rollover`)
     <key_id>.chain.pem   the issued chain, leaf first (`yestls keys import`)
+    rollover.json        which keys are the next ones and which are retired
 
 A key id is derived from the public key alone, so the network-facing process
 can name keys from their certificates without ever opening a key file, and a
 chain file cannot silently be paired with the wrong key.
+
+Key roles (KeyRole), for rollover with DANE: a key is `current` (served: its
+chain goes to the edge), `next` (made by `yestls keys rollover` to replace a
+current key of the same type and names; its TLSA record is published first,
+its chain may be imported, it is not served) or `retired` (replaced by
+`rollover --switch`; kept, never served). rollover.json records only the
+exceptions, `{"version": 1, "next": {NEXT_ID: CURRENT_ID}, "retired": [ID]}`,
+so a keystore without it (or a key not named in it) is all current: keys made
+before rollover existed, and a second key type for the same names, are served
+as they always were. It is replaced whole (relay.private_files.write_atomically),
+and rollover writes it before the next key's file, so a crash leaves at worst
+a `next` entry without a key, which roles() ignores and rollover replaces.
+
+Renewal reuses the key (`yestls keys csr`: a new CSR for an existing key), so
+a published `TLSA 3 1 1` (the SPKI's SHA-256, `tlsa_records`) stays valid
+across renewals; only a rollover changes it, and it is published before.
 """
 
 import hashlib
+import json
 import os
 import re
 import stat
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -36,8 +57,33 @@ _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _EC_TYPES = {"secp256r1": "ecdsa-p256", "secp384r1": "ecdsa-p384"}
 
 
+STATE_FILE = "rollover.json"
+
+
 class KeystoreError(Exception):
     """A keystore problem; the message names the file, what is wrong and the fix."""
+
+
+class KeyRole(StrEnum):
+    """What a key is for now (module docstring): only current keys are served."""
+
+    CURRENT = "current"
+    NEXT = "next"
+    RETIRED = "retired"
+
+
+class TlsaRecord(NamedTuple):
+    """One `TLSA 3 1 1` value: a key's names, its role (current or next) and its SPKI's SHA-256 in hex."""
+
+    names: tuple[str, ...]
+    role: KeyRole
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RolloverState:
+    next: dict[str, str]      # next key id -> the current key id it replaces
+    retired: frozenset[str]
 
 
 def key_id(public_key) -> str:
@@ -55,6 +101,31 @@ def key_type_of(public_key) -> str | None:
     if isinstance(public_key, ed25519.Ed25519PublicKey):
         return "ed25519"
     return None
+
+
+def spki_sha256(public_key) -> str:
+    """SHA-256 over the SubjectPublicKeyInfo DER, in hex: the data of a `TLSA 3 1 1` record."""
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def tlsa_records(keystore_dir: Path) -> list[TlsaRecord]:
+    """The TLSA 3 1 1 values to publish for the keystore at `keystore_dir`: each current and each next key's.
+
+    From chain and CSR files only (no private key is opened), sorted by names, current before next.
+    Publish the next key's record beside the current one's at least two TTLs before
+    `yestls keys rollover --switch`; drop the old one after the switch. Raises KeystoreError.
+    """
+    keystore = Keystore(keystore_dir)
+    roles = keystore.roles()
+    records = []
+    for key_id_, role in roles.items():
+        if role is KeyRole.RETIRED:
+            continue
+        public_key = keystore.public_key(key_id_)
+        records.append(TlsaRecord(keystore.names_of(key_id_), role, spki_sha256(public_key)))
+    order = {KeyRole.CURRENT: 0, KeyRole.NEXT: 1}
+    return sorted(records, key=lambda r: (r.names, order[r.role], r.sha256))
 
 
 def _describe(public_key) -> str:
@@ -139,9 +210,45 @@ class Keystore:
 
     # --- reading -----------------------------------------------------------
 
-    def public_entries(self) -> list[PublicEntry]:
-        """Every key that has a chain, from the chain files alone: no private key file is opened."""
-        return [self.public_entry(key_id) for key_id in self._chain_ids()]
+    def state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    def rollover_state(self) -> RolloverState:
+        """rollover.json read and checked (empty when there is none)."""
+        path = self.state_path()
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return RolloverState({}, frozenset())
+        except (OSError, ValueError) as error:
+            raise KeystoreError(f"keystore {path} cannot be read ({error}); restore it, or remove it to serve "
+                                f"every key that has a chain") from None
+        nexts, retired = data.get("next") if isinstance(data, dict) else None, data.get("retired", [])
+        if (data.get("version") != 1 or not isinstance(nexts, dict) or not isinstance(retired, list)
+                or not all(_KEY_ID.fullmatch(str(i)) for i in [*nexts, *nexts.values(), *retired])):
+            raise KeystoreError(f'keystore {path} is not {{"version": 1, "next": {{ID: ID}}, "retired": [ID]}} '
+                                f"with key ids; restore it, or remove it to serve every key that has a chain")
+        return RolloverState(dict(nexts), frozenset(retired))
+
+    def roles(self) -> dict[str, KeyRole]:
+        """Every key in the keystore (a key file or a chain), by id, with its role."""
+        state = self.rollover_state()
+        ids = set(self._chain_ids()) | {p.name.removesuffix(".key.pem") for p in self.directory.glob("*.key.pem")}
+        roles = {}
+        for key_id_ in sorted(i for i in ids if _KEY_ID.fullmatch(i)):
+            if key_id_ in state.retired:
+                roles[key_id_] = KeyRole.RETIRED
+            elif key_id_ in state.next:
+                roles[key_id_] = KeyRole.NEXT
+            else:
+                roles[key_id_] = KeyRole.CURRENT
+        return roles
+
+    def public_entries(self, roles=(KeyRole.CURRENT,)) -> list[PublicEntry]:
+        """Keys that have a chain, of the given roles (default: those served), from the chain files alone:
+        no private key file is opened."""
+        role_of = self.roles()
+        return [self.public_entry(key_id) for key_id in self._chain_ids() if role_of[key_id] in roles]
 
     def public_entry(self, entry_id: str) -> PublicEntry:
         path = self.chain_path(entry_id)
@@ -164,12 +271,17 @@ class Keystore:
                                 f"sign with ({SUPPORTED}); remove it and make a new key with `yestls keys new`")
         return PublicEntry(entry_id, key_type, chain)
 
-    def private_entries(self) -> list[PrivateEntry]:
-        """Every key that has a chain, loaded for signing, each checked to be its chain's key."""
+    def private_entries(self, loaded: dict | None = None) -> list[PrivateEntry]:
+        """Every served key (current, with a chain), loaded for signing, each checked to be its chain's key.
+
+        `loaded` (key id -> PrivateEntry) are keys read before: their key files are not read again, only
+        their chains (a signing process re-reads the keystore each time the front asks for the chains)."""
         entries = []
-        for key_id in self._chain_ids():
+        role_of = self.roles()
+        for key_id in (i for i in self._chain_ids() if role_of[i] is KeyRole.CURRENT):
             path = self.key_path(key_id)
-            private_key = self._load_private_key(path)
+            previous = (loaded or {}).get(key_id)
+            private_key = previous.private_key if previous is not None else self._load_private_key(path)
             public = self.public_entry(key_id)
             if not public.chain.is_key_of(private_key):
                 raise KeystoreError(f"keystore {path} is not the key of the certificate in "
@@ -183,6 +295,32 @@ class Keystore:
         chained = set(self._chain_ids())
         ids = (p.name.removesuffix(".key.pem") for p in self.directory.glob("*.key.pem"))
         return sorted(i for i in ids if _KEY_ID.fullmatch(i) and i not in chained)
+
+    def public_key(self, key_id: str):
+        """A key's public key, from its chain if it has one, else from its CSR (no private key is opened)."""
+        if self.chain_path(key_id).exists():
+            return self.public_entry(key_id).chain.public_key
+        return self.request(key_id).public_key()
+
+    def names_of(self, key_id: str) -> tuple[str, ...]:
+        """A key's DNS names, sorted: its certificate's if it has one, else its CSR's."""
+        if self.chain_path(key_id).exists():
+            return tuple(sorted(self.public_entry(key_id).chain.names))
+        try:
+            san = self.request(key_id).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise KeystoreError(f"keystore {self.csr_path(key_id)} names no DNS name; make a new one with "
+                                f"`yestls keys csr --key-id {key_id} --name NAME`") from None
+        return tuple(sorted(san.get_values_for_type(x509.DNSName)))
+
+    def key_type(self, key_id: str) -> str:
+        """A key's type (KEY_TYPES), from its chain or its CSR."""
+        public_key = self.public_key(key_id)
+        found = key_type_of(public_key)
+        if found is None:
+            raise KeystoreError(f"keystore: key {key_id} is {_describe(public_key)}, which the oracle does not "
+                                f"sign with ({SUPPORTED})")
+        return found
 
     def request(self, key_id: str) -> x509.CertificateSigningRequest:
         """The CSR `new_key` wrote for `key_id`."""
@@ -236,16 +374,91 @@ class Keystore:
         names = self._check_names(names)
         self._make_directory()
         private_key = _generate(key_type)
-        new_id = key_id(private_key.public_key())
+        return self._store(private_key, names)
+
+    def _store(self, private_key, names: list[str]) -> tuple[str, bytes]:
+        """Write a new key and its CSR; returns (key id, CSR PEM)."""
         # Build the CSR before writing anything, so a failure leaves no stray key behind.
         csr_pem = _csr(private_key, names).public_bytes(serialization.Encoding.PEM)
+        new_id = self._store_key(private_key)
+        write_atomically(self.csr_path(new_id), csr_pem)
+        return new_id, csr_pem
+
+    def _store_key(self, private_key) -> str:
         key_pem = private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
+        new_id = key_id(private_key.public_key())
         # Created 0600 with O_EXCL: never readable by others, never replacing a key.
         create_private_file(self.key_path(new_id), key_pem)
-        write_atomically(self.csr_path(new_id), csr_pem)
-        return new_id, csr_pem
+        return new_id
+
+    def _store_csr(self, private_key, names: list[str]) -> bytes:
+        csr_pem = _csr(private_key, names).public_bytes(serialization.Encoding.PEM)
+        write_atomically(self.csr_path(key_id(private_key.public_key())), csr_pem)
+        return csr_pem
+
+    def csr(self, key_id_: str, names: list[str]) -> bytes:
+        """A new CSR for the existing key `key_id_` and `names` (renewal with the same key, so TLSA 3 1 1 records
+        stay valid); it also replaces the key's stored CSR. Opens the private key: run as the signer's user."""
+        names = self._check_names(names)
+        if not _KEY_ID.fullmatch(key_id_):
+            raise KeystoreError(f"keystore {self.directory}: {key_id_!r} is not a key id (32 hex digits, as "
+                                f"`yestls keys list` shows)")
+        self._check_directory(os.getuid())
+        if not self.key_path(key_id_).exists():
+            raise KeystoreError(f"keystore {self.directory} has no key {key_id_}; `yestls keys list` shows the "
+                                f"keys there")
+        return self._store_csr(self._load_private_key(self.key_path(key_id_)), names)
+
+    def rollover(self, current: str | None = None) -> tuple[str, bytes, bool]:
+        """Make the next key for a current one (the only current key if `current` is None): same type and names,
+        not served. Returns (next key id, its CSR, whether it was made now: an existing next key is returned)."""
+        self._check_directory(os.getuid())
+        current = self._only(KeyRole.CURRENT, current, "current", "--key-id")
+        state = self.rollover_state()
+        for next_id, replaces in state.next.items():
+            if replaces == current and self.key_path(next_id).exists():
+                return next_id, self.request(next_id).public_bytes(serialization.Encoding.PEM), False
+        names, key_type = list(self.names_of(current)), self.key_type(current)
+        private_key = _generate(key_type)
+        next_id = key_id(private_key.public_key())
+        nexts = {k: v for k, v in state.next.items() if v != current}  # a next whose key never got written
+        self._write_state(RolloverState({**nexts, next_id: current}, state.retired))
+        return *self._store(private_key, names), True
+
+    def switch(self, next_id: str | None = None) -> tuple[str, str]:
+        """Serve the next key instead of the key it replaces, which is retired (kept, not served).
+
+        `next_id` may be None when there is one next key. Returns (retired id, now current id)."""
+        self._check_directory(os.getuid())
+        next_id = self._only(KeyRole.NEXT, next_id, "next", "--key-id")
+        if not self.chain_path(next_id).exists():
+            raise KeystoreError(f"keystore {self.directory}: the next key {next_id} has no certificate yet; "
+                                f"have its CSR ({self.csr_path(next_id)}) signed and `yestls keys import` the "
+                                f"chain before switching")
+        self.public_entry(next_id)  # a readable chain of that key
+        state = self.rollover_state()
+        old = state.next[next_id]
+        nexts = {k: v for k, v in state.next.items() if k != next_id}
+        self._write_state(RolloverState(nexts, state.retired | {old}))
+        return old, next_id
+
+    def _only(self, role: KeyRole, chosen: str | None, what: str, option: str) -> str:
+        ids = [i for i, r in self.roles().items() if r is role and self.key_path(i).exists()]
+        if chosen is not None:
+            if chosen not in ids:
+                raise KeystoreError(f"keystore {self.directory}: {chosen} is not a {what} key here; {what} keys: "
+                                    f"{', '.join(ids) or 'none'} (`yestls keys list`)")
+            return chosen
+        if len(ids) != 1:
+            raise KeystoreError(f"keystore {self.directory} has {len(ids)} {what} keys "
+                                f"({', '.join(ids) or 'none'}); name one with {option}")
+        return ids[0]
+
+    def _write_state(self, state: RolloverState) -> None:
+        data = {"version": 1, "next": dict(sorted(state.next.items())), "retired": sorted(state.retired)}
+        write_atomically(self.state_path(), json.dumps(data, indent=2).encode() + b"\n")
 
     def import_chain(self, chain_pem: bytes, source: str = "the imported chain") -> str:
         """Store an issued chain (leaf first) next to its key; returns the key id."""

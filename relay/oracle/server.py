@@ -10,8 +10,16 @@ keystore. It has no decrypt operation and no way to sign anything but a
 policy-checked TLS 1.3 CertificateVerify.
 
 Methods: ping, hello, auth (relay.tunnel's identity proof), certificates, sign.
+
+`certificates` answers from a listing at most LISTING_MAX_AGE seconds old:
+past that, the front asks its signing processes again (they re-read the
+keystore), one listing at a time however many peers ask, so a chain imported
+at home reaches the edge at its next refresh without restarting anything,
+and a peer asking in a loop costs the signing processes one keystore read per
+LISTING_MAX_AGE. Sign requests are checked against the latest listing.
 """
 
+import asyncio
 import logging
 import time
 
@@ -27,6 +35,8 @@ from relay.tunnel import PeerState, TunnelService
 
 log = logging.getLogger("yestls.oracle")
 
+LISTING_MAX_AGE = 5.0   # seconds a listing of the chains is answered from before the signers are asked again
+
 
 class OracleService:
     """The oracle's methods behind the tunnel gate: certificates and sign."""
@@ -34,6 +44,8 @@ class OracleService:
     def __init__(self, config: oracle_config.OracleConfig, entries: list[PublicEntry],
                  signers: SignerPool, audit: AuditLog, metrics: OracleMetrics):
         self.entries = {e.key_id: e for e in entries}
+        self.listed_at = time.monotonic()
+        self._listing: asyncio.Task | None = None
         self.signers = signers
         self.audit = audit
         self.metrics = metrics
@@ -42,7 +54,27 @@ class OracleService:
             max_frame=MAX_FRAME, self_auditing=frozenset({"sign"}))
 
     async def _certificates(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
+        if time.monotonic() - self.listed_at >= LISTING_MAX_AGE:
+            if self._listing is None:
+                self._listing = asyncio.get_running_loop().create_task(self._list())
+            await asyncio.shield(self._listing)
         return {"certificates": certificate_listing(self.entries.values())}, b""
+
+    async def _list(self) -> None:
+        """Ask the signing processes for the chains; keep the last listing if none answers."""
+        try:
+            entries = await self.signers.certificates()
+        except RemoteError as error:
+            log.warning("could not list the chains again (%s); answering with the last listing", error.message)
+            return
+        finally:
+            self._listing = None
+        listed = {e.key_id: e for e in entries}
+        if _chains(listed) != _chains(self.entries):
+            log.info("the keystore's served chains changed: now %d key(s) %s", len(listed),
+                     ", ".join(f"{i} (not after {e.not_after:%Y-%m-%d})" for i, e in sorted(listed.items())) or "none")
+        self.entries = listed
+        self.listed_at = time.monotonic()
 
     async def _sign(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
         peer = connection.state["peer"]
@@ -73,6 +105,10 @@ class OracleService:
         self.metrics.sign_seconds.observe(time.monotonic() - started)
         self.audit.record(**audit, **reply.meta, outcome="signed")
         return {}, reply.tail
+
+
+def _chains(entries: dict[str, PublicEntry]) -> dict[str, tuple]:
+    return {key_id: tuple(entry.chain.der_chain) for key_id, entry in entries.items()}
 
 
 async def serve(config: oracle_config.OracleConfig) -> None:

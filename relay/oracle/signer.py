@@ -18,6 +18,15 @@ there, answer every whole request, write the answers in one go. Methods:
 `ping` -> the key ids, `certificates` -> the chains (public material only),
 `sign`; nothing else.
 
+`certificates` re-reads the keystore first (SignerKeys.reload): chains
+imported since, keys switched to by a rollover, keys that appeared. Keys
+already held are not read again; a new key is read and checked against its
+chain like at start. If the keystore cannot be read then (a chain file being
+fixed by hand, permissions changed), the process says why on stderr and goes
+on with the keys it holds: a broken import must not take signatures down.
+So a new chain reaches the edge without a restart: the edge asks the front,
+the front asks its signing processes (relay/oracle/signers.py).
+
     python -m relay.oracle.signer --keystore DIR --fd N     (N = 0 under systemd)
 """
 
@@ -27,7 +36,7 @@ import sys
 from pathlib import Path
 
 from relay.oracle import policy
-from relay.oracle.keystore import Keystore, KeystoreError
+from relay.oracle.keystore import Keystore, KeystoreError, PrivateEntry
 from relay.oracle.protocol import certificate_listing
 from relay.rpc import Code, Frame, FrameDecoder, FrameError, Kind, encode_frame
 from relay.tls import signing
@@ -35,15 +44,33 @@ from relay.tls import signing
 MAX_FRAME = 1 << 20  # the front already capped what the peer sent
 
 
-def answer(frame: Frame, keys: dict) -> bytes:
+class SignerKeys:
+    """The served keys of one keystore, re-read on demand."""
+
+    def __init__(self, keystore: Keystore):
+        self.keystore = keystore
+        self.by_id: dict[str, PrivateEntry] = {}
+
+    def reload(self) -> None:
+        """Read the keystore again; KeystoreError (the keys held are kept) if it is not usable."""
+        self.keystore.check_permissions()
+        entries = self.keystore.private_entries(loaded=self.by_id)
+        self.by_id = {entry.key_id: entry for entry in entries}
+
+
+def answer(frame: Frame, keys: SignerKeys) -> bytes:
     method = frame.meta.get("method")
     if method == "ping":
-        return encode_frame(Kind.RESPONSE, frame.id, {"keys": sorted(keys)})
+        return encode_frame(Kind.RESPONSE, frame.id, {"keys": sorted(keys.by_id)})
     if method == "certificates":
-        return encode_frame(Kind.RESPONSE, frame.id, {"certificates": certificate_listing(keys.values())})
+        try:
+            keys.reload()
+        except KeystoreError as error:
+            print(f"yestls signer: keeping the {len(keys.by_id)} key(s) held: {error}", file=sys.stderr)
+        return encode_frame(Kind.RESPONSE, frame.id, {"certificates": certificate_listing(keys.by_id.values())})
     if method != "sign":
         return _error(frame.id, Code.UNKNOWN_METHOD, f"no method {method!r}")
-    entry = keys.get(frame.meta.get("key_id"))
+    entry = keys.by_id.get(frame.meta.get("key_id"))
     scheme = frame.meta.get("scheme")
     if entry is None:
         return _error(frame.id, "unknown_key", "no key with that id in the keystore")
@@ -67,7 +94,7 @@ def _error(frame_id: int, code: str, message: str, facts: dict | None = None) ->
     return encode_frame(Kind.ERROR, frame_id, {"code": code, "message": message, **(facts or {})})
 
 
-def serve(sock: socket.socket, keys: dict) -> None:
+def serve(sock: socket.socket, keys: SignerKeys) -> None:
     decoder = FrameDecoder(MAX_FRAME)
     while True:
         data = sock.recv(1 << 18)
@@ -89,10 +116,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fd", type=int, required=True,
                         help="the connection to the front: a socketpair end it passed, or 0 (systemd's socket)")
     args = parser.parse_args(argv)
-    keystore = Keystore(Path(args.keystore))
+    keys = SignerKeys(Keystore(Path(args.keystore)))
     try:
-        keystore.check_permissions()
-        keys = {entry.key_id: entry for entry in keystore.private_entries()}
+        keys.reload()
     except KeystoreError as error:
         print(f"yestls signer: {error}", file=sys.stderr)
         return 2

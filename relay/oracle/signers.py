@@ -4,6 +4,8 @@ The front keeps `count` connections, each to one signing process, sends each
 sign request to the least loaded one, and replaces a connection that drops
 (retrying until it gets one back). It learns the certificate chains from the
 signing processes (`certificates`), so it never opens the keystore.
+`certificates()` asks every one of them (each re-reads the keystore then) and
+keeps the keys all of them hold, so whichever gets a sign request has the key.
 
 Two ways to reach a signing process:
 
@@ -143,7 +145,7 @@ class SignerPool:
         while not self.closing:
             await asyncio.sleep(delay)
             try:
-                connection, held = await self._open()
+                connection, _ = await self._open()
             except SignerError as error:
                 log.error("%s; trying again in %.1f s", error, min(delay * 2, RETRY_MAX))
                 delay = min(delay * 2, RETRY_MAX)
@@ -152,13 +154,30 @@ class SignerPool:
                 connection.close()
                 await self.signers.reap(connection)
                 return
-            ids = {entry.key_id for entry in held}
-            if ids != self.key_ids:
-                log.warning("the new signing process holds keys %s, not %s as at start (a new chain?); "
-                            "restart the oracle to serve them", sorted(ids), sorted(self.key_ids))
+            # It read the keystore as it is now; the front's next certificates() brings the others along.
             self.connections.append(connection)
             log.info("connected a new signing process (%d of %d running)", len(self.connections), self.count)
             return
+
+    async def certificates(self) -> list[PublicEntry]:
+        """Every signing process re-reads the keystore; the chains of the keys all that answered hold.
+
+        RemoteError (unavailable) if none answered."""
+        connections = list(self.connections)
+        answers = await asyncio.gather(*(self._listing(c) for c in connections), return_exceptions=True)
+        listings = [answer for answer in answers if isinstance(answer, list)]
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                log.warning("a signing process did not list its chains (%s)", answer or type(answer).__name__)
+        if not listings:
+            raise RemoteError(Code.UNAVAILABLE, "no signing process listed its chains")
+        held_by_all = set.intersection(*({entry.key_id for entry in listing} for listing in listings))
+        return [entry for entry in listings[0] if entry.key_id in held_by_all]
+
+    @staticmethod
+    async def _listing(connection: RpcConnection) -> list[PublicEntry]:
+        reply = await connection.call("certificates", timeout=READY_TIMEOUT)
+        return parse_certificate_listing(reply.meta.get("certificates"))
 
     async def sign(self, key_id: str, scheme: int, messages: bytes) -> Frame:
         if not self.connections:

@@ -16,26 +16,35 @@ clock) and the routes. Against a running edge with its oracle:
   is 404; a handshake for another name (the MX's) is refused before home is
   asked; SMTP's STARTTLS never selects ALPN even when offered http/1.1;
 - the HTTPS listener spends the same TLS budget as SMTP.
+The settings ([web], [mta_sts]) and a certificate refresh, which gives SMTP
+and HTTPS the new chains at once (no restart), are tested in process.
 """
 
 import asyncio
 import http.client
 import json
+import logging
 import socket
 import ssl
 import subprocess
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from relay import tunnel
+from relay.edge import config as edge_config
 from relay.edge.acme import MAX_CHALLENGES, AcmeChallenges
+from relay.edge.config import MtaStsSettings
+from relay.edge.server import Edge, EdgeMetrics
 from relay.edge.web import WebSite
 from relay.http import Request
 from relay.identity import load_identity
 from relay.mtasts import policy_text
 from relay.rpc import Code, Frame, RemoteError, RpcConnection
+from relay.site import MtaStsMode
 from relay.spool.protocol import SERVICE
 
+from .edge_site import make_edge_site
 from .edge_smtp import CLIENT_NAME, SmtpClient, running_edge, tls_context, wait_until
 from .pki import make_pki
 
@@ -386,3 +395,80 @@ def test_the_https_listener_spends_the_smtp_tls_budget(budgeted_edge, sts_pki):
     assert edge.metric("yestls_edge_refused_total", reason="tls_budget_address") >= 1
     greeting = SmtpClient.connect(edge.site.smtp_port, read_greeting=False).read_reply()
     assert greeting.code == 421 and "retry later" in greeting.text
+
+
+# --- configuration, and chains refreshed without a restart ---------------------------------------------------------
+
+def edge_toml(tmp_path, sts_pki, **options):
+    site = make_edge_site(tmp_path, sts_pki, **options)
+    return edge_config.load(site.config)
+
+
+def test_web_and_mta_sts_settings(tmp_path, sts_pki):
+    plain = edge_toml(tmp_path / "plain", sts_pki)
+    assert plain.web is None and plain.oracle.refresh_certificates == 60
+    assert plain.mta_sts == MtaStsSettings(MtaStsMode.TESTING, 604800, ("mx.example.org",))
+    web = edge_toml(tmp_path / "web", sts_pki, web=True, web_options=WEB_OPTIONS)
+    assert web.web.request_timeout == 2 and web.web.max_connections == 100 and web.web.max_connections_per_ip == 4
+    assert web.mta_sts.policy() == POLICY
+    assert [p.methods for p in web.spool_service.peers] == [None, {"acme_challenge_put", "acme_challenge_delete"}]
+
+
+@pytest.mark.parametrize("options, error", [
+    ('[mta_sts]\nmode = "strict"\n', "mta_sts.mode"),
+    ("[mta_sts]\nmax_age = 60\n", "mta_sts.max_age"),
+    ('[mta_sts]\nmx = ["MX.example.org"]\n', "mta_sts.mx"),
+    ('[mta_sts]\nmx = ["*.*.example.org"]\n', "mta_sts.mx"),
+    ("[mta_sts]\nmx = []\n", "mta_sts.mx"),
+    ("request_timeout = 0\n", "web.request_timeout"),
+    ("unknown = 1\n", "web.unknown"),
+])
+def test_bad_web_settings_are_refused(tmp_path, sts_pki, options, error):
+    with pytest.raises(edge_config.ConfigError) as refused:
+        edge_toml(tmp_path, sts_pki, web=True, web_options=options)
+    assert error in str(refused.value)
+
+
+def test_an_acme_peer_needs_http_listen(tmp_path, sts_pki):
+    site = make_edge_site(tmp_path, sts_pki, web=True)
+    text = site.config.read_text()
+    site.config.write_text(text.replace(f'http_listen = ["127.0.0.1:{site.http_port}"]\n', ""))
+    with pytest.raises(edge_config.ConfigError, match="may place ACME tokens, but no http_listen"):
+        edge_config.load(site.config)
+
+
+class ListingPool:
+    """The oracle pool as refresh_certificates sees it: the chains it lists now."""
+
+    def __init__(self, chains):
+        self.chains = chains
+
+    async def certificates(self):
+        return [(f"key{n}", chain) for n, chain in enumerate(self.chains)]
+
+
+def test_a_refresh_gives_smtp_and_https_the_new_chains(tmp_path, pki, sts_pki, caplog):
+    """The chain home renews (here: one without mta-sts, then one with it) is served by both within a refresh; the
+    HTTPS configuration differs from SMTP's only by ALPN; the expiry metric follows."""
+    caplog.set_level(logging.INFO)
+    config = edge_toml(tmp_path, sts_pki, web=True, web_options=WEB_OPTIONS)
+    registry = CollectorRegistry()
+    renewed = make_pki(tmp_path / "renewed", names=(STS, "mx.example.org"), key_types=("ecdsa-p256",))
+    old, new = pki.leaves["ecdsa-p256"].chain, renewed.leaves["ecdsa-p256"].chain
+    pool = ListingPool([old])
+    edge = Edge(config, pool, None, EdgeMetrics(registry))
+    for _ in range(2):
+        asyncio.run(edge.refresh_certificates())
+    assert edge.tls_config.certificates == edge.web_tls_config.certificates == [old]
+    assert edge.tls_config.alpn_protocols == () and edge.web_tls_config.alpn_protocols == (b"http/1.1",)
+    assert edge.web_tls_config.tickets is edge.tls_config.tickets is edge.tickets
+    warnings = [r.getMessage() for r in caplog.records if "no certificate covers" in r.getMessage()]
+    assert warnings == ["no certificate covers mta-sts.example.org: HTTPS (MTA-STS) handshakes for it are refused "
+                        "until the oracle lists one that does"]
+    expiry = "yestls_edge_certificate_not_after_seconds"
+    assert registry.get_sample_value(expiry, {"name": "localhost"}) == old.not_after().timestamp()
+    pool.chains = [new]
+    asyncio.run(edge.refresh_certificates())
+    assert edge.tls_config.certificates == edge.web_tls_config.certificates == [new]
+    assert registry.get_sample_value(expiry, {"name": "localhost"}) is None
+    assert registry.get_sample_value(expiry, {"name": STS}) == new.not_after().timestamp()

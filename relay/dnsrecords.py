@@ -21,15 +21,13 @@ Decisions:
 - With several MX names and as many edge addresses, the n-th name is the n-th edge; otherwise every MX
   name gets every edge address (`mx_addresses`). The doctor expects the same.
 - TLSA 3 1 1 (DANE-EE, SPKI, SHA-256) pins the key, not the certificate: a renewal with the same key
-  changes nothing in DNS. The values come from the keystore's public side only (chain files, and the
-  CSRs of keys still waiting for a certificate: a key made for the rollover is announced before it is
-  used). `tlsa_keys` is ours until the ACME client's keystore rollover (relay/oracle/keystore.py) names
-  the current and next keys itself.
+  changes nothing in DNS. The values are the keystore's (relay/oracle/keystore.tlsa_records: its
+  current keys and the next key `yestls keys rollover` made, from chain and CSR files only), printed
+  at each MX name the key's certificate or CSR names.
 - DKIM records are copied as home's role wrote them (roles/home_postfix: /etc/dkimkeys/
   yestls-dns-records.txt), never regenerated: home's milter signs with exactly those keys.
 """
 
-import hashlib
 import ipaddress
 import re
 import sys
@@ -41,7 +39,6 @@ import dns.name
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-from cryptography.hazmat.primitives import serialization
 from dns.rdtypes.ANY.TXT import TXT
 
 from relay import mtasts
@@ -86,39 +83,17 @@ def caa_issuer(site: Site) -> str | None:
     return CA_ISSUERS.get(site.acme.directory) if site.acme is not None else None
 
 
-def tlsa_311(public_key) -> str:
-    """The TLSA 3 1 1 data of a public key: SHA-256 of its SubjectPublicKeyInfo, in hex."""
-    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(spki).hexdigest()
+def tlsa_records(keystore_dir: Path) -> list:
+    """The keystore's current and next keys' TLSA 3 1 1 values (relay/oracle/keystore.py: chain and CSR files
+    only, no private key opened). Raises KeystoreError or OSError when the keystore cannot be read."""
+    from relay.oracle.keystore import tlsa_records as keystore_tlsa_records
+
+    return keystore_tlsa_records(keystore_dir)
 
 
-@dataclass(frozen=True)
-class TlsaKey:
-    key_id: str
-    key_type: str
-    digest: str    # TLSA 3 1 1 data
-
-
-@dataclass(frozen=True)
-class TlsaKeys:
-    current: tuple[TlsaKey, ...]   # keys with a chain: the oracle serves them
-    next: tuple[TlsaKey, ...]      # keys made, no chain yet: the next certificate's (announce them early)
-
-
-def tlsa_keys(keystore_dir: Path) -> TlsaKeys:
-    """The keystore's keys as TLSA 3 1 1 values, from chain files and CSRs only (no private key is opened).
-
-    Raises KeystoreError or OSError when the keystore cannot be read.
-    """
-    from relay.oracle.keystore import Keystore, key_type_of
-
-    keystore = Keystore(keystore_dir)
-    current = tuple(TlsaKey(e.key_id, e.key_type, tlsa_311(e.chain.public_key)) for e in keystore.public_entries())
-    upcoming = []
-    for key_id in keystore.pending():
-        public_key = keystore.request(key_id).public_key()
-        upcoming.append(TlsaKey(key_id, key_type_of(public_key) or "unknown", tlsa_311(public_key)))
-    return TlsaKeys(current, tuple(upcoming))
+def tlsa_for(records: list, name: str, role=None) -> list:
+    """The records of keys whose names include `name` (of `role` when given)."""
+    return [r for r in records if name in r.names and (role is None or r.role is role)]
 
 
 @dataclass(frozen=True)
@@ -284,19 +259,19 @@ def _tlsa(zone: Zone, site: Site) -> None:
     from relay.oracle.keystore import KeystoreError
 
     try:
-        keys = tlsa_keys(site.keystore)
+        records = tlsa_records(site.keystore)
     except (KeystoreError, OSError) as error:
         zone.comment(f"TLSA (DANE): cannot read the keystore {site.keystore} ({error}); run as root at home")
         return
-    if not keys.current and not keys.next:
-        zone.comment(f"TLSA (DANE): no key in {site.keystore} yet")
-        return
-    zone.comment("TLSA (DANE): useful only in a DNSSEC-signed zone. Keep the next key's record published "
-                 "before it is used.")
+    zone.comment("TLSA (DANE): useful only in a DNSSEC-signed zone. Publish a next key's record before "
+                 "`yestls keys rollover --switch`.")
     for name in site.mx_names:
-        for key, role in [(k, "current") for k in keys.current] + [(k, "next") for k in keys.next]:
-            zone.record(f"_25._tcp.{name}", "TLSA", _rdata_text("TLSA", f"3 1 1 {key.digest}"),
-                        f"{role} key {key.key_id} ({key.key_type})")
+        mine = tlsa_for(records, name)
+        if not mine:
+            zone.comment(f"  no key in {site.keystore} names {name} yet")
+        for record in mine:
+            zone.record(f"_25._tcp.{name}", "TLSA", _rdata_text("TLSA", f"3 1 1 {record.sha256}"),
+                        f"{record.role.value} key")
 
 
 def run(args) -> int:

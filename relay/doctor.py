@@ -328,7 +328,7 @@ class Doctor:
         self.https_port = https_port
         self.run = run
         self._probes: dict[tuple[str, str], TlsProbe] = {}
-        self._keys: dnsrecords.TlsaKeys | None | str = None
+        self._keys: list | str | None = None   # the keystore's TLSA records, or why they cannot be read
 
     # each domain
 
@@ -565,19 +565,21 @@ class Doctor:
         return passed(Check.CERTIFICATE, subject, f"verified, names {name}, {expires}")
 
     def _served_digests(self, name: str) -> list[str]:
-        probes = [self.probe(name, address) for address in self._mx_addresses(name)]
-        return sorted({dnsrecords.tlsa_311(p.certificate.public_key()) for p in probes if p.certificate})
+        from relay.oracle.keystore import spki_sha256
 
-    def _keystore_keys(self) -> dnsrecords.TlsaKeys | str:
-        """The keystore's TLSA values, or why they cannot be read."""
+        probes = [self.probe(name, address) for address in self._mx_addresses(name)]
+        return sorted({spki_sha256(p.certificate.public_key()) for p in probes if p.certificate})
+
+    def _keystore_keys(self, name: str, role) -> list | str:
+        """The keystore's TLSA records of `role` for `name`, or why they cannot be read."""
         from relay.oracle.keystore import KeystoreError
 
         if self._keys is None:
             try:
-                self._keys = dnsrecords.tlsa_keys(self.site.keystore)
+                self._keys = dnsrecords.tlsa_records(self.site.keystore)
             except (KeystoreError, OSError) as error:
                 self._keys = f"keystore {self.site.keystore}: {error}"
-        return self._keys
+        return self._keys if isinstance(self._keys, str) else dnsrecords.tlsa_for(self._keys, name, role)
 
     def _tlsa_published(self, name: str) -> tuple[Lookup, set[str]]:
         lookup = self.dns.lookup(f"_25._tcp.{name}", "TLSA")
@@ -585,10 +587,12 @@ class Doctor:
         return lookup, digests
 
     def check_tlsa(self, name: str) -> Result:
+        from relay.oracle.keystore import KeyRole
+
         lookup, published = self._tlsa_published(name)
         served = self._served_digests(name)
-        keys = self._keystore_keys()
-        expected = served or ([k.digest for k in keys.current] if not isinstance(keys, str) else [])
+        keys = self._keystore_keys(name, KeyRole.CURRENT)
+        expected = served or ([k.sha256 for k in keys] if not isinstance(keys, str) else [])
         fix = f"publish what `yestls dns` prints at _25._tcp.{name} (TLSA 3 1 1), in a DNSSEC-signed zone"
         if lookup.missing:
             return warned(Check.TLSA, name, "no TLSA record: senders that insist on DANE cannot, MTA-STS only", fix)
@@ -596,26 +600,30 @@ class Doctor:
             return _trouble(Check.TLSA, name, lookup)
         if not expected:
             return warned(Check.TLSA, name, "no key to compare with (no STARTTLS from here, and "
-                          f"{keys if isinstance(keys, str) else 'no chain in the keystore'})", "run doctor as root")
+                          f"{keys if isinstance(keys, str) else 'no current key in the keystore'})",
+                          "run doctor as root at home")
         missing = [d for d in expected if d not in published]
-        what = "the served key" if served else "the keystore's key"
+        what = "the served key" if served else "the keystore's current key"
         if missing:
             return failed(Check.TLSA, name, f"no TLSA 3 1 1 for {what} ({missing[0][:16]}...): DANE senders "
                           "refuse the MX", fix)
         return passed(Check.TLSA, name, f"3 1 1 matches {what}")
 
     def check_tlsa_next(self, name: str) -> Result:
-        keys = self._keystore_keys()
+        from relay.oracle.keystore import KeyRole
+
+        keys = self._keystore_keys(name, KeyRole.NEXT)
         if isinstance(keys, str):
             return warned(Check.TLSA_NEXT, name, f"cannot read the next key ({keys})", "run doctor as root at home")
-        if not keys.next:
+        if not keys:
             return passed(Check.TLSA_NEXT, name, "no next key waiting")
-        lookup, published = self._tlsa_published(name)
-        unpublished = [k for k in keys.next if k.digest not in published]
+        _, published = self._tlsa_published(name)
+        unpublished = [k for k in keys if k.sha256 not in published]
         if unpublished:
-            return warned(Check.TLSA_NEXT, name, f"the next key {unpublished[0].key_id} has no TLSA record yet",
-                          f"publish its TLSA 3 1 1 (`yestls dns`) at _25._tcp.{name} before it is used")
-        return passed(Check.TLSA_NEXT, name, f"next key{'s' if len(keys.next) > 1 else ''} published")
+            return warned(Check.TLSA_NEXT, name, f"the next key ({unpublished[0].sha256[:16]}...) has no TLSA "
+                          "record yet", f"publish its TLSA 3 1 1 (`yestls dns`) at _25._tcp.{name} before "
+                          "`yestls keys rollover --switch`")
+        return passed(Check.TLSA_NEXT, name, f"next key{'s' if len(keys) > 1 else ''} published")
 
     def check_dnssec(self, name: str) -> Result:
         lookup = self.dns.lookup(f"_25._tcp.{name}", "TLSA")

@@ -18,6 +18,11 @@ from relay.oracle.keystore import PublicEntry, key_id, key_type_of
 from relay.tls import CertificateChain
 
 SERVICE = "oracle"
+# A key dropped from the listing (retired by `yestls keys rollover --switch`) is still signed with for this
+# long, by the front and by each signing process that held it: an edge presents the chains of its last
+# listing until its next refresh (every 60 s), and its handshakes must not fail meanwhile. Restart the
+# oracle to stop using a dropped key at once (a compromised key).
+DROPPED_KEY_GRACE = 600.0
 # A handshake up to Certificate is a few KiB; chains stay well below this.
 MAX_FRAME = 256 * 1024
 

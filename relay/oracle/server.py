@@ -28,7 +28,7 @@ from relay.audit import AuditLog
 from relay.oracle import config as oracle_config
 from relay.oracle.keystore import PublicEntry
 from relay.oracle.metrics import OracleMetrics
-from relay.oracle.protocol import MAX_FRAME, SERVICE, certificate_listing
+from relay.oracle.protocol import DROPPED_KEY_GRACE, MAX_FRAME, SERVICE, certificate_listing
 from relay.oracle.signers import SignerPool, SignerSocket, SpawnedSigners
 from relay.rpc import Code, Frame, RemoteError, RpcConnection
 from relay.tunnel import PeerState, TunnelService
@@ -45,6 +45,7 @@ class OracleService:
                  signers: SignerPool, audit: AuditLog, metrics: OracleMetrics):
         self.entries = {e.key_id: e for e in entries}
         self.listed_at = time.monotonic()
+        self.dropped: dict[str, float] = {}   # key id -> signed with until (monotonic)
         self._listing: asyncio.Task | None = None
         self.signers = signers
         self.audit = audit
@@ -73,8 +74,11 @@ class OracleService:
         if _chains(listed) != _chains(self.entries):
             log.info("the keystore's served chains changed: now %d key(s) %s", len(listed),
                      ", ".join(f"{i} (not after {e.not_after:%Y-%m-%d})" for i, e in sorted(listed.items())) or "none")
+        now = time.monotonic()
+        self.dropped = {k: t for k, t in self.dropped.items() if k not in listed and t > now}
+        self.dropped.update({k: now + DROPPED_KEY_GRACE for k in self.entries if k not in listed})
         self.entries = listed
-        self.listed_at = time.monotonic()
+        self.listed_at = now
 
     async def _sign(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
         peer = connection.state["peer"]
@@ -86,7 +90,7 @@ class OracleService:
         try:
             if not isinstance(key_id, str) or not isinstance(scheme, int) or isinstance(scheme, bool):
                 raise RemoteError(Code.BAD_REQUEST, "sign needs a string key_id and an integer scheme")
-            if key_id not in self.entries:
+            if key_id not in self.entries and self.dropped.get(key_id, 0.0) <= started:
                 raise RemoteError("unknown_key", "no key with that id; list certificates again")
             if state.in_flight >= peer.max_in_flight:
                 raise RemoteError(Code.BUSY, f"more than {peer.max_in_flight} signatures in flight")

@@ -24,6 +24,8 @@ already held are not read again; a new key is read and checked against its
 chain like at start. If the keystore cannot be read then (a chain file being
 fixed by hand, permissions changed), the process says why on stderr and goes
 on with the keys it holds: a broken import must not take signatures down.
+A key that leaves the listing (retired by a rollover) is still signed with
+for DROPPED_KEY_GRACE seconds, while the edges still present its chain.
 So a new chain reaches the edge without a restart: the edge asks the front,
 the front asks its signing processes (relay/oracle/signers.py).
 
@@ -33,11 +35,12 @@ the front asks its signing processes (relay/oracle/signers.py).
 import argparse
 import socket
 import sys
+import time
 from pathlib import Path
 
 from relay.oracle import policy
 from relay.oracle.keystore import Keystore, KeystoreError, PrivateEntry
-from relay.oracle.protocol import certificate_listing
+from relay.oracle.protocol import DROPPED_KEY_GRACE, certificate_listing
 from relay.rpc import Code, Frame, FrameDecoder, FrameError, Kind, encode_frame
 from relay.tls import signing
 
@@ -45,17 +48,31 @@ MAX_FRAME = 1 << 20  # the front already capped what the peer sent
 
 
 class SignerKeys:
-    """The served keys of one keystore, re-read on demand."""
+    """The served keys of one keystore, re-read on demand, and those dropped from it lately."""
 
     def __init__(self, keystore: Keystore):
         self.keystore = keystore
         self.by_id: dict[str, PrivateEntry] = {}
+        self.dropped: dict[str, tuple[PrivateEntry, float]] = {}   # key id -> (entry, signed with until)
 
     def reload(self) -> None:
         """Read the keystore again; KeystoreError (the keys held are kept) if it is not usable."""
         self.keystore.check_permissions()
         entries = self.keystore.private_entries(loaded=self.by_id)
-        self.by_id = {entry.key_id: entry for entry in entries}
+        now = time.monotonic()
+        served = {entry.key_id: entry for entry in entries}
+        for key_id, entry in self.by_id.items():
+            if key_id not in served:
+                self.dropped[key_id] = (entry, now + DROPPED_KEY_GRACE)
+        self.dropped = {k: v for k, v in self.dropped.items() if k not in served and v[1] > now}
+        self.by_id = served
+
+    def for_signing(self, key_id) -> PrivateEntry | None:
+        """A served key, or one dropped less than DROPPED_KEY_GRACE ago."""
+        if key_id in self.by_id:
+            return self.by_id[key_id]
+        entry, until = self.dropped.get(key_id, (None, 0.0))
+        return entry if until > time.monotonic() else None
 
 
 def answer(frame: Frame, keys: SignerKeys) -> bytes:
@@ -70,7 +87,7 @@ def answer(frame: Frame, keys: SignerKeys) -> bytes:
         return encode_frame(Kind.RESPONSE, frame.id, {"certificates": certificate_listing(keys.by_id.values())})
     if method != "sign":
         return _error(frame.id, Code.UNKNOWN_METHOD, f"no method {method!r}")
-    entry = keys.by_id.get(frame.meta.get("key_id"))
+    entry = keys.for_signing(frame.meta.get("key_id"))
     scheme = frame.meta.get("scheme")
     if entry is None:
         return _error(frame.id, "unknown_key", "no key with that id in the keystore")

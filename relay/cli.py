@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from relay.certs import cli as cert_cli
 from relay.keys import cli as keys_cli
 from relay.tls.constants import Group
 
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="JSON for scripts instead of the table")
 
     keys_cli.add_parsers(commands)
+    cert_cli.add_parsers(commands)
     return parser
 
 
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
         return doctor.run(args)
     if args.command == "keys":
         return keys_cli.run(args)
+    if args.command == "cert":
+        return cert_cli.run(args)
     return 2
 
 

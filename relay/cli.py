@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="tunnel, oracle, policy, spool, intake and certificate expiry, "
                                                 "as this host sees them")
-    for name in ("edge", "oracle", "intake"):
+    for name in ("edge", "oracle", "intake", "site"):
         status.add_argument(f"--{name}-config", type=Path, metavar="PATH",
                             help=f"{name}.toml (default /etc/yestls/{name}.toml when present)")
     status.add_argument("--json", action="store_true", help="JSON for scripts instead of the table")

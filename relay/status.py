@@ -13,9 +13,11 @@ One table (or `--json`) on either host, read-only, each part optional:
                   failed, bounced, quarantined, the ledger's counts, DSNs waiting, the edge's protocol
                   errors if any; senders' TLS reports (sessions failed, by result type) when read
     certificates  the oracle keystore's chains and when each leaf expires (chain files only: no
-                  private key is opened); on the edge, the chains it serves (its metrics)
+                  private key is opened); on the edge, the chains it serves (its metrics); at home
+                  with site.toml's [acme], each ACME certificate's expiry, next renewal and last
+                  error (its state.json, relay/certs/store.py)
 
-Configs default to /etc/yestls/{edge,oracle,intake}.toml where present. A part
+Configs default to /etc/yestls/{edge,oracle,intake,site}.toml where present. A part
 that cannot be read shows "unknown (why)"; `yestls status` itself does not fail.
 """
 
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_DIRECTORY = Path("/etc/yestls")
+CONFIGS = ("edge", "oracle", "intake", "site")   # each NAME.toml, --NAME-config
 SECTIONS = ("tunnel", "oracle", "policy", "spool", "intake", "certificates")
 TIMEOUT = 2.0   # seconds for each endpoint asked
 POLICY_MEANING = {
@@ -363,6 +366,38 @@ def certificate_rows(keystore_dir: Path, now: float) -> list[Row]:
     return rows or [unknown("certificates", "expiry", f"keystore {keystore_dir} holds no certificate chain")]
 
 
+def acme_rows(path: Path | None, now: float) -> list[Row]:
+    """Each ACME certificate's state.json under site.toml's [acme] state_dir (`yestls cert renew` writes them)."""
+    if path is None:
+        return []
+    from relay import site as site_toml
+    from relay.certs.store import CertificateError, certificate_dirs, parse_iso
+
+    try:
+        acme = site_toml.load(path).acme
+    except Exception as error:  # noqa: BLE001
+        return [unknown("certificates", "acme", f"{path}: {error}")]
+    if acme is None:
+        return []
+    rows = []
+    for directory in certificate_dirs(acme.state_dir):
+        item = f"acme {directory.label}"
+        try:
+            state = directory.state()
+        except CertificateError as error:
+            rows.append(unknown("certificates", item, str(error)))
+            continue
+        expires, next_attempt = parse_iso(state.not_after), parse_iso(state.next_attempt)
+        value = {"not_after": state.not_after, "next_attempt": state.next_attempt, "last_error": state.last_error,
+                 "failures": state.failures, "last_success": state.last_success}
+        parts = [expiry_row(item, expires.timestamp(), now).text if expires else "no certificate yet"]
+        parts.append(f"next renewal {state.next_attempt}" if next_attempt else "renewal at the next run")
+        if state.failures:
+            parts.append(f"FAILING ({state.failures} in a row): {state.last_error}")
+        rows.append(Row("certificates", item, value, "; ".join(parts)))
+    return rows or [unknown("certificates", "acme", f"no certificate under {acme.state_dir / 'certificates'}")]
+
+
 def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[Row]:
     """The intake's status file (relay/home/intake.py writes it after each pull)."""
     if path is None:
@@ -445,18 +480,19 @@ def default_config(name: str, directory: Path = CONFIG_DIRECTORY) -> Path | None
     return path if path.exists() else None
 
 
-def collect(edge: Path | None, oracle: Path | None, intake: Path | None, *,
+def collect(edge: Path | None, oracle: Path | None, intake: Path | None, *, site: Path | None = None,
             now: float | None = None, run: Callable = subprocess.run) -> Status:
     now = time.time() if now is None else now
     status = Status(socket.gethostname(), now,
                     {"edge": str(edge) if edge else None, "oracle": str(oracle) if oracle else None,
-                     "intake": str(intake) if intake else None})
+                     "intake": str(intake) if intake else None, "site": str(site) if site else None})
     status.add(*tunnel_rows(now, run))
     rows = edge_rows(edge, now)
     status.add(*rows)
     status.add(*oracle_rows(oracle, now))
     edge_spool_known = any(r.section == "spool" and r.item == "depth" and r.unknown is None for r in rows)
     status.add(*intake_rows(intake, now, edge_spool_known))
+    status.add(*acme_rows(site, now))
     present = {row.section for row in status.rows}
     for section, (item, why) in MISSING.items():
         if section not in present:
@@ -474,12 +510,13 @@ MISSING = {   # a section nothing on this host reports: its main item, and why
 
 
 def run(args) -> int:
-    """`yestls status`: args has edge_config, oracle_config, intake_config (None: the default if present), json."""
+    """`yestls status`: args has edge_config, oracle_config, intake_config, site_config (None: the default if
+    present), json."""
     configs = {}
-    for name in ("edge", "oracle", "intake"):
+    for name in CONFIGS:
         given = getattr(args, f"{name}_config")
         configs[name] = given if given is not None else default_config(name)
-    status = collect(configs["edge"], configs["oracle"], configs["intake"])
+    status = collect(configs["edge"], configs["oracle"], configs["intake"], site=configs["site"])
     if args.json:
         json.dump(status.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

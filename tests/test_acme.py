@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from relay import site as site_toml
+from relay import status
 from relay.certs import cli as cert_cli
 from relay.certs.store import CertificateDir, renewal_time
 from relay.cli import main as yestls
@@ -180,6 +181,13 @@ def test_unreachable_ca_is_recorded_backs_off_and_never_touches_the_chain(tmp_pa
         assert json.loads(certificate.state_path.read_text())["failures"] == 3
         assert certificate.chain_path.read_bytes() == chain
         assert edge.fetched == []
+
+    # `yestls status` at home: expiry, next renewal, the failure and what it was.
+    (row,) = status.acme_rows(site, after.timestamp())
+    assert row.section == "certificates" and row.item == "acme mx"
+    assert row.value["not_after"] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert row.value["failures"] == 3 and row.value["last_error"].startswith("CA unreachable")
+    assert "expires " in row.text and "next renewal " in row.text and "FAILING (3 in a row): CA unreachable" in row.text
 
 
 def test_a_missing_csr_is_a_failure_that_names_the_file(tmp_path, lab, caplog):

@@ -234,8 +234,14 @@ def client_name() -> str:
 
 
 def ca_context() -> ssl.SSLContext:
-    """A TLS client context that trusts the scenario's test CA only."""
+    """A TLS client context that trusts the scenario's test CA only (the clients' name's certificate)."""
     return ssl.create_default_context(cafile=site()["site_test_ca"]["cert"])
+
+
+def acme_root() -> str:
+    """On the controller: the root of the scenario's ACME server (Pebble), which issued the edge's
+    certificate; internet.yml fetched it from Pebble after it started (it changes at every start)."""
+    return str(Path(site()["site_acme_ca_bundle"]).parent / "root.pem")
 
 
 def full_address(mailbox_setting: str) -> str:

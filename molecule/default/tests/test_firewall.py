@@ -63,12 +63,16 @@ def test_reload_leaves_other_tables_and_docker_dns_alone(name):
 
 @pytest.mark.parametrize("source", ["home", "internet"])
 def test_edge_from_the_internet(source):
-    """From home's Internet side and from a stranger (the sending MTA): SMTP
-    and SSH reachable; the spool service, metrics and anything else dropped."""
+    """From home's Internet side and from a stranger (the sending MTA): SMTP,
+    SSH, HTTP (ACME HTTP-01) and HTTPS (the MTA-STS policy) reachable; the
+    spool service, metrics and anything else dropped."""
     edge = address("edge")
-    seen = tcp_probe(source, [(edge, 25), (edge, 22), (edge, 7444), (edge, 9465), (edge, UNUSED)])
+    seen = tcp_probe(source, [(edge, 25), (edge, 22), (edge, 80), (edge, 443), (edge, 7444), (edge, 9465),
+                              (edge, UNUSED)])
     assert seen[(edge, 25)] in REACHABLE
     assert seen[(edge, 22)] in REACHABLE
+    assert seen[(edge, 80)] in REACHABLE
+    assert seen[(edge, 443)] in REACHABLE
     assert seen[(edge, 7444)] == FILTERED
     assert seen[(edge, 9465)] == FILTERED
     assert seen[(edge, UNUSED)] == FILTERED

@@ -23,7 +23,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from scenario import (
+    acme_root,
     address,
+    client_name,
     container,
     find_in_directory,
     find_in_filesystem,
@@ -38,7 +40,8 @@ MX = site()["site_mx_name"]
 MAILBOX = mailbox()
 EDGE_TUNNEL = site()["site_tunnel_edge_address"]
 HOME_TUNNEL = site()["site_tunnel_home_address"]
-TEST_CA = site()["site_test_ca"]["cert"]
+# the edge's certificate comes from the scenario's ACME server (test_certificates.py)
+ACME_ROOT = acme_root()
 
 YESTLS_UNITS = [("edge", "yestls-edge.service"), ("home", "yestls-oracle.service"), ("home", "yestls-intake.service")]
 KEYSTORE = "/var/lib/yestls-signer/keystore"
@@ -46,6 +49,7 @@ AUDIT_LOG = "/var/log/yestls-oracle/audit.jsonl"
 EDGE_IDENTITY = "/var/lib/yestls-edge/identity.key"
 SPOOL_KEY = "/var/lib/yestls-intake/spool.key"
 INTAKE_IDENTITY = "/var/lib/yestls-intake/identity.key"
+ACME_IDENTITY = "/var/lib/yestls-acme/identity.key"
 CLIENT_TLS_KEY = "/etc/yestls/client-tls/key.pem"
 DKIM_KEYS = ["/etc/dkimkeys/yestls-rsa.key", "/etc/dkimkeys/yestls-ed25519.key"]
 DOVEADM_API_KEY = "/etc/dovecot/private/doveadm-api.key"
@@ -57,6 +61,9 @@ SPOOL_QUEUE = "/var/spool/yestls/queue"
 LISTENERS = {
     "edge": {
         ("0.0.0.0", 25): "yestls-edge.service",
+        # ACME HTTP-01 tokens, the MTA-STS policy
+        ("0.0.0.0", 80): "yestls-edge.service",
+        ("0.0.0.0", 443): "yestls-edge.service",
         (EDGE_TUNNEL, 7444): "yestls-edge.service",
         (EDGE_TUNNEL, 9465): "yestls-edge.service",
     },
@@ -256,14 +263,15 @@ def spool_key_needles(text: bytes) -> dict[str, bytes]:
 
 
 def home_secrets() -> dict[str, bytes]:
-    """Every private key home made (TLS, spool, intake identity, the clients'
-    TLS key, DKIM) and
+    """Every private key home made (TLS, spool, intake identity, the ACME
+    client's identity, the clients' TLS key, DKIM) and
     the doveadm API key, in each form a leak could take."""
     needles = {}
     for path in keystore_keys():
         needles.update(pem_needles(f"TLS key {Path(path).name}", read_secret("home", path)))
     needles.update(spool_key_needles(read_secret("home", SPOOL_KEY)))
     needles.update(pem_needles("intake identity key", read_secret("home", INTAKE_IDENTITY)))
+    needles.update(pem_needles("ACME client identity key", read_secret("home", ACME_IDENTITY)))
     needles.update(pem_needles("clients' TLS key", read_secret("home", CLIENT_TLS_KEY)))
     needles.update(pem_needles("DKIM RSA key", read_secret("home", DKIM_KEYS[0])))
     needles["DKIM Ed25519 key"] = read_secret("home", DKIM_KEYS[1]).strip()
@@ -283,11 +291,14 @@ def test_no_private_key_of_home_anywhere_on_the_edge():
 
 
 def test_no_private_key_of_home_in_task_results_or_on_the_controller():
-    """Only the CSR and the chain travel: the results of every task of
-    converge and idempotence (community.general.log_plays) and Molecule's
-    working directory hold none of home's secrets, but do hold the CSR."""
+    """Only CSRs and chains travel: the results of every task of converge
+    and idempotence (community.general.log_plays) and Molecule's working
+    directory hold none of home's secrets, but do hold the clients' name's
+    CSR (the hand path; the MX's certificate comes by ACME, its CSR stays
+    at home)."""
     ephemeral = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
-    assert list(ephemeral.rglob(f"{MX}.csr.pem")), "the CSR was not fetched to the controller"
+    assert list(ephemeral.rglob(f"{client_name()}.clients.csr.pem")), "the CSR was not fetched to the controller"
+    assert not list(ephemeral.rglob(f"{MX}.csr.pem")), "the MX's CSR went to the controller: not by ACME?"
     assert find_in_directory(ephemeral, home_secrets()) == []
 
 
@@ -302,7 +313,7 @@ def audit_lines() -> list[dict]:
 
 def test_starttls_at_the_edge_completes_with_homes_certificate_and_home_audits_it(tmp_path):
     """From outside (the controller): STARTTLS to the edge's port 25, the
-    chain verified against the test CA alone, for the MX name; the oracle at
+    chain verified against the ACME server's root alone, for the MX name; the oracle at
     home signed that very handshake (its client random is in the audit log)."""
     keylog = tmp_path / "keylog"
     result = subprocess.run(
@@ -319,7 +330,7 @@ def test_starttls_at_the_edge_completes_with_homes_certificate_and_home_audits_i
             MX,
             "-verify_return_error",
             "-CAfile",
-            TEST_CA,
+            ACME_ROOT,
             "-no-CApath",
             "-no-CAstore",
             "-keylogfile",
@@ -368,7 +379,7 @@ def test_a_message_sent_to_the_edge_is_read_over_imaps_at_home():
     message["To"] = MAILBOX
     message["Subject"] = f"YesTLS molecule {token}"
     message.set_content(f"Sent through the edge, read at home: {token}\n")
-    tls = ssl.create_default_context(cafile=TEST_CA)
+    tls = ssl.create_default_context(cafile=ACME_ROOT)
     with SMTPToEdge(MX, 25, local_hostname="sender.test", timeout=30) as smtp:
         smtp.starttls(context=tls)
         assert smtp.send_message(message) == {}

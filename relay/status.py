@@ -379,8 +379,12 @@ def acme_rows(path: Path | None, now: float) -> list[Row]:
         return [unknown("certificates", "acme", f"{path}: {error}")]
     if acme is None:
         return []
+    try:
+        directories = certificate_dirs(acme.state_dir)
+    except OSError as error:
+        return [unknown("certificates", "acme", f"{acme.state_dir}: {_reason(error)}")]
     rows = []
-    for directory in certificate_dirs(acme.state_dir):
+    for directory in directories:
         item = f"acme {directory.label}"
         try:
             state = directory.state()

@@ -6,7 +6,9 @@ changing the keystore under them: a renewed chain for the same key (what
 A real TLS client (Python's ssl over STARTTLS) sees each change once the
 edge's next refresh has asked the oracle; a next key's chain, imported but
 not switched to, is never listed. Every wait is bounded by a deadline, and
-no assertion is about how long anything took.
+no assertion is about how long anything took. A signing process keeps the
+keys it holds when the keystore cannot be read, and signs with a retired key
+for a while after it left the listing.
 """
 
 import asyncio
@@ -16,8 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from relay import rpc, tunnel
+from relay.oracle import signer
 from relay.oracle.keystore import Keystore, key_id
 from relay.oracle.protocol import MAX_FRAME, SERVICE, parse_certificate_listing
+from relay.rpc import Frame, FrameDecoder, Kind, encode_frame
 
 from .edge_smtp import SmtpClient, running_edge, tls_context, wait_until
 from .signing_ca import CA
@@ -89,3 +93,36 @@ def test_renewed_chain_and_rollover_are_served_without_restarts(tmp_path, pki, c
         # The same two processes all along.
         assert edge.oracle.process.poll() is None and edge.oracle.process.pid == oracle_pid
         assert edge.process_alive() and edge.edge.process.pid == edge_pid
+
+
+def certificates_request() -> Frame:
+    return FrameDecoder(signer.MAX_FRAME).feed(encode_frame(Kind.REQUEST, 1, {"method": "certificates"}))[0]
+
+
+def listed(keys: signer.SignerKeys) -> list[str]:
+    (answer,) = FrameDecoder(signer.MAX_FRAME).feed(signer.answer(certificates_request(), keys))
+    return [entry.key_id for entry in parse_certificate_listing(answer.meta["certificates"])]
+
+
+def test_a_signing_process_keeps_its_keys_through_a_broken_keystore_and_signs_a_retired_key_for_a_while(
+        tmp_path, ca, capsys):
+    store = Keystore(tmp_path / "ks")
+    store.directory.mkdir(mode=0o700)
+    current, csr_pem = store.new_key("ecdsa-p256", ["mx.example.org"])
+    store.import_chain(ca.chain_pem(ca.issue(csr_pem)))
+    keys = signer.SignerKeys(store)
+    keys.reload()
+    assert listed(keys) == [current]
+
+    store.chain_path("f" * 32).write_text("not a chain")   # a chain file being fixed by hand
+    assert listed(keys) == [current]
+    assert "keeping the 1 key(s) held" in capsys.readouterr().err
+    store.chain_path("f" * 32).unlink()
+
+    next_id, next_csr, _ = store.rollover()
+    store.import_chain(ca.chain_pem(ca.issue(next_csr)))
+    assert listed(keys) == [current]
+    store.switch()
+    assert listed(keys) == [next_id]
+    assert keys.for_signing(current) is not None and keys.for_signing(next_id) is not None
+    assert keys.for_signing("0" * 32) is None

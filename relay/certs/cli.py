@@ -76,9 +76,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"yestls cert {args.cert_command}: {args.site} has no [acme] table; add one (docs/certificates.md)",
               file=sys.stderr)
         return 2
-    if args.cert_command == "status":
-        return show_status(acme, args.json)
-    return renew(acme, force=args.force, label=args.label)
+    try:
+        if args.cert_command == "status":
+            return show_status(acme, args.json)
+        return renew(acme, force=args.force, label=args.label)
+    except OSError as error:   # state_dir itself unreadable: the per-certificate files are handled inside
+        print(f"yestls cert {args.cert_command}: {error.filename}: {error.strerror}; state_dir must be the ACME "
+              f"user's", file=sys.stderr)
+        return 2
 
 
 def renew(acme: Acme, *, force: bool = False, label: str | None = None,

@@ -30,10 +30,10 @@ import dns.rdatatype
 from prometheus_client import CollectorRegistry
 
 from relay.audit import AuditLog
-from relay.edge.acme import ACME_METHODS, AcmeChallenges
+from relay.edge.acme import AcmeChallenges
 from relay.identity import generate_identity, parse_public_key_text
 from relay.spool.metrics import SpoolServiceMetrics
-from relay.spool.protocol import MAX_FRAME, SERVICE
+from relay.spool.protocol import ACME_METHODS, MAX_FRAME, SERVICE
 from relay.tunnel import Peer, TunnelService
 
 from .oracle_home import free_port

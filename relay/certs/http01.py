@@ -25,10 +25,13 @@ from acme import challenges
 from relay import tunnel
 from relay.certs.ca import ORDER_TIMEOUT
 from relay.certs.store import CertificateError
-from relay.edge.acme import DELETE, MAX_KEY_AUTHORIZATION, MAX_TTL, PUT, is_token
 from relay.identity import IdentityError, load_identity
 from relay.rpc import RemoteError, RpcConnection
-from relay.spool.protocol import MAX_FRAME, SERVICE
+from relay.spool.protocol import ACME_DELETE as DELETE
+from relay.spool.protocol import ACME_PUT as PUT
+from relay.spool.protocol import MAX_ACME_TTL as MAX_TTL
+from relay.spool.protocol import MAX_FRAME, MAX_KEY_AUTHORIZATION, SERVICE
+from relay.spool.protocol import is_acme_token as is_token
 
 log = logging.getLogger("yestls.certs")
 

@@ -31,16 +31,15 @@ import time
 from collections.abc import Callable
 
 from relay.rpc import Code, Frame, RemoteError, RpcConnection
+from relay.spool.protocol import ACME_DELETE as DELETE
+from relay.spool.protocol import ACME_PUT as PUT
+from relay.spool.protocol import MAX_ACME_TTL as MAX_TTL
+from relay.spool.protocol import MAX_KEY_AUTHORIZATION
+from relay.spool.protocol import is_acme_token as is_token
 
 log = logging.getLogger("yestls.edge")
 
 MAX_CHALLENGES = 100
-MAX_TTL = 3600
-MAX_KEY_AUTHORIZATION = 256
-PUT = "acme_challenge_put"
-DELETE = "acme_challenge_delete"
-ACME_METHODS = frozenset({PUT, DELETE})
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _THUMBPRINT = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -95,10 +94,6 @@ class AcmeChallenges:
         now = self.clock()
         for token in [t for t, (_, expires) in self._held.items() if expires <= now]:
             del self._held[token]
-
-
-def is_token(text: str) -> bool:
-    return _TOKEN.fullmatch(text) is not None
 
 
 def _token(meta: dict) -> str:

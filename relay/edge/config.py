@@ -71,11 +71,11 @@ from pathlib import Path
 
 from relay.audit import AuditSettings, load_audit_settings
 from relay.config import ConfigError, Table
-from relay.edge.acme import ACME_METHODS
 from relay.edge.recipients import normal_address, normal_domain
 from relay.edge.tls_budget import TlsLimits
 from relay.mtasts import policy_text
 from relay.site import MtaStsMode
+from relay.spool.protocol import ACME_METHODS
 from relay.tunnel import Peer, load_peers
 
 ORACLE_DOWN_POLICIES = ("tempfail", "resume-only", "plaintext")

@@ -47,10 +47,11 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as MetricCounter
 
 from relay.aio.tls import SignatureDeclined, Signer, tls_listener
-from relay.edge.acme import AcmeChallenges, is_token
+from relay.edge.acme import AcmeChallenges
 from relay.edge.tls_budget import KeyedBuckets
 from relay.http import Request, RequestError, RequestReader, RequestTimeout, response
 from relay.mtasts import POLICY_PATH
+from relay.spool.protocol import is_acme_token as is_token
 from relay.tls import ServerConfig, SignatureRequest
 
 log = logging.getLogger("yestls.web")

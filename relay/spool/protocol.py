@@ -5,6 +5,8 @@ intake proves its identity key to the edge), then `list`, `fetch`, `ack`,
 `wait`, `stats`. docs/spool-format.md has the details.
 """
 
+import re
+
 from relay import tunnel
 
 SERVICE = "spool"
@@ -12,6 +14,20 @@ MAX_FETCH = 1024 * 1024                # the most bytes of a sealed file one `fe
 MAX_FRAME = MAX_FETCH + 256 * 1024     # room for the meta beside a full piece, and for a full `list`
 MAX_LIST = 1000                        # entries per `list` answer (~100 KB of JSON)
 MAX_WAIT = 60.0                        # seconds one `wait` may hold
+
+# ACME HTTP-01 tokens home's ACME client (relay/certs/http01.py) places on the
+# edge (relay/edge/acme.py) for its port 80 to answer; docs/spool-format.md.
+ACME_PUT = "acme_challenge_put"        # {"token", "key_authorization", "ttl"} -> {}
+ACME_DELETE = "acme_challenge_delete"  # {"token"} -> {}
+ACME_METHODS = frozenset({ACME_PUT, ACME_DELETE})
+MAX_ACME_TTL = 3600                    # seconds a token is answered at most
+MAX_KEY_AUTHORIZATION = 256            # characters
+_ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def is_acme_token(text: str) -> bool:
+    """An ACME challenge token as the edge accepts it: 1..128 base64url characters (RFC 8555 8.3)."""
+    return _ACME_TOKEN.fullmatch(text) is not None
 
 
 def auth_message(challenge: bytes, server_address: tuple, client_address: tuple) -> bytes:

@@ -50,6 +50,7 @@ EDGE_IDENTITY = "/var/lib/yestls-edge/identity.key"
 SPOOL_KEY = "/var/lib/yestls-intake/spool.key"
 INTAKE_IDENTITY = "/var/lib/yestls-intake/identity.key"
 ACME_IDENTITY = "/var/lib/yestls-acme/identity.key"
+ACME_ACCOUNT_KEY = "/var/lib/yestls-acme/account.key.pem"
 CLIENT_TLS_KEY = "/etc/yestls/client-tls/key.pem"
 DKIM_KEYS = ["/etc/dkimkeys/yestls-rsa.key", "/etc/dkimkeys/yestls-ed25519.key"]
 DOVEADM_API_KEY = "/etc/dovecot/private/doveadm-api.key"
@@ -153,6 +154,9 @@ def keystore_keys() -> list[str]:
         ("home", "/var/lib/yestls-intake", "yestls-intake", "yestls-intake", 0o700),
         ("home", SPOOL_KEY, "yestls-intake", "yestls-intake", 0o600),
         ("home", INTAKE_IDENTITY, "yestls-intake", "yestls-intake", 0o600),
+        ("home", "/var/lib/yestls-acme", "yestls-acme", "yestls-acme", 0o700),
+        ("home", ACME_IDENTITY, "yestls-acme", "yestls-acme", 0o600),
+        ("home", ACME_ACCOUNT_KEY, "yestls-acme", "yestls-acme", 0o600),
         ("home", CLIENT_TLS_KEY, "root", "root", 0o600),
         ("home", "/etc/yestls/client-tls", "root", "root", 0o700),
         ("home", DKIM_KEYS[0], "root", "root", 0o600),
@@ -264,7 +268,7 @@ def spool_key_needles(text: bytes) -> dict[str, bytes]:
 
 def home_secrets() -> dict[str, bytes]:
     """Every private key home made (TLS, spool, intake identity, the ACME
-    client's identity, the clients' TLS key, DKIM) and
+    client's identity and account, the clients' TLS key, DKIM) and
     the doveadm API key, in each form a leak could take."""
     needles = {}
     for path in keystore_keys():
@@ -272,6 +276,7 @@ def home_secrets() -> dict[str, bytes]:
     needles.update(spool_key_needles(read_secret("home", SPOOL_KEY)))
     needles.update(pem_needles("intake identity key", read_secret("home", INTAKE_IDENTITY)))
     needles.update(pem_needles("ACME client identity key", read_secret("home", ACME_IDENTITY)))
+    needles.update(pem_needles("ACME account key", read_secret("home", ACME_ACCOUNT_KEY)))
     needles.update(pem_needles("clients' TLS key", read_secret("home", CLIENT_TLS_KEY)))
     needles.update(pem_needles("DKIM RSA key", read_secret("home", DKIM_KEYS[0])))
     needles["DKIM Ed25519 key"] = read_secret("home", DKIM_KEYS[1]).strip()

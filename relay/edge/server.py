@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
@@ -33,6 +32,8 @@ from relay.audit import AuditLog
 from relay.edge import config as edge_config
 from relay.edge.acme import AcmeChallenges
 from relay.edge.addresses import PublishedAddresses
+from relay.edge.connections import TOO_MANY, ConnectionCounts
+from relay.edge.connections import client_ip as _ip
 from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
 from relay.edge.recipients import RecipientPolicy
 from relay.edge.tls_budget import Refusal, TlsBudget
@@ -82,18 +83,16 @@ class Admission:
 
     def __init__(self, edge: "Edge"):
         self.edge = edge
-        self.total = 0
-        self.per_ip: Counter = Counter()
+        self.open = ConnectionCounts(edge.metrics.connections)
 
     def admit(self, peer, *, implicit_tls: bool) -> str | None:
         settings = self.edge.config.smtp
         ip = _ip(peer)
-        if self.total >= settings.max_connections:
-            self.edge.metrics.refused("too_many_connections")
-            return "421 4.7.0 Too many connections, please retry later"
-        if self.per_ip[ip] >= settings.max_connections_per_ip:
-            self.edge.metrics.refused("too_many_connections_from_ip")
-            return "421 4.7.0 Too many connections from your address, please retry later"
+        over = self.open.over(ip, settings.max_connections, settings.max_connections_per_ip)
+        if over is not None:
+            self.edge.metrics.refused(over)
+            whom = "" if over == TOO_MANY else " from your address"
+            return f"421 4.7.0 Too many connections{whom}, please retry later"
         if settings.oracle_down == "tempfail" and not implicit_tls:
             if not self.edge.oracle_available():
                 self.edge.metrics.refused("oracle_down")
@@ -101,18 +100,11 @@ class Admission:
             if self.edge.budget.retry_later(ip):
                 self.edge.metrics.refused("tls_failed_retry_later")
                 return f"421 4.7.0 {self.edge.config.hostname} {RETRY_LATER}"
-        self.total += 1
-        self.per_ip[ip] += 1
-        self.edge.metrics.connections.set(self.total)
+        self.open.add(ip)
         return None
 
     def release(self, peer) -> None:
-        ip = _ip(peer)
-        self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
-        self.edge.metrics.connections.set(self.total)
+        self.open.remove(_ip(peer))
 
     def starttls(self, peer) -> str | None:
         refusal = self.edge.budget.starttls(_ip(peer))
@@ -333,10 +325,6 @@ async def _start_spool_service(config, spool, edge, registry) -> tuple[list, Aud
         extra.update(edge.challenges.methods())
     service = SpoolService(spool, config.spool_service.peers, audit, registry, extra_methods=extra)
     return await service.serve(config.spool_service.listen), audit
-
-
-def _ip(peer) -> str:
-    return peer[0] if isinstance(peer, tuple) else "unknown"
 
 
 def run(args) -> int:

@@ -40,7 +40,6 @@ count every request.
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -48,6 +47,8 @@ from prometheus_client import Counter as MetricCounter
 
 from relay.aio.tls import SignatureDeclined, Signer, tls_listener
 from relay.edge.acme import AcmeChallenges
+from relay.edge.connections import ConnectionCounts
+from relay.edge.connections import client_ip as _ip
 from relay.edge.tls_budget import KeyedBuckets
 from relay.http import Request, RequestError, RequestReader, RequestTimeout, response
 from relay.mtasts import POLICY_PATH
@@ -116,28 +117,20 @@ class WebAdmission:
         self.max_per_ip = max_per_ip
         self.metrics = metrics
         self.web_log = web_log
-        self.total = 0
-        self.per_ip: Counter = Counter()
+        self.open = ConnectionCounts(metrics.connections)
 
     def admit(self, peer) -> bool:
         ip = _ip(peer)
-        if self.total >= self.max_connections or self.per_ip[ip] >= self.max_per_ip:
-            reason = "too_many_connections" if self.total >= self.max_connections else "too_many_connections_from_ip"
+        reason = self.open.over(ip, self.max_connections, self.max_per_ip)
+        if reason is not None:
             self.metrics.refused.labels(reason).inc()
             self.web_log(logging.WARNING, ip, "connection refused (%s)", reason)
             return False
-        self.total += 1
-        self.per_ip[ip] += 1
-        self.metrics.connections.set(self.total)
+        self.open.add(ip)
         return True
 
     def release(self, peer) -> None:
-        ip = _ip(peer)
-        self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
-        self.metrics.connections.set(self.total)
+        self.open.remove(_ip(peer))
 
 
 class MtaStsSigner:
@@ -277,5 +270,3 @@ async def start_web(settings, site: WebSite, tls_config: Callable[[], ServerConf
     return servers
 
 
-def _ip(peer) -> str:
-    return peer[0] if isinstance(peer, tuple) else "unknown"

@@ -30,13 +30,19 @@ SITE_TOML = "/etc/yestls/site.toml"
 PEM = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
-def served_chain(name: str = MX) -> list[x509.Certificate]:
-    """The chain the edge serves for `name` on port 25 (STARTTLS), as `internet`
-    sees it: verified against Pebble's root alone, for that name."""
-    result = container("internet").run(
-        f"openssl s_client -connect {address('edge')}:25 -starttls smtp -servername {name} "
+def handshake(name: str = MX, port: int = 25):
+    """STARTTLS (port 25) or TLS (443) to the edge from `internet`, for
+    `name`, the chain verified against Pebble's root alone."""
+    starttls = "-starttls smtp " if port == 25 else ""
+    return container("internet").run(
+        f"openssl s_client -connect {address('edge')}:{port} {starttls}-servername {name} "
         f"-verify_hostname {name} -verify_return_error -CAfile {PEBBLE_ROOT} -no-CApath -no-CAstore "
         "-showcerts </dev/null")
+
+
+def served_chain(name: str = MX, port: int = 25) -> list[x509.Certificate]:
+    """The chain the edge serves for `name`, as `internet` sees it."""
+    result = handshake(name, port)
     assert result.rc == 0, result.stderr
     return [x509.load_pem_x509_certificate(block.encode()) for block in PEM.findall(result.stdout)]
 
@@ -52,50 +58,61 @@ def edge_main_pid() -> str:
 
 def test_the_edge_serves_the_acme_servers_certificate_for_every_name():
     """Each name (the MX name, mta-sts.<domain>) gets the same chain, leaf
-    first, issued by Pebble's intermediate under the root Pebble made."""
+    first, issued by Pebble's intermediate under the root Pebble made, on
+    SMTP and, for the policy names, on HTTPS."""
     root = x509.load_pem_x509_certificate(Path(acme_root()).read_bytes())
     chain = served_chain()
     assert names_of(chain[0]) == EDGE_NAMES
     assert chain[-1].issuer == root.subject
     assert chain[0].issuer == chain[1].subject
     for name in EDGE_NAMES - {MX}:
-        assert served_chain(name)[0].serial_number == chain[0].serial_number
+        assert served_chain(name)[0] == chain[0]
+        assert served_chain(name, 443)[0] == chain[0]
 
 
 def test_the_acme_server_checked_each_name_at_the_edge_by_http01():
-    """Pebble's log: an HTTP-01 request to port 80 of every name (whose A
-    record is the edge's address) for a token the edge's log says home's ACME
-    client placed over the tunnel; and the certificate served, issued."""
+    """Pebble's log: HTTP-01 requests to port 80 of every name (whose A record
+    is the edge's address), each for a token the edge's log says home's ACME
+    client placed over the tunnel and the edge answered for that name; and
+    the certificate served is one Pebble issued."""
     pebble = container("internet").check_output("journalctl --no-pager -o cat -u pebble")
     edge = container("edge").check_output(f"journalctl --no-pager -o cat -u {EDGE_UNIT}")
-    placed = set(re.findall(r"ACME challenge placed by home-acme\S* for token (\S+)", edge))
+    placed = set(re.findall(r"ACME challenge placed by home-acme for token ([\w-]+)", edge))
     for name in EDGE_NAMES:
-        tokens = re.findall(rf"Attempting to validate w/ HTTP: http://{re.escape(name)}:80"
-                            r"/\.well-known/acme-challenge/(\S+)", pebble)
+        tokens = set(re.findall(rf"Attempting to validate w/ HTTP: http://{re.escape(name)}:80"
+                                r"/\.well-known/acme-challenge/([\w-]+)", pebble))
+        answered = set(re.findall(r"GET /\.well-known/acme-challenge/([\w-]+) Host "
+                                  rf"{re.escape(name)}: 200", edge))
         assert tokens, f"Pebble never checked {name} by HTTP-01"
-        assert set(tokens) <= placed, f"the edge did not serve {name}'s tokens from home's client"
-    assert f"Issued certificate serial {served_chain()[0].serial_number:x} " in pebble
+        assert tokens <= placed & answered, f"the edge did not answer {name}'s tokens from home's client"
+    issued = {int(serial, 16) for serial in re.findall(r"Issued certificate serial ([0-9a-f]+) ", pebble)}
+    assert served_chain()[0].serial_number in issued
 
 
 def test_a_forced_renewal_is_served_by_the_edge_without_restarting_it():
     """`yestls cert renew --force` as yestls-acme at home: a new certificate
     for the same key (TLSA records pin the key), imported into the keystore
     by the path unit, listed to the edge, which serves it at its next refresh
-    of the oracle's chains; the edge's process is the same one."""
+    of the oracle's chains, on SMTP (25) and on the MTA-STS policy's HTTPS
+    (443); the edge's process is the same one."""
+    policy_host = f"mta-sts.{site()['site_domains'][0]}"
     before = served_chain()[0]
     pid = edge_main_pid()
     renewal = container("home").run(
         f"runuser -u yestls-acme -- /opt/yestls/bin/yestls cert renew --site {SITE_TOML} --force")
     assert renewal.rc == 0, renewal.stdout + renewal.stderr
 
-    def renewed() -> x509.Certificate | None:
-        leaf = served_chain()[0]
-        return leaf if leaf.serial_number != before.serial_number else None
+    def renewed() -> bool:
+        smtp, https = handshake(MX, 25), handshake(policy_host, 443)
+        serials = {x509.load_pem_x509_certificate(PEM.search(r.stdout).group().encode()).serial_number
+                   for r in (smtp, https) if r.rc == 0}
+        return smtp.rc == https.rc == 0 and len(serials) == 1 and before.serial_number not in serials
 
-    after = wait_for(renewed, timeout=150, interval=5)
-    assert after, "the edge still serves the old certificate"
+    assert wait_for(renewed, timeout=150, interval=5), "the edge does not serve the new certificate on 25 and 443"
+    after = served_chain()[0]
     assert after.public_key() == before.public_key()
     assert names_of(after) == EDGE_NAMES
+    assert served_chain(policy_host, 443)[0] == after
     assert edge_main_pid() == pid
 
 

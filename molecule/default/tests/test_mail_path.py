@@ -218,7 +218,7 @@ def test_a_relay_attempt_from_the_internet_is_refused(recipient):
     """swaks on `internet` speaks to the MX directly, as a spammer would."""
     result = container("internet").run(
         "swaks --server %s --port 25 --ehlo mta.sender.test --from %s --to %s --quit-after RCPT "
-        "--tls --tls-verify --tls-ca-path /etc/postfix/yestls-test-ca.pem",
+        "--tls --tls-verify --tls-ca-path /etc/postfix/yestls-pebble-root.pem",
         MX, SENDER, recipient,
     )
     assert "<~  250 2.1.0 OK" in result.stdout, result.stdout  # MAIL FROM, over TLS

@@ -37,7 +37,7 @@ from pathlib import Path
 
 CONFIG_DIRECTORY = Path("/etc/yestls")
 CONFIGS = ("edge", "oracle", "intake", "site")   # each NAME.toml, --NAME-config
-SECTIONS = ("tunnel", "oracle", "policy", "spool", "intake", "certificates")
+SECTIONS = ("tunnel", "oracle", "policy", "door", "spool", "intake", "certificates")
 TIMEOUT = 2.0   # seconds for each endpoint asked
 POLICY_MEANING = {
     "tempfail": "new connections get 421 until an oracle answers; senders retry",
@@ -281,6 +281,7 @@ def edge_rows(path: Path | None, now: float) -> list[Row]:
             if up is not None:
                 now_text = "normal: TLS with the oracle's signatures" if up else f"{policy} (the oracle is down)"
                 rows.append(Row("policy", "in force now", "normal" if up else policy, now_text))
+        rows.append(door_row(metrics))
         depth = metrics.value("yestls_spool_depth")
         oldest = metrics.value("yestls_spool_oldest_age_seconds")
         size = metrics.value("yestls_spool_bytes")
@@ -299,6 +300,23 @@ def edge_rows(path: Path | None, now: float) -> list[Row]:
             rows.append(expiry_row(f"served {name}", expires, now, name=name, source="edge metrics"))
     rows.extend(ping_rows(config.oracle.servers))
     return rows
+
+
+def door_row(metrics: "Metrics") -> Row:
+    """Clients rejected at the edge's door since it started, by reason (relay/edge/door.py)."""
+    from relay.edge.door import DOOR_REFUSED_METRIC, DoorReason
+
+    samples = metrics.labelled(DOOR_REFUSED_METRIC + "_total")
+    if not samples:
+        return Row("door", "rejected at the door", None, "no door checks configured ([door] in edge.toml)")
+    counts = {reason.value: 0 for reason in DoorReason}
+    for labels, value in samples:
+        if labels.get("reason") in counts:
+            counts[labels["reason"]] = int(value)
+    total = sum(counts.values())
+    text = ", ".join(f"{reason} {n}" for reason, n in counts.items() if n) or "none"
+    return Row("door", "rejected at the door", counts, f"{total} since the edge started: {text}" if total else
+               "none since the edge started")
 
 
 def oracle_rows(path: Path | None, now: float) -> list[Row]:

@@ -30,6 +30,13 @@ fails loudly if any changes):
 It also adds what an MX needs that aiosmtpd lacks: enhanced status codes on
 every reply (RFC 2034), a data timeout that restarts with each chunk, a cap on
 errors per session, a refusal at greeting, and no AUTH or VRFY.
+
+The door's protocol checks live here too, since they are about bytes and
+their timing (policy: relay/edge/door.py): with `door.greet_wait` the
+banner waits (aiosmtpd's `_handle_client` is delayed, one more internal) and
+a client that talks first is refused (pregreet); with `door.pipelining`,
+until EHLO is answered, a command sent before the reply to the last one
+(the banner counts) is refused. Either gets `554 5.5.1` and the end.
 """
 
 import asyncio
@@ -42,6 +49,7 @@ import aiosmtpd
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from relay.aio.tls import Signer, TLSServerProtocol
+from relay.edge.door import DoorReason
 from relay.scrub import wipe
 from relay.smtp.input import CommandScanner, DataReader, Hold, Violation
 from relay.tls import ServerConfig
@@ -114,7 +122,7 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
     def __init__(self, handler, *, tls_setup: Callable[[object], tuple[ServerConfig, Signer] | None],
                  admission=None, data_timeout: float = 600.0, handshake_timeout: float = 30.0,
                  max_errors: int = 10, implicit_tls: bool = False,
-                 on_refusal: Callable[[str], None] | None = None, **options):
+                 on_refusal: Callable[[str], None] | None = None, door=None, **options):
         """`on_refusal(enhanced code)` counts each 4xx/5xx reply the handler did not count itself
         (the handler sets `refusal_counted` when it did). The handler's `open_message(server, session,
         envelope)` returns a MessageSink for DATA content, or a reply that refuses the DATA command."""
@@ -137,6 +145,10 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         self._content_sink: MessageSink | None = None
         self._content_read: asyncio.Future | None = None
         self._receive: memoryview | None = None  # the socket's bytes land here (plaintext: wiped once read)
+        self._door: DoorChecks | None = door
+        self._greeted = False         # the banner is sent (pregreet: input before it is refused)
+        self._may_pipeline = False    # EHLO was answered (RFC 2920: pipelining only after that)
+        self._awaiting_reply = True   # a command (or the banner) is not yet answered
         super().__init__(handler, **options)
 
     # aiosmtpd asks `if self.tls_context` to decide whether to offer STARTTLS.
@@ -166,6 +178,8 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
                 self.session = None
                 return
         super().connection_made(transport)
+        if first and self._door is not None:
+            self._door.connected(self.peer[0] if isinstance(self.peer, tuple) else "unknown")
         if first and self.implicit_tls:
             # The listener's TLS layer is under us already: no STARTTLS, and
             # the session records the TLS parameters as after STARTTLS.
@@ -211,6 +225,8 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         """`data[:end]` (bytes or bytearray) as the client sent it."""
         if self.session is None or self.transport is None or self.transport.is_closing():
             return  # refused at greeting, or ending: nothing more is read
+        if self._door is not None and self._content is None and self._held is None and self._door_refuses(data, end):
+            return
         if self._content is not None:
             self._reset_timeout(self._data_timeout)  # a slow sender gets the timeout per chunk
             self._read_content(data, 0, end)
@@ -218,6 +234,41 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
             self._hold(data, 0, end)
         else:
             self._read_commands(data, 0, end)
+
+    def _door_refuses(self, data, end: int) -> bool:
+        """The pregreet and pipelining checks on command input (relay/edge/door.py); True when refused."""
+        if end <= 0:
+            return False
+        if not self._greeted and self._door.greet_wait > 0:
+            self._door_refusal(DoorReason.PREGREET, "talking before the greeting")
+            return True
+        if self._door.pipelining and not self._may_pipeline:
+            line_ends = data.count(b"\n", 0, end)
+            if self._awaiting_reply or line_ends > 1 or (line_ends == 1 and data[end - 1] != LF_BYTE):
+                self._door_refusal(DoorReason.PIPELINING, "a command before the reply to the last one "
+                                                          "(PIPELINING only after EHLO)")
+                return True
+            if line_ends == 1:
+                self._awaiting_reply = True
+        return False
+
+    def _door_refusal(self, reason: DoorReason, why: str) -> None:
+        log.info("%s: %s: refused at the door (%s)", _address(self.peer), why, reason.value)
+        self._door.refused(reason)
+        if self._on_refusal is not None:
+            self._on_refusal("5.5.1")
+        self.transport.write(f"554 5.5.1 Protocol error: {why}\r\n".encode())
+        self.transport.close()
+
+    async def _handle_client(self) -> None:
+        """aiosmtpd's session loop, after the door's greet wait (input during it is a pregreet)."""
+        wait = self._door.greet_wait if self._door is not None else 0
+        if wait > 0:
+            await asyncio.sleep(wait)
+            if self.transport is None or self.transport.is_closing():
+                return
+        self._greeted = True
+        await super()._handle_client()
 
     def _read_commands(self, data, start: int, end: int) -> None:
         """Checked command lines to aiosmtpd's reader, up to a bare CR/LF (the end) or a line to hold after."""
@@ -278,6 +329,8 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         """RFC 5321 2.3.8: no bare CR or LF. Nothing after it is read; the session ends (as Postfix's 521)."""
         peer = self.session.peer if self.session is not None else None
         log.info("%s: %s received: closing the session", _address(peer), violation.value)
+        if self._door is not None:
+            self._door.refused(DoorReason.BARE_NEWLINE)
         if self._on_refusal is not None:
             self._on_refusal("5.5.2")
         if self.transport is not None and not self.transport.is_closing():
@@ -289,6 +342,8 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         reply = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
         if not self._greeting_lines:
             reply = with_enhanced_code(reply)
+        if reply[3:4] != b"-":
+            self._awaiting_reply = False   # a reply's last line: the client may send its next command
         await super().push(reply)
         refusal = reply[:1] in (b"4", b"5")
         if refusal and not self.refusal_counted and self._on_refusal is not None:
@@ -306,6 +361,8 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
             await super().smtp_EHLO(hostname)
         finally:
             self._greeting_lines = False
+        if self.session is not None and self.session.extended_smtp:
+            self._may_pipeline = True
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._greeting_lines = True
@@ -429,6 +486,22 @@ def _log_tls(peer, session) -> None:
 
 def _address(peer) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+LF_BYTE = 0x0A
+
+
+class DoorChecks(Protocol):
+    """The door's protocol checks (the edge's: relay/edge/door.py Door)."""
+
+    greet_wait: float     # seconds the banner waits; > 0: input before it is refused
+    pipelining: bool      # refuse a command sent before the reply to the last, until EHLO is answered
+
+    def connected(self, address: str) -> None:
+        """A client connected (its DNSBL lookups may start)."""
+
+    def refused(self, reason: DoorReason) -> None:
+        """Count a refusal at the door."""
 
 
 class Admission(Protocol):

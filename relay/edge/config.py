@@ -31,6 +31,22 @@
     ticket_lifetime = 7200               # seconds a session ticket may resume (no signature needed)
     ticket_rotation = 3600               # seconds each ticket key issues tickets; it is forgotten a lifetime later
 
+    [door]                               # all optional, all off by default: relay/edge/door.py decides
+    dnsbl_sites = ["zen.spamhaus.org=127.0.0.[2..11]*3", "list.dnswl.org=127.0.[0..255].[1..3]*-2"]
+    dnsbl_threshold = 3                  # at or above: 550 5.7.1 at RCPT, naming the list
+    dnsbl_timeout = 2                    # seconds for all lookups; a failure or timeout blocks nothing
+    dnsbl_cache_ttl = 300                # seconds a result is kept per address
+    resolver = "127.0.0.1:53"            # the edge's own resolver (Spamhaus refuses public ones); SPF uses it too
+    greet_wait = 0                       # seconds the banner waits; > 0: a client talking first gets 554 5.5.1
+    pipelining = false                   # true: a command before the last one's reply (until EHLO's) gets 554 5.5.1
+    spf = false                          # true: SPF at MAIL FROM, the result sealed with the message
+    spf_reject_fail = false              # true: an SPF fail gets 550 5.7.23 (needs spf)
+    spf_timeout = 10
+    connections_per_minute = 0           # per client address, 0: no limit; over it 421 4.7.0
+    connection_burst = 10
+    messages_per_minute = 0              # MAIL commands per client address, 0: no limit; over it 451 4.7.1
+    message_burst = 20
+
     [oracle]
     servers = ["10.77.0.2:7443"]
     identity_key = "/var/lib/yestls-edge/identity.key"
@@ -71,6 +87,7 @@ from pathlib import Path
 
 from relay.audit import AuditSettings, load_audit_settings
 from relay.config import ConfigError, Table
+from relay.edge.door import MAX_SITES, SITE_FORM, DoorSettings, parse_site
 from relay.edge.recipients import normal_address, normal_domain
 from relay.edge.tls_budget import TlsLimits
 from relay.mtasts import policy_text
@@ -166,6 +183,7 @@ class EdgeConfig:
     spool_service: SpoolServiceSettings | None
     web: WebSettings | None = None
     mta_sts: MtaStsSettings | None = None
+    door: DoorSettings = DoorSettings()
 
 
 def _positive(n) -> bool:
@@ -214,6 +232,7 @@ def load(path: Path) -> EdgeConfig:
     )
     smtp.done()
     tls_settings = _tls_settings(table.table("tls"))
+    door = _door_settings(table.table("door"))
 
     oracle = table.table("oracle")
     oracle_settings = OracleSettings(
@@ -262,6 +281,7 @@ def load(path: Path) -> EdgeConfig:
         mailboxes=frozenset(mailboxes) if mailboxes else None, addresses_from_home=from_home,
         state_dir=state_dir, metrics_listen=metrics, smtp=smtp_settings, tls=tls_settings, oracle=oracle_settings,
         spool=spool_settings, spool_service=service, web=web, mta_sts=mta_sts,
+        door=door,
     )
 
 
@@ -294,6 +314,59 @@ def _mx_pattern(name) -> bool:
         return False
     bare = name[2:] if name.startswith("*.") else name
     return normal_domain(bare) == bare and "." in bare
+
+
+def _door_settings(door: Table) -> DoorSettings:
+    defaults = DoorSettings()
+    texts = door.get("dnsbl_sites", list, default=[], check=lambda v: len(v) <= MAX_SITES,
+                     hint=f"at most {MAX_SITES} entries, each {SITE_FORM}")
+    sites = []
+    for text in texts:
+        try:
+            sites.append(parse_site(text))
+        except ValueError as error:
+            raise door.error("dnsbl_sites", str(error)) from None
+    if len({site.zone for site in sites}) != len(sites):
+        raise door.error("dnsbl_sites", "a zone is listed twice: give each zone one entry (one pattern, one weight)")
+
+    def seconds(key: str, default: float, most: float) -> float:
+        return float(door.get(key, (int, float), default=default, check=lambda t: 0 <= t <= most,
+                              hint=f"seconds, 0..{most:g}"))
+
+    def positive(key: str, default: float, most: float) -> float:
+        return float(door.get(key, (int, float), default=default, check=lambda t: 0 < t <= most,
+                              hint=f"seconds, above 0, at most {most:g}"))
+
+    def count(key: str, default: int) -> int:
+        return door.get(key, int, default=default, check=_positive, hint="a whole number above 0")
+
+    spf = door.get("spf", bool, default=False)
+    spf_reject = door.get("spf_reject_fail", bool, default=False)
+    if spf_reject and not spf:
+        raise door.error("spf_reject_fail", "needs spf = true (the result it refuses on is computed only then)")
+    settings = DoorSettings(
+        dnsbl_sites=tuple(sites),
+        dnsbl_threshold=door.get("dnsbl_threshold", int, default=defaults.dnsbl_threshold, check=_positive,
+                                 hint="the score (sum of the matching sites' weights) that refuses, above 0"),
+        dnsbl_timeout=positive("dnsbl_timeout", defaults.dnsbl_timeout, 30),
+        dnsbl_cache_ttl=seconds("dnsbl_cache_ttl", defaults.dnsbl_cache_ttl, 86400),
+        resolver=door.address("resolver", default=None,
+                              hint='"HOST:PORT" of the resolver the edge runs itself, e.g. "127.0.0.1:53"')
+        or defaults.resolver,
+        greet_wait=seconds("greet_wait", defaults.greet_wait, 30),
+        pipelining=door.get("pipelining", bool, default=False),
+        spf=spf,
+        spf_reject_fail=spf_reject,
+        spf_timeout=positive("spf_timeout", defaults.spf_timeout, 60),
+        connections_per_minute=float(door.get("connections_per_minute", (int, float), default=0,
+                                              check=lambda n: n >= 0, hint="per client address; 0: no limit")),
+        connection_burst=count("connection_burst", defaults.connection_burst),
+        messages_per_minute=float(door.get("messages_per_minute", (int, float), default=0,
+                                           check=lambda n: n >= 0, hint="MAIL commands per client address; 0: no limit")),
+        message_burst=count("message_burst", defaults.message_burst),
+    )
+    door.done()
+    return settings
 
 
 def _tls_settings(tls: Table) -> TlsSettings:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from aiosmtpd.smtp import TLSSetupException
 
+from relay.edge.door import Door, DoorReason
 from relay.edge.recipients import RecipientPolicy
 from relay.show import show
 from relay.smtp.address import AddressError, check_mailbox
@@ -42,6 +43,7 @@ class TransactionRules:
     # resume-only, or the edge could not finish this client's TLS a moment ago), or None.
     tls_required: Callable[[object], str | None]
     recipients: Callable[[], RecipientPolicy]
+    door: Door | None = None   # the door's envelope checks (relay/edge/door.py), when [door] configures any
 
 
 class EdgeHandler:
@@ -87,11 +89,35 @@ class EdgeHandler:
             if refusal is not None:
                 log.info("%s: refused a sender address: %s", _peer(session), refusal)
                 return self._refuse(server, "bad_address", refusal)
+        door = self.rules.door
+        if door is not None:
+            ip = _ip(session)
+            if not door.message_allowed(ip):
+                return self._refuse(server, DoorReason.RATE.value,
+                                    "451 4.7.1 Too many messages from your address; please retry later")
+            spf = await door.spf(ip, address, session.host_name)
+            if spf is not None:
+                refusal = door.spf_refusal(spf, ip)
+                log.info("%s: SPF %s for %s%s", _peer(session), spf.result, show(spf.domain) or "(no domain)",
+                         ": refused" if refusal else "")
+                if refusal is not None:
+                    return self._refuse(server, DoorReason.SPF_FAIL.value, refusal)
+                envelope.spf = spf   # sealed with the message (open_message)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
+        door = self.rules.door
+        if door is not None:
+            ip = _ip(session)
+            refusal = door.blocked(ip, await door.listing(ip))
+            if refusal is not None:
+                if not getattr(session, "door_refused", False):
+                    session.door_refused = True   # counted at the door once per session, not per recipient
+                    door.refused(DoorReason.DNSBL)
+                    log.info("%s: refused at the door: %s", _peer(session), refusal)
+                return self._refuse(server, DoorReason.DNSBL.value, refusal)
         if len(envelope.rcpt_tos) >= self.rules.max_recipients:
             return self._refuse(server, "too_many_recipients", "452 4.5.3 Too many recipients")
         if address.lower() == "postmaster":
@@ -128,6 +154,8 @@ class EdgeHandler:
             "tls": None if tls is None else {"version": tls.version, "cipher": tls.cipher_suite, "group": tls.group,
                                              "resumed": tls.resumed, "server_name": tls.server_name},
             "received_at": time.time(),
+            # The edge's SPF check at MAIL FROM (relay/edge/door.py), or None: a claim home may weigh, not trust.
+            "spf": spf.metadata() if (spf := getattr(envelope, "spf", None)) is not None else None,
         }
         declared = _declared_size(envelope.mail_options)
         try:
@@ -232,6 +260,11 @@ def _declared_size(mail_options: list[str]) -> int | None:
         if name == "SIZE" and value.isdigit():
             return int(value)
     return None
+
+
+def _ip(session) -> str:
+    peer = session.peer
+    return peer[0] if isinstance(peer, tuple) else "unknown"
 
 
 def _peer(session) -> str:

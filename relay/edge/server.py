@@ -34,6 +34,7 @@ from relay.edge.acme import AcmeChallenges
 from relay.edge.addresses import PublishedAddresses
 from relay.edge.connections import TOO_MANY, ConnectionCounts
 from relay.edge.connections import client_ip as _ip
+from relay.edge.door import Door
 from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
 from relay.edge.recipients import RecipientPolicy
 from relay.edge.tls_budget import Refusal, TlsBudget
@@ -100,6 +101,9 @@ class Admission:
             if self.edge.budget.retry_later(ip):
                 self.edge.metrics.refused("tls_failed_retry_later")
                 return f"421 4.7.0 {self.edge.config.hostname} {RETRY_LATER}"
+        if self.edge.door is not None and not self.edge.door.connection_allowed(ip):
+            self.edge.metrics.refused("rate")
+            return "421 4.7.0 Too many connections from your address in the last minute, please retry later"
         self.open.add(ip)
         return None
 
@@ -141,6 +145,8 @@ class BudgetedSigner:
 class Edge:
     def __init__(self, config: edge_config.EdgeConfig, pool: OraclePool, spool: Spool, metrics: EdgeMetrics):
         self.config = config
+        # The door's checks (relay/edge/door.py): none unless [door] configures some.
+        self.door = Door(config.door, metrics.registry) if config.door.enabled else None
         self.pool = pool
         self.spool = spool
         self.metrics = metrics
@@ -160,7 +166,7 @@ class Edge:
         self.admission = Admission(self)
         self.handler = EdgeHandler(
             TransactionRules(config.hostname, sorted(config.domains)[0], config.smtp.max_recipients,
-                             self.tls_required, self.recipient_policy),
+                             self.tls_required, self.recipient_policy, self.door),
             spool, metrics)
         metrics.policy.labels(config.smtp.oracle_down).set(1)
 
@@ -248,7 +254,7 @@ class Edge:
         return KeylessSMTP(
             self.handler, tls_setup=self.tls_setup, admission=None if implicit_tls else self.admission,
             data_timeout=settings.data_timeout, handshake_timeout=settings.handshake_timeout,
-            max_errors=settings.max_errors, implicit_tls=implicit_tls, on_refusal=self.metrics.refused,
+            max_errors=settings.max_errors, implicit_tls=implicit_tls, on_refusal=self.metrics.refused, door=self.door,
             hostname=self.config.hostname, ident="ESMTP YesTLS", data_size_limit=settings.max_message_size,
             enable_SMTPUTF8=True, decode_data=False, timeout=settings.command_timeout,
         )

@@ -7,6 +7,7 @@ deadline; nothing asserts how long anything took.
 """
 
 import asyncio
+import subprocess
 import time
 
 import pytest
@@ -106,6 +107,18 @@ def test_an_unlisted_client_delivers_and_its_spf_result_is_sealed(edge):
     with session(edge, UNLISTED) as client:
         spool_id = queued_id(client.deliver("a@spf-pass.test", ["user@example.org"], MESSAGE))
     assert edge.unseal(spool_id).metadata["spf"] == {"result": "pass", "domain": "spf-pass.test"}
+
+
+def test_swaks_over_verified_starttls_sees_the_refusal_at_rcpt(edge, pki):
+    swaks = subprocess.run(
+        ["swaks", "--server", "127.0.0.1", "--port", str(edge.site.smtp_port), "--local-interface", LISTED,
+         "--ehlo", CLIENT_NAME, "--from", "a@spf-pass.test", "--to", "user@example.org", "--tls", "--tls-verify",
+         "--tls-ca-path", str(pki.ca_pem), "--tls-sni", "mx.example.org"],
+        capture_output=True, timeout=60,
+    )
+    output = swaks.stdout.decode(errors="replace") + swaks.stderr.decode(errors="replace")
+    assert swaks.returncode != 0, output
+    assert f"<~* 550 5.7.1 Service unavailable; client [{LISTED}] blocked using bl.test" in output, output
 
 
 def test_weights_sum_across_lists_and_the_heaviest_is_named(edge):

@@ -271,7 +271,15 @@ class Door:
             return cached
         self.connected(address)
         task = self._inflight.get(address)
-        return await asyncio.shield(task) if task is not None else self._cached(address)
+        if task is None:
+            return self._cached(address)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever went wrong, DNS trouble never blocks mail
+            log.warning("DNSBL lookups for %s failed (%s): not counted (fail open)", address, error)
+            return None
 
     def blocked(self, address: str, listing: Listing | None) -> str | None:
         """The RCPT reply refusing a listed client, or None."""

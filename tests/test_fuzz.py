@@ -330,10 +330,18 @@ def test_every_state_and_record_kind(setup, state, kind, payload):
 
 
 def carries_an_alert(kind: tuple, payload: bytes) -> bool:
-    """An alert record, or a TLSInnerPlaintext whose content type (its last nonzero byte) is alert."""
-    if kind[0] == "inner":
-        return payload.rstrip(b"\x00")[-1:] == bytes([ContentType.ALERT])
-    return kind[0] == "record" and kind[1] == ContentType.ALERT
+    """An alert record, or a TLSInnerPlaintext whose content type (its last nonzero byte) is alert.
+
+    A protected record of content type 0 is content + a zero byte: zeros are padding (RFC 8446 5.4),
+    so its real type is the content's last nonzero byte (b"\\x00\\x01\\x15" + 0 is an alert)."""
+    what, code, protected = kind
+    if what == "inner":
+        inner = payload
+    elif what == "record" and protected:
+        inner = payload + bytes([code])
+    else:
+        return what == "record" and code == ContentType.ALERT
+    return inner.rstrip(b"\x00")[-1:] == bytes([ContentType.ALERT])
 
 
 # --- (e) buffers stay bounded ----------------------------------------------------------------------

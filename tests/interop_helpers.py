@@ -42,11 +42,21 @@ def response_bodies(output: str) -> list[dict[str, str]]:
     return [m.groupdict() for m in BODY.finditer(output)]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port that was free a moment ago (bind to port 0, read it, release it), and never one this
+    process handed out before: two services of one test asking in turn must not both get the same port
+    (the kernel may offer a port again once it is released, before the first service has bound it)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free TCP port that was not handed out already")
 
 
 class PeerProcess:

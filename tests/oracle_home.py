@@ -5,7 +5,6 @@
         ... oracle.port ...
 """
 
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from relay.identity import generate_identity, load_identity
 from relay.oracle.keystore import Keystore, key_id
 from relay.private_files import create_private_file
 
+from .interop_helpers import free_port
 from .pki import TestPKI
 from .services import ServiceProcess, running, start_service
 
@@ -40,12 +40,6 @@ class OracleHome:
         if not self.audit_log.exists():
             return []
         return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def make_oracle_home(directory: Path, pki: TestPKI, key_types=("ecdsa-p256",), *, signers: int = 1,

@@ -1,5 +1,6 @@
 """Open connections, in all and per client address: what the SMTP and web listeners' caps count."""
 
+import ipaddress
 from collections import Counter
 
 TOO_MANY = "too_many_connections"
@@ -9,6 +10,17 @@ TOO_MANY_FROM_IP = "too_many_connections_from_ip"
 def client_ip(peer) -> str:
     """The address of a transport's peer (a socket address tuple), or "unknown"."""
     return peer[0] if isinstance(peer, tuple) else "unknown"
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address as an IP address, an IPv4-mapped IPv6 one as its IPv4 address; None if it is none."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 class ConnectionCounts:

@@ -70,6 +70,7 @@ import dns.resolver
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as MetricCounter
 
+from relay.edge.connections import parse_ip
 from relay.edge.recipients import normal_domain
 from relay.edge.tls_budget import KeyedBuckets
 
@@ -147,12 +148,9 @@ def _octet(part: str, text: str) -> frozenset[int]:
 
 def query_name(address: str, zone: str) -> str | None:
     """The name to ask `zone` about `address` (reversed octets or nibbles), or None if it is no IP address."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = parse_ip(address)
+    if ip is None:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     if ip.version == 4:
         return ".".join(reversed(str(ip).split("."))) + "." + zone
     return ".".join(reversed(ip.exploded.replace(":", ""))) + "." + zone

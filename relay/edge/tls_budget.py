@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from relay.edge.connections import parse_ip
 from relay.ratelimit import TokenBucket
 
 
@@ -60,12 +61,9 @@ class Refusal(Enum):
 
 def network_of(address: str) -> str:
     """The /24 (IPv4) or /64 (IPv6) that `address` is in; the text itself if it is no IP address."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = parse_ip(address)
+    if ip is None:
         return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     prefix = 24 if ip.version == 4 else 64
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 

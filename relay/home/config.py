@@ -24,6 +24,14 @@
     give_up_after = 432000                       # seconds of temporary failures before a DSN (5 days)
     tls_reports = "tls-reports@example.org"      # optional: the TLS-RPT rua mailbox: its mail is read as
                                                  # RFC 8460 reports too (relay/home/tlsrpt.py), and delivered
+
+    [spam]                                       # optional: rspamd judges every message (relay/home/spam.py)
+    rspamd = "http://127.0.0.1:11333"            # its normal worker
+    timeout = 20                                 # seconds per judgement at delivery (then tried again later)
+    verdict_key = "/var/lib/yestls-intake/verdict.key"   # home's MAC key for verdicts the edge carries (made if
+                                                 # missing)
+    before_queue = true                          # answer the edge's verdict requests (relay/home/judge.py)
+    before_queue_workers = 4                     # verdicts judged at once
 """
 
 from dataclasses import dataclass
@@ -35,6 +43,15 @@ from relay.spool.client import DEFAULT_MAX_MESSAGE_SIZE, max_file_size
 # A sealed file is held in memory while it is unsealed (`in_flight` of them):
 # a message size beyond this is a typo, not a mail server's setting.
 MAX_MESSAGE_SIZE_LIMIT = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SpamSettings:
+    rspamd: str = "http://127.0.0.1:11333"
+    timeout: float = 20.0
+    verdict_key: Path = Path("/var/lib/yestls-intake/verdict.key")
+    before_queue: bool = True
+    before_queue_workers: int = 4
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,7 @@ class IntakeConfig:
     outbox: Path = Path("/var/lib/yestls-intake/outbox")
     give_up_after: float = 5 * 86400
     tls_reports: str | None = None
+    spam: SpamSettings | None = None   # None: no content filter, every message to INBOX
 
     @property
     def max_sealed_size(self) -> int:
@@ -114,11 +132,28 @@ def load(path: Path) -> IntakeConfig:
         tls_reports=_address(table.get("tls_reports", str, default=None,
                                         check=lambda v: "@" in v.removeprefix("mailto:"),
                                         hint='the address of site.toml\'s [tls_rpt] rua, "tls-reports@example.org"')),
+        spam=_spam_settings(table.table("spam"), state) if "spam" in table.data else None,
     )
     if config.doveadm_url and not config.doveadm_api_key:
         raise table.error("doveadm_api_key", "doveadm_url needs the API key Dovecot's doveadm_api_key has")
     table.done()
     return config
+
+
+def _spam_settings(spam: Table, state: Path) -> SpamSettings:
+    rspamd = spam.get("rspamd", str, default=SpamSettings.rspamd,
+                      check=lambda v: v.startswith("http://"), hint="rspamd's normal worker, http://HOST:PORT")
+    settings = SpamSettings(
+        rspamd=rspamd,
+        timeout=float(spam.get("timeout", (int, float), default=SpamSettings.timeout, check=lambda n: 0 < n <= 300,
+                                hint="seconds, at most 300")),
+        verdict_key=Path(spam.get("verdict_key", str, default=str(state / "verdict.key"))),
+        before_queue=spam.get("before_queue", bool, default=True),
+        before_queue_workers=spam.get("before_queue_workers", int, default=4, check=lambda n: 1 <= n <= 64,
+                                      hint="1 to 64"),
+    )
+    spam.done()
+    return settings
 
 
 def _address(text: str | None) -> str | None:

@@ -67,6 +67,8 @@ LISTENERS = {
         ("0.0.0.0", 443): "yestls-edge.service",
         (EDGE_TUNNEL, 7444): "yestls-edge.service",
         (EDGE_TUNNEL, 9465): "yestls-edge.service",
+        # the door's own resolver (DNSBL and SPF lookups), on loopback
+        ("127.0.0.1", 53): "unbound.service",
     },
     "home": {
         (HOME_TUNNEL, 7443): "yestls-oracle.service",

@@ -35,7 +35,8 @@ class IntakeSite:
     status_file: Path
 
 
-def make_intake(site: SpoolSite, dovecot: Dovecot, *, options: str = "") -> IntakeSite:
+def make_intake(site: SpoolSite, dovecot: Dovecot, *, options: str = "", rspamd: str | None = None) -> IntakeSite:
+    """intake.toml for the site and the Dovecot; with `rspamd` (a URL, tests/fake_rspamd.py) a [spam] table."""
     directory = site.directory / "intake"
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "intake.toml"
@@ -53,6 +54,8 @@ def make_intake(site: SpoolSite, dovecot: Dovecot, *, options: str = "") -> Inta
         "retry = [0.5, 1, 2]\n"
         "poll = 5\n"
         f"{options}\n"
+        + (f'[spam]\nrspamd = "{rspamd}"\ntimeout = 5\nverdict_key = "{directory / "verdict.key"}"\n'
+           "before_queue = false\n" if rspamd else "")
     )
     return IntakeSite(directory, config, directory / "ledger.sqlite", directory / "quarantine",
                       directory / "status.json")

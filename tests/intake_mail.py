@@ -25,6 +25,7 @@ from relay.home.ledger import Entry, Ledger
 
 from .dovecot import Dovecot, run_dovecot
 from .edge_site import EdgeProcess, EdgeSite, make_edge_site, start_edge
+from .fake_rspamd import run_fake_rspamd
 from .home_site import IntakeProcess, IntakeSite, make_intake, start_intake
 from .oracle_home import run_oracle
 from .pki import TestPKI
@@ -37,9 +38,10 @@ DEADLINE = 60.0   # seconds any one wait may take; loopback delivery takes well 
 
 # What is added between the sender and the IMAP reader, top first: Dovecot's LMTP
 # trace (Delivered-To only when the LMTP transaction had one recipient), the
-# intake's spool id and Authentication-Results, the edge's Received.
+# intake's spool id, the spam filter's fields (tests/fake_rspamd.py: Authentication-Results and
+# X-Spamd-Result, then our X-Spam), the edge's Received.
 TRACE_HEADERS = ("return-path", "delivered-to", "received", "x-yestls-spool-id", "authentication-results",
-                 "received")
+                 "x-spamd-result", "x-spam", "received")
 TRACE_HEADERS_SHARED = tuple(name for name in TRACE_HEADERS if name != "delivered-to")
 
 _QUEUED = re.compile(r"queued as ([0-9a-f]{32})\b")
@@ -203,8 +205,9 @@ def mail_world(directory: Path, pki: TestPKI, users=(USER,), *, site: EdgeSite |
                quota: str | None = None, intake_options: str = ""):
     """A Dovecot with `users`, the oracle and the edge running, and intake.toml written (intake not started)."""
     site = site or make_edge_site(directory / "site", pki)
-    with run_dovecot(users, quota=quota) as dovecot, run_oracle(site.oracle):
-        world = World(directory, pki, site, dovecot, make_intake(site, dovecot, options=intake_options))
+    with run_dovecot(users, quota=quota) as dovecot, run_oracle(site.oracle), run_fake_rspamd() as rspamd:
+        world = World(directory, pki, site, dovecot, make_intake(site, dovecot, options=intake_options,
+                                                                  rspamd=rspamd.url))
         world.start_edge()
         try:
             yield world

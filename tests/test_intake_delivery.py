@@ -106,8 +106,9 @@ def _messages() -> list[tuple[list[str], tuple[str, ...], bytes]]:
 def _same_apart_from_trace(delivered: bytes, sent: bytes, spool_id: str, *, shared: bool = False) -> None:
     trace, rest = split_trace(delivered, shared=shared)
     assert rest == sent
-    assert trace[-3] == f"X-YesTLS-Spool-Id: {spool_id}\r\n".encode()
-    assert trace[-2].startswith(f"Authentication-Results: {MX_NAME};".encode())
+    assert trace[-5] == f"X-YesTLS-Spool-Id: {spool_id}\r\n".encode()
+    assert trace[-4].startswith(f"Authentication-Results: {MX_NAME};".encode())
+    assert trace[-2] == b"X-Spam: No\r\n"
     edge_received = trace[-1].decode()
     assert edge_received.startswith("Received: from sender.example.net ([127.0.0.1])\r\n\tby mx.example.org (YesTLS)")
     assert "ESMTPS" in edge_received or "UTF8SMTPS" in edge_received

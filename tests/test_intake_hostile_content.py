@@ -21,8 +21,8 @@ import pytest
 
 from relay.home.ledger import QUARANTINED, Ledger
 
-from .dns_zone import serve_zone
 from .dovecot import run_dovecot
+from .fake_rspamd import run_fake_rspamd
 from .home_site import make_intake, run_intake
 from .hostile_edge import EDGE_RECEIVED, hostile_edge
 from .intake_mail import MX_NAME, SENDER, header_fields, header_value, message, split_trace, spool_id_of, wait_for
@@ -70,7 +70,10 @@ def forged_trace_message(to: str) -> tuple[bytes, bytes]:
     forged = (f"X-YesTLS-Spool-Id: {FORGED_SPOOL_ID}\r\n".encode()
               + b"x-yestls-spool-id :\r\n " + FORGED_SPOOL_ID.encode() + b"\r\n"
               + b"Authentication-Results: MX.example.org; dkim=pass header.d=bank.example\r\n"
-              + b"Authentication-Results:\r\n mx.example.org 1; spf=pass\r\n")
+              + b"Authentication-Results:\r\n mx.example.org 1; spf=pass\r\n"
+              # the spam filter's fields: a sender's "not spam" must not pass for ours (Sieve reads X-Spam)
+              + b"X-Spam: No\r\nx-spam :\r\n No\r\nX-Spamd-Result: default: False [-50.00 / 15.00]\r\n"
+              + b"X-Rspamd-Score: -50\r\n")
     body = b"\r\nX-YesTLS-Spool-Id: in the body, untouched\r\n"
     return head + forged + foreign + body, head + foreign + body
 
@@ -113,8 +116,8 @@ class World:
 def world(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hostile-content")
     mailboxes = [address for pair in ADDRESSES.values() for address in pair]
-    with serve_zone({}) as zone, hostile_edge(directory / "edge") as edge, run_dovecot(mailboxes) as dovecot:
-        intake = make_intake(edge, dovecot, options=f'dns_nameservers = ["127.0.0.1"]\ndns_port = {zone.port}\n')
+    with run_fake_rspamd() as rspamd, hostile_edge(directory / "edge") as edge, run_dovecot(mailboxes) as dovecot:
+        intake = make_intake(edge, dovecot, rspamd=rspamd.url)
         cases = {}
 
         def seal(name: str, metadata: dict, sent: bytes) -> None:
@@ -185,12 +188,14 @@ def test_forged_trace_headers_are_removed_and_the_rest_is_unchanged(world):
     case = world.cases["forged trace"]
     (got,) = world.dovecot.fetch_all(case.rcpt)
     trace, rest = split_trace(got)
-    assert trace[-3] == f"X-YesTLS-Spool-Id: {case.spool_id}\r\n".encode()
-    assert trace[-2].startswith(f"Authentication-Results: {MX_NAME};".encode())
+    assert trace[-5] == f"X-YesTLS-Spool-Id: {case.spool_id}\r\n".encode()
+    assert trace[-4].startswith(f"Authentication-Results: {MX_NAME};".encode())
+    assert trace[-2] == b"X-Spam: No\r\n"
     assert rest == forged_trace_message(case.rcpt)[1], "only the forged fields went; the foreign A-R stayed"
     names = [name for name, _ in header_fields(got)]
     assert names.count("x-yestls-spool-id") == 1
     assert names.count("authentication-results") == 2   # ours and other.example's
+    assert names.count("x-spam") == names.count("x-spamd-result") == 1 and "x-rspamd-score" not in names
     assert "removed 2 incoming Authentication-Results header(s) forged with our name" in world.log
     assert f"{case.spool_id}: removed 2 incoming X-YesTLS-Spool-Id header(s)" in world.log
 

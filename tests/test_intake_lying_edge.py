@@ -21,8 +21,8 @@ from relay.rpc import Code, RemoteError
 from relay.spool.store import validate_id
 from relay.status import intake_rows
 
-from .dns_zone import serve_zone
 from .dovecot import run_dovecot
+from .fake_rspamd import run_fake_rspamd
 from .home_site import make_intake, run_intake
 from .hostile_edge import EDGE_RECEIVED, hostile_edge
 from .intake_mail import SENDER, USER, message, split_trace, spool_id_of, wait_for
@@ -39,8 +39,8 @@ def is_spool_id(value) -> bool:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     directory = tmp_path_factory.mktemp("lying-edge")
-    with serve_zone({}) as zone, hostile_edge(directory / "edge") as edge, run_dovecot((USER,)) as dovecot:
-        intake = make_intake(edge, dovecot, options=f'dns_nameservers = ["127.0.0.1"]\ndns_port = {zone.port}\n')
+    with run_fake_rspamd() as rspamd, hostile_edge(directory / "edge") as edge, run_dovecot((USER,)) as dovecot:
+        intake = make_intake(edge, dovecot, rspamd=rspamd.url)
         escape = intake.quarantine.parent / "escape.sealed"
         absolute = directory / "absolute.sealed"
         bad_ids = ["../escape", str(directory / "absolute"), "AB" * 16, 42]

@@ -15,8 +15,6 @@
     retry = [60, 300, 900, 3600]                 # backoff after LMTP 4xx, seconds
     doveadm_url = "http://127.0.0.1:8080/doveadm/v1"     # optional: finds a delivery a crash hid
     doveadm_api_key = "..."
-    dns_nameservers = []                         # optional: resolvers for SPF/DKIM/DMARC
-    dns_port = 53
     addresses = "/etc/yestls/addresses.json"     # optional: the site's address book (relay/addressbook.py):
                                                  # aliases delivered to their mailboxes, published to the edge
     bounce_relay = "127.0.0.1:25"                # optional: home's MTA, which sends the intake's DSNs out
@@ -70,8 +68,6 @@ class IntakeConfig:
     retry: tuple[float, ...]
     doveadm_url: str | None
     doveadm_api_key: str | None
-    dns_nameservers: tuple[str, ...]
-    dns_port: int
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     addresses: Path | None = None
     bounce_relay: tuple[str, int] | None = None
@@ -115,9 +111,6 @@ def load(path: Path) -> IntakeConfig:
         retry=tuple(float(x) for x in retry),
         doveadm_url=table.get("doveadm_url", str, default=None),
         doveadm_api_key=table.get("doveadm_api_key", str, default=None),
-        dns_nameservers=tuple(table.get("dns_nameservers", list, default=[],
-                                        check=lambda v: all(isinstance(x, str) for x in v))),
-        dns_port=table.get("dns_port", int, default=53, check=lambda p: 0 < p < 65536),
         max_message_size=table.get(
             "max_message_size", int, default=DEFAULT_MAX_MESSAGE_SIZE,
             check=lambda n: 1024 <= n <= MAX_MESSAGE_SIZE_LIMIT,

@@ -23,6 +23,18 @@ the retry backoff and stays on the edge meanwhile — while the honest
 messages around it are delivered. Incoming X-YesTLS-Spool-Id headers are
 removed (doveadm finds our deliveries by the one we add), and so are
 Authentication-Results headers forged with our name (relay/home/authresults.py).
+
+With `[spam]` configured, every message gets rspamd's verdict
+(relay/home/spam.py) before delivery: the one home gave the edge before its
+250 when the sealed metadata carries it with home's MAC over this very
+message, else a fresh one. rspamd's header fields (its
+Authentication-Results among them) and `X-Spam: Yes|No` are added after any
+incoming fields of those names are removed; Dovecot's Sieve files
+`X-Spam: Yes` into Junk. Spam accepted with a 250 is never refused or
+bounced afterwards. When rspamd cannot judge, the message waits on the edge
+(retried with the usual backoff) for FILTER_PATIENCE after its arrival, then
+is delivered unjudged rather than held hostage by a broken filter (logged,
+counted as `unfiltered`).
 """
 
 import asyncio
@@ -37,13 +49,22 @@ from relay import daemon
 from relay.addressbook import AddressBook, AddressBookError, load
 from relay.home import config as intake_config
 from relay.home import dsn
-from relay.home.authresults import AuthenticationChecker
+from relay.home.authresults import ForgedResultsFilter
 from relay.home.doveadm import DeliveryFinder, DoveadmError
 from relay.home.envelope import EnvelopeError, envelope_from_metadata
 from relay.home.headers import Field, without_fields
 from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, QUARANTINED, Entry, Ledger
 from relay.home.lmtp import LmtpError, deliver
 from relay.home.outbox import Outbox
+from relay.home.spam import (
+    OUR_FIELDS,
+    MessageFacts,
+    SpamFilter,
+    SpamFilterError,
+    Verdict,
+    load_verdict_key,
+    open_verdict,
+)
 from relay.home.tlsrpt import ReportTotals, TlsRptError, read_report
 from relay.identity import load_identity
 from relay.private_files import write_atomically
@@ -59,6 +80,9 @@ SPOOL_ID_HEADER = b"X-YesTLS-Spool-Id"
 SPOOL_ID_FIELD = SPOOL_ID_HEADER.lower()
 REPORTED_PROBLEMS = 10_000   # protocol errors remembered, so that a lie repeated every round is logged once
 KEEP_ACKED = 7 * 86400       # seconds the ledger remembers an acknowledged message (a late duplicate is known)
+FILTER_PATIENCE = 3600       # seconds after arrival a message waits for rspamd before it is delivered unjudged
+# Incoming fields the spam filter's own would be confused with (Authentication-Results: only forged ones go).
+_SPAM_FIELDS = frozenset(name.encode() for name in OUR_FIELDS - {"authentication-results"})
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,14 @@ class Prepared:
     smtputf8: bool
     arrival: float = 0.0             # when the edge accepted it (its clock)
     addressed: dict[str, str] = field(default_factory=dict)   # mailbox -> the address the sender used
+    junk: bool = False               # the spam filter's verdict: delivered with X-Spam: Yes (to Junk)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A message that cannot be delivered yet, for a reason that will pass: left on the edge, tried later."""
+
+    reason: str
 
 
 @dataclass
@@ -83,6 +115,10 @@ class IntakeStats:
     bounced: int = 0
     quarantined: int = 0
     protocol_errors: int = 0   # answers from the edge that break the spool protocol (each lie counted once)
+    judged: int = 0            # messages rspamd judged at delivery
+    verdicts_kept: int = 0     # messages delivered with the verdict home gave the edge before its 250
+    junked: int = 0            # messages delivered to Junk
+    unfiltered: int = 0        # messages delivered unjudged: rspamd failed past FILTER_PATIENCE
     edge_depth: int | None = None
     edge_oldest_age: float | None = None
     errors: list[str] = field(default_factory=list)
@@ -95,7 +131,10 @@ class Intake:
         self.private_key = load_spool_private_key(config.spool_key)
         self.ledger = Ledger(config.ledger)
         self.finder = DeliveryFinder(config.doveadm_url, config.doveadm_api_key) if config.doveadm_url else None
-        self.auth = AuthenticationChecker(config.authserv_id, config.dns_nameservers, config.dns_port)
+        self.auth = ForgedResultsFilter(config.authserv_id)
+        self.spam = (SpamFilter(config.spam.rspamd, config.spam.timeout, config.authserv_id)
+                     if config.spam is not None else None)
+        self.verdict_key = load_verdict_key(config.spam.verdict_key) if config.spam is not None else None
         self.stats = IntakeStats()
         self.retry_at: dict[str, float] = {}  # spool id -> when a 4xx'd message may be tried again
         self.failures: dict[str, int] = {}    # spool id -> failed rounds so far (the backoff step)
@@ -205,7 +244,7 @@ class Intake:
         upcoming = iter(messages)
         fetching: deque = deque()  # at most `in_flight` fetched ahead: a backlog is not all in memory
 
-        async def fetch_and_prepare(message: ListedMessage) -> tuple[bytes | None, Prepared | Exception]:
+        async def fetch_and_prepare(message: ListedMessage) -> tuple[bytes | None, Prepared | Deferred | Exception]:
             try:
                 sealed = await client.fetch(message.id, message.size)
             except (SpoolProtocolError, RemoteError) as error:
@@ -246,14 +285,19 @@ class Intake:
             self._protocol_error(str(error))
         else:
             log.warning("%s: the edge refused to send it (%r); will retry", spool_id, str(error)[:300])
+        self._try_later(spool_id)
+
+    def _try_later(self, spool_id: str) -> None:
+        """Leave the message on the edge; list it again after the next backoff step."""
         self.failures[spool_id] = failures = self.failures.get(spool_id, 0) + 1
         self.retry_at[spool_id] = time.time() + self.config.retry[min(failures, len(self.config.retry)) - 1]
         self.stats.retried += 1
 
     # --- one message ------------------------------------------------------------
 
-    async def prepare(self, spool_id: str, sealed: bytes) -> "Prepared | Exception":
-        """Unseal and add the trace headers; the reason it cannot be, for the quarantine."""
+    async def prepare(self, spool_id: str, sealed: bytes) -> "Prepared | Deferred | Exception":
+        """Unseal, judge and add the trace headers; Deferred to try later; the reason it cannot be, for the
+        quarantine."""
         try:
             opened = unseal(sealed, self.private_key)
             if opened.spool_id.hex() != spool_id:
@@ -261,11 +305,52 @@ class Intake:
             envelope = envelope_from_metadata(opened.metadata)
         except (SealedError, EnvelopeError) as error:
             return error
-        message = await self._with_trace_headers(spool_id, opened.message, opened.metadata)
-        addressed = self._mailboxes_for(envelope.recipients)
         arrival = opened.metadata.get("received_at")
         arrival = float(arrival) if isinstance(arrival, (int, float)) and not isinstance(arrival, bool) else time.time()
-        return Prepared(envelope.mail_from, list(addressed), message, envelope.smtputf8, arrival, addressed)
+        message, forged = without_spool_id_headers(opened.message)
+        if forged:
+            log.warning("%s: removed %d incoming X-YesTLS-Spool-Id header(s): only home writes it; first: %r",
+                        spool_id, len(forged), forged[0].raw[:200])
+        message = self.auth.without_forged_results(message)
+        added = b""
+        verdict = None
+        if self.spam is not None:
+            message, _ = without_fields(message, lambda field: field.name in _SPAM_FIELDS)
+            verdict = await self._verdict(spool_id, opened.message, message, opened.metadata, arrival)
+            if isinstance(verdict, Deferred):
+                return verdict
+            added = verdict.header_block() if verdict is not None else b""
+        message = SPOOL_ID_HEADER + b": " + spool_id.encode() + b"\r\n" + added + message
+        addressed = self._mailboxes_for(envelope.recipients)
+        return Prepared(envelope.mail_from, list(addressed), message, envelope.smtputf8, arrival, addressed,
+                        junk=verdict is not None and verdict.junk)
+
+    async def _verdict(self, spool_id: str, sealed_message: bytes, message: bytes, metadata: dict,
+                       arrival: float) -> "Verdict | Deferred | None":
+        """The spam verdict: home's own from before the 250 if the metadata carries it for exactly the
+        message that was sealed, else rspamd's now; None (deliver unjudged) once rspamd failed too long."""
+        claimed = metadata.get("verdict")
+        token = claimed.get("token") if isinstance(claimed, dict) else None
+        verdict = open_verdict(self.verdict_key, token, sealed_message) if token is not None else None
+        if verdict is not None:
+            self.stats.verdicts_kept += 1
+            return verdict
+        if token is not None:
+            log.warning("%s: the verdict the edge carried does not verify for this message: judging it again",
+                        spool_id)
+        try:
+            verdict = await self.spam.judge(message, MessageFacts.from_metadata(metadata, spool_id))
+        except SpamFilterError as error:
+            if time.time() - arrival < FILTER_PATIENCE:
+                return Deferred(f"the spam filter: {error}")
+            log.error("%s: delivered WITHOUT a spam verdict: rspamd has failed for over %d s (%s)", spool_id,
+                      FILTER_PATIENCE, error)
+            self.stats.unfiltered += 1
+            return None
+        self.stats.judged += 1
+        log.info("%s: spam verdict %s (score %.2f of %.2f)", spool_id, verdict.action.value, verdict.score,
+                 verdict.required_score)
+        return verdict
 
     def _mailboxes_for(self, recipients) -> dict[str, str]:
         """{mailbox: the address the sender used} for the envelope's recipients (aliases expanded, plus
@@ -278,13 +363,18 @@ class Intake:
                 addressed.setdefault(mailbox, recipient)
         return addressed
 
-    async def process(self, spool_id: str, sealed: bytes, prepared: "Prepared | Exception | None" = None) -> bool:
+    async def process(self, spool_id: str, sealed: bytes,
+                      prepared: "Prepared | Deferred | Exception | None" = None) -> bool:
         """Deliver one sealed message as far as possible; True when it may be acknowledged."""
         entry = self.ledger.get(spool_id)
         if entry is not None and entry.state in (DONE, QUARANTINED):
             return True  # finished before a crash, not yet acknowledged: do not deliver again
         if prepared is None:
             prepared = await self.prepare(spool_id, sealed)
+        if isinstance(prepared, Deferred):
+            log.warning("%s: not delivered yet: %s; will retry", spool_id, prepared.reason)
+            self._try_later(spool_id)
+            return False
         if isinstance(prepared, Exception):
             self._quarantine(spool_id, sealed, prepared)
             return True
@@ -307,6 +397,7 @@ class Intake:
             self.retry_at.pop(spool_id, None)
             self.failures.pop(spool_id, None)
             self._read_tls_report(spool_id, prepared)
+            self.stats.junked += prepared.junk
             delivered = sum(r.status == DELIVERED for r in entry.recipients.values())
             log.info("%s: delivered to %d of %d recipient(s)", spool_id, delivered, len(entry.recipients))
             return True
@@ -391,9 +482,10 @@ class Intake:
             return
         domains = self.book.domains if self.book is not None else frozenset()
         to = dsn.bounce_to(prepared.mail_from, domains)
-        if to is None or self.outbox is None:
-            log.info("%s: no DSN (%s)", entry.spool_id, "no bounce_relay configured" if to else
-                     "null or local sender")
+        if to is None or self.outbox is None or prepared.junk:
+            # Spam's sender is most likely forged: a DSN to it would be backscatter.
+            log.info("%s: no DSN (%s)", entry.spool_id, "judged spam" if prepared.junk else
+                     "no bounce_relay configured" if to else "null or local sender")
             return
         failures = [(address, _reply_code(reply), reply[4:]) for address, reply in dict(failed).items()]
         # From the domain the sender wrote to (its DKIM signature then aligns with what they expect).
@@ -477,16 +569,6 @@ class Intake:
         self.ledger.save(entry)
         self.retry_at[entry.spool_id] = entry.next_attempt
         self.stats.retried += 1
-
-    async def _with_trace_headers(self, spool_id: str, message: bytes, metadata: dict) -> bytes:
-        message, forged = without_spool_id_headers(message)
-        if forged:
-            log.warning("%s: removed %d incoming X-YesTLS-Spool-Id header(s): only home writes it; first: %r",
-                        spool_id, len(forged), forged[0].raw[:200])
-        message = self.auth.without_forged_results(message)
-        # DNS lookups block: keep them off the event loop, where fetches and acks run.
-        results = await asyncio.get_running_loop().run_in_executor(None, self.auth.header, message, metadata)
-        return SPOOL_ID_HEADER + b": " + spool_id.encode() + b"\r\n" + results + message
 
     def _quarantine(self, spool_id: str, sealed: bytes, error: Exception) -> None:
         path = self.config.quarantine / f"{validate_id(spool_id)}.sealed"   # an id names no other path

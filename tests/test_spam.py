@@ -120,6 +120,19 @@ def test_the_envelope_goes_to_rspamd_in_its_request_headers():
     assert (headers["IP"], headers["Helo"], headers["From"], headers["MTA-Name"], headers["Queue-Id"]) == (
         "192.0.2.7", "client.example.net", "a@example.net", MX, "ab" * 16)
     assert headers.get_all("Rcpt") == ["u@example.org", "v@example.org"]
+    assert "X-YesTLS-SPF" not in headers   # the edge did not check SPF: rspamd's rule does, at home
+
+
+@pytest.mark.parametrize("claim, sent", [
+    ({"result": "pass", "domain": "example.net"}, "pass"), ({"result": "fail", "domain": "x"}, "fail"),
+    ({"result": "temperror", "domain": ""}, "temperror"),
+    ({"result": "pass\r\nX-Injected: 1"}, None), ({"result": "bogus"}, None), ("pass", None), (None, None),
+])
+def test_the_edges_spf_result_goes_to_rspamd_when_it_is_one(claim, sent):
+    with run_fake_rspamd() as rspamd:
+        judge(rspamd.url, metadata={**METADATA, "spf": claim})
+        (request,) = rspamd.requests
+    assert request.headers.get("X-YesTLS-SPF") == sent and "X-Injected" not in str(request.headers)
 
 
 def test_gtube_is_refused_while_the_sender_waits():

@@ -13,9 +13,14 @@ DATA (relay/home/judge.py, relay/edge/verdict.py). Both get a `Verdict`:
     verdict.header_block() # the header fields the intake adds: rspamd's, and our X-Spam
 
 rspamd is the one source of authentication results and spam symbols: its
-SPF, DKIM and DMARC modules run on every message, and the
-Authentication-Results field delivered is the one its milter_headers module
-writes (with our authserv-id, sent as `MTA-Name`), not a second computation.
+DKIM and DMARC modules run on every message, and the Authentication-Results
+field delivered is the one its milter_headers module writes (with our
+authserv-id, sent as `MTA-Name`), not a second computation. SPF is the
+edge's: evaluated at MAIL FROM while the sender was connected
+(relay/edge/door.py), sealed with the message, and passed to rspamd in the
+`X-YesTLS-SPF` request header, which our rule (roles/home_spam/files/
+rspamd.local.lua) turns into rspamd's own SPF symbols, so DMARC reads it; a
+message the edge did not check is checked by that rule at home.
 
 The protocol is one HTTP POST of the message to /checkv2 with the envelope
 in request headers (rspamd's "protocol" documentation), answered with JSON.
@@ -91,6 +96,11 @@ _REFUSALS = {
 }
 
 
+def refusal_for(action: SpamAction) -> str | None:
+    """The SMTP reply refusing a message judged with `action` while its sender waits, or None to accept it."""
+    return _REFUSALS.get(action)
+
+
 @dataclass(frozen=True)
 class Verdict:
     action: SpamAction
@@ -105,7 +115,7 @@ class Verdict:
 
     def refusal(self) -> str | None:
         """The SMTP reply refusing the message while its sender waits, or None to accept it."""
-        return _REFUSALS.get(self.action)
+        return refusal_for(self.action)
 
     def header_block(self) -> bytes:
         """The fields to prepend to the delivered message, CRLF-terminated."""
@@ -146,6 +156,7 @@ class MessageFacts:
     mail_from: str = ""        # "" for the null sender
     recipients: tuple[str, ...] = ()
     queue_id: str = ""
+    spf: str = ""              # the edge's SPF result (RFC 7208 2.6), "" when it did not check
 
     @classmethod
     def from_metadata(cls, metadata: dict, queue_id: str = "") -> "MessageFacts":
@@ -156,7 +167,7 @@ class MessageFacts:
                    mail_from="" if mail_from == "<>" else mail_from,
                    recipients=tuple(r for r in map(_one_line, recipients if isinstance(recipients, list) else ())
                                     if r),
-                   queue_id=_one_line(queue_id))
+                   queue_id=_one_line(queue_id), spf=_spf_result(metadata.get("spf")))
 
 
 class SpamFilter:
@@ -201,6 +212,8 @@ class SpamFilter:
             fields.append(("Helo", facts.helo))
         if facts.queue_id:
             fields.append(("Queue-Id", facts.queue_id))
+        if facts.spf:
+            fields.append(("X-YesTLS-SPF", facts.spf))
         fields.extend(("Rcpt", recipient) for recipient in facts.recipients)
         head = "POST /checkv2 HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields) + "\r\n"
         return head.encode("utf-8", "surrogateescape") + message
@@ -358,6 +371,15 @@ def _client_ip(client_address) -> str:
         return str(ipaddress.ip_address(ip.strip("[]")))
     except ValueError:
         return ""
+
+
+SPF_RESULTS = frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"})
+
+
+def _spf_result(claim) -> str:
+    """The edge's SPF result from its {"result", "domain"} record; "" when there is none we can read."""
+    result = claim.get("result") if isinstance(claim, dict) else None
+    return result if result in SPF_RESULTS else ""
 
 
 def _number(value) -> float:

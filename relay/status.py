@@ -7,6 +7,9 @@ One table (or `--json`) on either host, read-only, each part optional:
                   oracle in edge.toml (the tunnel gate answers ping before authentication, so no key
                   is read and nothing is audited); at home: the oracle's metrics (requests, sign time)
     policy        the oracle-down policy the edge runs with, and what is in force now
+    door          on the edge: clients rejected at the door, by reason
+    verdict       on the edge: messages rejected, deferred, accepted by home's before-queue verdict,
+                  and those that had none (home absent, too slow, too large)
     spool         the edge's sealed spool: depth and oldest age (the edge's metrics; at home, what
                   the edge last told the intake)
     intake        the intake's status file: last contact with the edge, pulled, delivered, retried,
@@ -37,7 +40,7 @@ from pathlib import Path
 
 CONFIG_DIRECTORY = Path("/etc/yestls")
 CONFIGS = ("edge", "oracle", "intake", "site")   # each NAME.toml, --NAME-config
-SECTIONS = ("tunnel", "oracle", "policy", "door", "spool", "intake", "certificates")
+SECTIONS = ("tunnel", "oracle", "policy", "door", "verdict", "spool", "intake", "certificates")
 TIMEOUT = 2.0   # seconds for each endpoint asked
 POLICY_MEANING = {
     "tempfail": "new connections get 421 until an oracle answers; senders retry",
@@ -282,6 +285,7 @@ def edge_rows(path: Path | None, now: float) -> list[Row]:
                 now_text = "normal: TLS with the oracle's signatures" if up else f"{policy} (the oracle is down)"
                 rows.append(Row("policy", "in force now", "normal" if up else policy, now_text))
         rows.append(door_row(metrics))
+        rows.append(verdict_row(metrics))
         depth = metrics.value("yestls_spool_depth")
         oldest = metrics.value("yestls_spool_oldest_age_seconds")
         size = metrics.value("yestls_spool_bytes")
@@ -317,6 +321,22 @@ def door_row(metrics: "Metrics") -> Row:
     text = ", ".join(f"{reason} {n}" for reason, n in counts.items() if n) or "none"
     return Row("door", "rejected at the door", counts, f"{total} since the edge started: {text}" if total else
                "none since the edge started")
+
+
+def verdict_row(metrics: "Metrics") -> Row:
+    """Messages under home's before-queue verdict since the edge started, by outcome (relay/edge/verdict.py)."""
+    from relay.edge.verdict import VERDICT_METRIC, VerdictOutcome
+
+    samples = metrics.labelled(VERDICT_METRIC + "_total")
+    if not samples:
+        return Row("verdict", "rejected by verdict", None, "no before-queue verdict ([verdict] in edge.toml)")
+    counts = {outcome.value: 0 for outcome in VerdictOutcome}
+    for labels, value in samples:
+        if labels.get("outcome") in counts:
+            counts[labels["outcome"]] = int(value)
+    text = ", ".join(f"{outcome} {n}" for outcome, n in counts.items() if n) or "no message yet"
+    return Row("verdict", "rejected by verdict", counts,
+               f"{counts['rejected']} rejected, {counts['deferred']} deferred since the edge started ({text})")
 
 
 def oracle_rows(path: Path | None, now: float) -> list[Row]:
@@ -465,6 +485,8 @@ def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[R
         rows.append(Row("intake", "edge protocol errors", status["protocol_errors"],
                         f"{status['protocol_errors']} answer(s) from the edge broke the spool protocol since the "
                         "intake started: a broken or compromised edge; the intake's ERROR lines name each"))
+    if config.spam is not None:
+        rows.append(spam_row(status))
     rows.extend(tls_report_rows(status.get("tls_reports"), now))
     if not edge_spool_known and status.get("edge_depth") is not None and isinstance(contact, (int, float)):
         depth, oldest = status["edge_depth"], status.get("edge_oldest_age") or 0
@@ -472,6 +494,18 @@ def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[R
                         f"{depth} message(s) waiting, as the edge told the intake {ago(now - contact)} ago"))
         rows.append(Row("spool", "oldest", oldest, f"{ago(oldest)} waiting" if depth else "none waiting"))
     return rows
+
+
+def spam_row(status: dict) -> Row:
+    """What the spam filter did at home: messages judged, verdicts from before the 250 kept, junked, unjudged."""
+    counts = {key: status.get(key) if isinstance(status.get(key), int) else 0
+              for key in ("judged", "verdicts_kept", "junked", "unfiltered")}
+    text = (f"junked {counts['junked']} (to Junk), judged at delivery {counts['judged']}, verdicts from before "
+            f"the 250 kept {counts['verdicts_kept']} (since the intake started)")
+    if counts["unfiltered"]:
+        text += (f"; {counts['unfiltered']} delivered WITHOUT a verdict: rspamd failed for over an hour "
+                 "(systemctl status rspamd)")
+    return Row("intake", "spam filter", counts, text)
 
 
 def tls_report_rows(totals, now: float) -> list[Row]:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from relay.home.spam import parse_answer, seal_verdict
+from relay.status import intake_rows
 
 from .dovecot import run_dovecot
 from .fake_rspamd import GTUBE, JUNK_MARK, Answer, run_fake_rspamd, verdict_json
@@ -46,6 +47,11 @@ def status(intake) -> dict:
     return json.loads(intake.status_file.read_text()) if intake.status_file.exists() else {}
 
 
+def shown(intake):
+    """`yestls status`'s spam filter row."""
+    return {row.item: row for row in intake_rows(intake.config, time.time(), edge_spool_known=False)}["spam filter"]
+
+
 def test_spam_and_ham_are_marked_and_both_delivered_and_spam_is_never_bounced(world):
     edge, dovecot, intake, rspamd, outbox = world
     ham_id, _ = seal(edge, "ham")
@@ -66,6 +72,8 @@ def test_spam_and_ham_are_marked_and_both_delivered_and_spam_is_never_bounced(wo
     assert header_value(by_id[ham_id], "Authentication-Results").startswith(f"{MX_NAME}; spf=none")
     assert "[1000.00 / 15.00]" in header_value(by_id[spam_id], "X-Spamd-Result")
     assert status(intake)["judged"] == 5 and status(intake)["unfiltered"] == 0
+    assert shown(intake).value == {"judged": 5, "verdicts_kept": 0, "junked": 3, "unfiltered": 0}
+    assert shown(intake).text.startswith("junked 3 (to Junk), judged at delivery 5")
     dsns = sorted(p.name for p in outbox.iterdir()) if outbox.exists() else []
     assert len(dsns) == 1 and ham_refused in dsns[0], dsns   # the ham's DSN, none for the spam
     assert spam_refused in process.log() and "no DSN (judged spam)" in process.log()
@@ -129,3 +137,4 @@ def test_a_filter_broken_for_over_an_hour_does_not_hold_mail_hostage(world):
     assert spool_id_of(got) == spool_id
     assert header_value(got, "X-Spam") is None and header_value(got, "X-Spamd-Result") is None
     assert f"{spool_id}: delivered WITHOUT a spam verdict" in process.log()
+    assert "1 delivered WITHOUT a verdict: rspamd failed for over an hour" in shown(intake).text

@@ -47,6 +47,10 @@
     messages_per_minute = 0              # MAIL commands per client address, 0: no limit; over it 451 4.7.1
     message_burst = 20
 
+    [verdict]                            # optional: home's rspamd judges a message before the 250 (relay/edge/verdict.py)
+    budget = 3.0                         # seconds a sender waits for it after DATA, 0..30; then accepted without
+    max_size = 1048576                   # bytes of a message held in memory for it, at most 1048576; larger: none
+
     [oracle]
     servers = ["10.77.0.2:7443"]
     identity_key = "/var/lib/yestls-edge/identity.key"
@@ -90,6 +94,7 @@ from relay.config import ConfigError, Table
 from relay.edge.door import MAX_SITES, SITE_FORM, DoorSettings, parse_site
 from relay.edge.recipients import normal_address, normal_domain
 from relay.edge.tls_budget import TlsLimits
+from relay.edge.verdict import MAX_BUDGET, MAX_SIZE, VerdictSettings
 from relay.mtasts import policy_text
 from relay.site import MtaStsMode
 from relay.spool.protocol import ACME_METHODS
@@ -184,6 +189,7 @@ class EdgeConfig:
     web: WebSettings | None = None
     mta_sts: MtaStsSettings | None = None
     door: DoorSettings = DoorSettings()
+    verdict: VerdictSettings | None = None   # [verdict]: None, no before-queue verdict
 
 
 def _positive(n) -> bool:
@@ -275,14 +281,32 @@ def load(path: Path) -> EdgeConfig:
     if acme_peers and (web is None or not web.http_listen):
         raise table.error("web", f"spool_service peer {acme_peers[0]} may place ACME tokens, but no "
                                  "http_listen answers them: set [web] http_listen")
+    verdict = _verdict_settings(table.table("verdict")) if "verdict" in table.data else None
+    if verdict is None:
+        table.table("verdict")  # marks the key as read: absent is allowed
+    elif service is None:
+        raise table.error("verdict", "home judges messages over the tunnel: [verdict] needs [spool_service]")
     table.done()
     return EdgeConfig(
         hostname=normal_domain(hostname), domains=frozenset(normal_domains),
         mailboxes=frozenset(mailboxes) if mailboxes else None, addresses_from_home=from_home,
         state_dir=state_dir, metrics_listen=metrics, smtp=smtp_settings, tls=tls_settings, oracle=oracle_settings,
         spool=spool_settings, spool_service=service, web=web, mta_sts=mta_sts,
-        door=door,
+        door=door, verdict=verdict,
     )
+
+
+def _verdict_settings(verdict: Table) -> VerdictSettings:
+    defaults = VerdictSettings()
+    settings = VerdictSettings(
+        budget=float(verdict.get("budget", (int, float), default=defaults.budget,
+                                 check=lambda t: 0 < t <= MAX_BUDGET,
+                                 hint=f"seconds a sender waits for home's verdict, above 0, at most {MAX_BUDGET:g}")),
+        max_size=verdict.get("max_size", int, default=defaults.max_size, check=lambda n: 0 < n <= MAX_SIZE,
+                             hint=f"bytes of a message held for a verdict, 1 to {MAX_SIZE} (one frame to home)"),
+    )
+    verdict.done()
+    return settings
 
 
 def _web_settings(web: Table) -> WebSettings | None:

@@ -5,10 +5,17 @@ Each hook returns the reply. DATA content is sealed as it arrives
 never holds a whole message; it is answered 250 only after its sealed file
 and the spool directory are on disk (the commit runs in a thread, so an
 fsync never stalls other sessions).
+
+With [verdict] in edge.toml and a home present to judge, a message of at
+most `max_size` bytes is held in memory instead (a `VerdictSink`) until
+home's verdict (relay/edge/verdict.py) or the budget's end: rspamd's
+`reject` is answered 550 5.7.1 and `soft reject` 451 4.7.1 with nothing
+stored; anything else is sealed with the verdict in its metadata, then 250.
 """
 
 import asyncio
 import email.utils
+import functools
 import hashlib
 import hmac
 import logging
@@ -21,6 +28,8 @@ from aiosmtpd.smtp import TLSSetupException
 
 from relay.edge.door import Door, DoorReason
 from relay.edge.recipients import RecipientPolicy
+from relay.edge.verdict import PlaintextBuffer, VerdictDesk, VerdictOutcome
+from relay.home.spam import SpamAction, refusal_for
 from relay.show import show
 from relay.smtp.address import AddressError, check_mailbox
 from relay.spool.store import SpoolFull
@@ -44,6 +53,7 @@ class TransactionRules:
     tls_required: Callable[[object], str | None]
     recipients: Callable[[], RecipientPolicy]
     door: Door | None = None   # the door's envelope checks (relay/edge/door.py), when [door] configures any
+    verdict: VerdictDesk | None = None   # home's before-queue verdict (relay/edge/verdict.py), with [verdict]
 
 
 class EdgeHandler:
@@ -158,16 +168,41 @@ class EdgeHandler:
             "spf": spf.metadata() if (spf := getattr(envelope, "spf", None)) is not None else None,
         }
         declared = _declared_size(envelope.mail_options)
+        desk = self.rules.verdict
+        if desk is not None:
+            if declared is not None and declared > desk.settings.max_size:
+                desk.count(VerdictOutcome.TOO_LARGE)
+            elif not desk.home_present:
+                desk.count(VerdictOutcome.HOME_ABSENT)   # no home to ask: sealed as it arrives, as without [verdict]
+            else:
+                return VerdictSink(self, server, session, metadata, received, len(envelope.rcpt_tos), declared)
+        writer = self.start_sealing(server, session, metadata, received,
+                                    None if declared is None else len(received) + declared)
+        if isinstance(writer, str):
+            return writer
+        return SealingSink(self, server, session, writer, len(envelope.rcpt_tos))
+
+    def start_sealing(self, server, session, metadata: dict, received: bytes, size: int | None):
+        """A spool writer with the trace header written, or the reply refusing the message (counted)."""
         try:
-            writer = self.spool.open(metadata, size=None if declared is None else len(received) + declared)
-            writer.write(received)
+            writer = self.spool.open(metadata, size=size)
         except SpoolFull as error:
             log.warning("spool full (%s): deferring %s", error.reason, _peer(session))
             return self._refuse(server, "spool_full", SPOOL_FULL)
         except Exception:  # noqa: BLE001 - any failure: the sender keeps the message and retries
             log.exception("%s: cannot start sealing", _peer(session))
             return self._refuse(server, "spool_error", SPOOL_ERROR)
-        return SealingSink(self, server, session, writer, len(envelope.rcpt_tos))
+        try:
+            writer.write(received)
+        except SpoolFull as error:
+            writer.abort()
+            log.warning("spool full (%s): deferring %s", error.reason, _peer(session))
+            return self._refuse(server, "spool_full", SPOOL_FULL)
+        except Exception:  # noqa: BLE001
+            writer.abort()
+            log.exception("%s: cannot start sealing", _peer(session))
+            return self._refuse(server, "spool_error", SPOOL_ERROR)
+        return writer
 
     def received_header(self, session, envelope, tls) -> bytes:
         """The trace header (RFC 5321 4.4), with the TLS parameters; prepended inside the sealed content."""
@@ -239,6 +274,117 @@ class SealingSink:
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+class VerdictSink:
+    """DATA content held in memory for home's verdict (relay.aio.starttls.MessageSink), then refused or sealed.
+
+    The content is exactly what would be sealed (the Received header, then
+    DATA), in one PlaintextBuffer of at most the header plus `max_size`
+    bytes, wiped once the message is refused, sealed or forgotten. A message
+    that grows past `max_size` is sealed as it arrives from then on (what
+    was held first), with no verdict. The 250 comes only once the sealed
+    file is durable, as for a SealingSink.
+    """
+
+    INITIAL = 64 * 1024   # bytes held before the buffer first grows, when the client declared no SIZE
+
+    def __init__(self, handler: EdgeHandler, server, session, metadata: dict, received: bytes, recipients: int,
+                 declared: int | None):
+        self.handler = handler
+        self.desk: VerdictDesk = handler.rules.verdict
+        self.server = server
+        self.session = session
+        self.metadata = metadata
+        self.recipients = recipients
+        self.header = len(received)
+        self.limit = self.header + self.desk.settings.max_size
+        self.buffer = PlaintextBuffer(min(self.limit, self.header + (declared if declared else self.INITIAL)))
+        self.buffer.append(received)
+        self.streaming: SealingSink | None = None   # once past max_size
+        self.failure: str | None = None             # the reply, once sealing what was held failed
+
+    def write(self, piece: memoryview) -> None:
+        if self.streaming is not None:
+            self.streaming.write(piece)
+        elif self.failure is None and self.buffer.length + len(piece) <= self.limit:
+            self.buffer.append(piece)
+        elif self.failure is None:
+            self._stream_from_here(piece)
+
+    def _stream_from_here(self, piece: memoryview) -> None:
+        """Past max_size: seal what was held, then the rest as it arrives; no verdict for this message."""
+        self.desk.count(VerdictOutcome.TOO_LARGE)
+        held = self.buffer.view()
+        try:
+            writer = self.handler.start_sealing(self.server, self.session, self.metadata, held[:self.header], None)
+            if isinstance(writer, str):
+                self.failure = writer
+                return
+            self.streaming = SealingSink(self.handler, self.server, self.session, writer, self.recipients)
+            self.streaming.write(held[self.header:])
+        finally:
+            self.buffer.wipe()
+        self.streaming.write(piece)
+
+    async def finish(self) -> str:
+        if self.streaming is not None:
+            return await self.streaming.finish()
+        if self.failure is not None:
+            self.server.refusal_counted = True
+            self.buffer.wipe()
+            return self.failure
+        committing = None
+        try:
+            content = self.buffer.view()
+            facts = {key: self.metadata[key] for key in ("mail_from", "rcpt_tos", "client_address", "helo")}
+            answer = await self.desk.ask(content, facts, self.desk.settings.budget)
+            metadata = self.metadata
+            if answer is not None:
+                refusal = refusal_for(answer.action)
+                log.info("%s: verdict %s from home in %.1f ms%s", _peer(self.session), answer.action.value,
+                         answer.seconds * 1e3, f": {refusal[:9]}" if refusal else "")
+                if refusal is not None:
+                    outcome = (VerdictOutcome.REJECTED if answer.action == SpamAction.REJECT
+                               else VerdictOutcome.DEFERRED)
+                    self.desk.count(outcome)
+                    return self.handler._refuse(self.server, f"verdict_{outcome.value}", refusal)
+                self.desk.count(VerdictOutcome.ACCEPTED)
+                metadata = {**metadata, "verdict": {"action": answer.action.value, "token": answer.token}}
+            if self.server.transport is None:
+                return SPOOL_ERROR   # the sender left while home judged: nothing stored, it retries
+            committing = asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(self.handler.spool.accept, metadata, [content], size=len(content)))
+            # Shielded: a cancelled session must not wipe the buffer while the thread still seals it.
+            spool_id = await asyncio.shield(committing)
+        except SpoolFull as error:
+            log.warning("spool full (%s) at commit: deferring %s", error.reason, _peer(self.session))
+            return self.handler._refuse(self.server, "spool_full", SPOOL_FULL)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - nothing was stored: the sender keeps the message and retries
+            log.exception("%s: sealing failed", _peer(self.session))
+            return self.handler._refuse(self.server, "spool_error", SPOOL_ERROR)
+        finally:
+            if committing is not None and not committing.done():
+                committing.add_done_callback(self._wipe_after)
+            else:
+                self.buffer.wipe()
+        size = len(content) - self.header
+        self.handler.metrics.accepted(size)
+        log.info("%s: accepted %s (%d bytes, %d recipients%s)", _peer(self.session), spool_id, size,
+                 self.recipients, f", verdict {answer.action.value}" if answer is not None else ", no verdict")
+        return f"250 2.0.0 OK queued as {spool_id}"
+
+    def _wipe_after(self, committed: asyncio.Future) -> None:
+        if not committed.cancelled():
+            committed.exception()   # retrieved: the session that wanted it is gone
+        self.buffer.wipe()
+
+    def abort(self) -> None:
+        if self.streaming is not None:
+            self.streaming.abort()
+        self.buffer.wipe()
 
 
 def _address_refusal(address: str, smtputf8: bool, code: str, role: str) -> str | None:

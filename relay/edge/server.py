@@ -38,6 +38,7 @@ from relay.edge.door import Door
 from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
 from relay.edge.recipients import RecipientPolicy
 from relay.edge.tls_budget import Refusal, TlsBudget
+from relay.edge.verdict import VerdictDesk
 from relay.edge.web import HTTP_1_1, MTA_STS_PREFIX, WebSite, start_web
 from relay.identity import IdentityError, load_identity
 from relay.oracle.client import OraclePool, OracleUnavailable
@@ -161,12 +162,14 @@ class Edge:
         self.challenges = AcmeChallenges() if config.web is not None and config.web.http_listen else None
         self.addresses = (PublishedAddresses(config.state_dir / "addresses.json") if config.addresses_from_home
                           else None)
+        # Messages waiting in SMTP sessions for home's before-queue verdict (relay/edge/verdict.py), with [verdict].
+        self.verdict = VerdictDesk(config.verdict, metrics.registry) if config.verdict is not None else None
         self.budget = TlsBudget(config.tls.limits)
         self._budget_logged: dict[str, float] = {}   # address -> when its last budget refusal was logged
         self.admission = Admission(self)
         self.handler = EdgeHandler(
             TransactionRules(config.hostname, sorted(config.domains)[0], config.smtp.max_recipients,
-                             self.tls_required, self.recipient_policy, self.door),
+                             self.tls_required, self.recipient_policy, self.door, self.verdict),
             spool, metrics)
         metrics.policy.labels(config.smtp.oracle_down).set(1)
 
@@ -329,6 +332,8 @@ async def _start_spool_service(config, spool, edge, registry) -> tuple[list, Aud
     extra = {"addresses": edge.addresses.publish} if edge.addresses is not None else {}
     if edge.challenges is not None:
         extra.update(edge.challenges.methods())
+    if edge.verdict is not None:
+        extra.update(edge.verdict.methods())
     service = SpoolService(spool, config.spool_service.peers, audit, registry, extra_methods=extra)
     return await service.serve(config.spool_service.listen), audit
 

@@ -27,6 +27,7 @@ SpoolProtocolError (a malformed listing page) or a refused entry.
 
 import asyncio
 import math
+import re
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -35,7 +36,16 @@ from relay import tunnel
 from relay.rpc import Frame, RpcConnection
 from relay.show import show
 from relay.spool.keys import SUITES
-from relay.spool.protocol import MAX_FETCH, MAX_FRAME, MAX_LIST, MAX_WAIT, SERVICE
+from relay.spool.protocol import (
+    MAX_FETCH,
+    MAX_FRAME,
+    MAX_LIST,
+    MAX_VERDICT_ID,
+    MAX_WAIT,
+    SERVICE,
+    VERDICT_ANSWER,
+    VERDICT_WAIT,
+)
 from relay.spool.sealed import DEFAULT_CHUNK_SIZE, HEADER, MAX_METADATA, METADATA_LENGTH, TAG_LENGTH, key_block_length
 from relay.spool.store import validate_id
 
@@ -69,6 +79,19 @@ class Listing:
     refused: list[str] = field(default_factory=list)   # why each entry (or page) left out was, for the log
     last_id: str | None = None                  # the last well-formed id listed, usable or not: `wait` after it
     complete: bool = True                       # False when cut at max_listed: the rest come next time
+
+
+@dataclass(frozen=True)
+class VerdictRequest:
+    """A message an SMTP session at the edge holds until home's verdict (relay/home/judge.py)."""
+
+    id: str            # the edge's name for it, checked: 1 to MAX_VERDICT_ID base64url characters
+    facts: dict        # the envelope as the edge claims it: read through relay.home.spam.MessageFacts
+    content: bytes     # the message as it would be sealed (hostile: the caller bounds its size)
+    budget: float | None   # seconds the session still waits, by the edge's word; None if it said nothing usable
+
+
+_VERDICT_ID = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_VERDICT_ID)
 
 
 class SpoolClient:
@@ -236,6 +259,29 @@ class SpoolClient:
         timeout = min(max(0.0, timeout), MAX_WAIT)
         frame = await self._call("wait", {"after": after, "timeout": timeout}, timeout=timeout + self.timeout)
         return bool(frame.meta.get("ready"))
+
+    async def verdict_wait(self, timeout: float) -> VerdictRequest | None:
+        """The next message waiting for home's verdict, or None when none came within `timeout` (≤ MAX_WAIT).
+
+        SpoolProtocolError when the answer is not a verdict request.
+        """
+        timeout = min(max(0.0, timeout), MAX_WAIT)
+        frame = await self._call(VERDICT_WAIT, {"timeout": timeout}, timeout=timeout + self.timeout)
+        if not frame.meta:
+            return None
+        request_id, facts, budget = frame.meta.get("id"), frame.meta.get("facts"), _seconds(frame.meta.get("budget"))
+        if not isinstance(request_id, str) or not _VERDICT_ID.fullmatch(request_id):
+            raise SpoolProtocolError(f"verdict_wait: id {show(request_id)} is not a verdict request's id")
+        if not isinstance(facts, dict):
+            raise SpoolProtocolError(f"verdict_wait {request_id}: facts {show(facts)} are not an object")
+        return VerdictRequest(request_id, facts, frame.tail, budget if budget is not None and budget >= 0 else None)
+
+    async def verdict_answer(self, request_id: str, action: str, token: str) -> None:
+        """Home's verdict on a waiting message: rspamd's action and home's sealed token (relay/home/spam.py).
+
+        `not_found` (RemoteError) when the session stopped waiting for it.
+        """
+        await self._call(VERDICT_ANSWER, {"id": request_id, "action": action, "token": token})
 
     async def publish_addresses(self, book: dict) -> None:
         """Give the edge home's address book (relay/addressbook.py): it accepts at RCPT what the book names."""

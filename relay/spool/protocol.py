@@ -2,7 +2,8 @@
 
 Methods: `ping`, `hello`, `auth` (relay.tunnel's identity proof: home's
 intake proves its identity key to the edge), then `list`, `fetch`, `ack`,
-`wait`, `stats`. docs/spool-format.md has the details.
+`wait`, `stats`; the edge's own (`addresses`, the ACME tokens, the
+before-queue verdicts). docs/spool-format.md has the details.
 """
 
 import re
@@ -23,6 +24,14 @@ ACME_METHODS = frozenset({ACME_PUT, ACME_DELETE})
 MAX_ACME_TTL = 3600                    # seconds a token is answered at most
 MAX_KEY_AUTHORIZATION = 256            # characters
 _ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+# Before-queue verdicts (relay/edge/verdict.py, relay/home/judge.py): home long-polls the edge for a
+# message waiting in an SMTP session, judges it and answers with rspamd's action and home's sealed token.
+VERDICT_WAIT = "verdict_wait"          # {"timeout"} -> {"id", "facts", "budget"} + the message as tail, or {}
+VERDICT_ANSWER = "verdict_answer"      # {"id", "action", "token"} -> {}
+VERDICT_METHODS = frozenset({VERDICT_WAIT, VERDICT_ANSWER})
+MAX_VERDICT_ID = 64                    # characters of a verdict request's id
 
 
 def is_acme_token(text: str) -> bool:

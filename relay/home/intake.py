@@ -53,6 +53,7 @@ from relay.home.authresults import ForgedResultsFilter
 from relay.home.doveadm import DeliveryFinder, DoveadmError
 from relay.home.envelope import EnvelopeError, envelope_from_metadata
 from relay.home.headers import Field, without_fields
+from relay.home.judge import Judge
 from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, QUARANTINED, Entry, Ledger
 from relay.home.lmtp import LmtpError, deliver
 from relay.home.outbox import Outbox
@@ -152,10 +153,25 @@ class Intake:
         self.outbox = (Outbox(config.outbox, config.bounce_relay, config.authserv_id)
                        if config.bounce_relay is not None else None)
         self.tls_reports = _previous_tls_reports(config.status_file) if config.tls_reports else None
+        # The edge's sessions ask home for a verdict before their 250 (relay/home/judge.py): its own connection.
+        self.judge = (Judge(config.edge, self.identity, self.spam, self.verdict_key,
+                            workers=config.spam.before_queue_workers, max_message_size=config.max_message_size,
+                            poll=config.poll, timeout=config.timeout)
+                      if config.spam is not None and config.spam.before_queue else None)
 
     # --- the loop -------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Pull and deliver until `stop`; with [spam] before_queue, the before-queue judge runs beside it."""
+        judging = asyncio.ensure_future(self.judge.run(stop)) if self.judge is not None else None
+        try:
+            await self._pull(stop)
+        finally:
+            if judging is not None:
+                judging.cancel()
+                await asyncio.gather(judging, return_exceptions=True)
+
+    async def _pull(self, stop: asyncio.Event) -> None:
         delay = 1.0
         while not stop.is_set():
             host, port = self.config.edge

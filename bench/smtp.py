@@ -76,6 +76,17 @@ What it prints
     second over all rounds (mode plain or starttls; server edge or postfix).
     `ratio smtp_accept_plain` and `ratio smtp_accept_starttls`: the edge's
     rate divided by Postfix's; the target is >= 1.0.
+    With `--verdict`: a third server, the same edge with `[verdict]` (its
+    defaults: budget 3 s, max_size 1 MiB) and a home judge played here (a
+    thread of this process) that answers "no action" at once, with a real
+    token (relay.home.spam.seal_verdict), over a real spool connection
+    (`--concurrency` verdict_wait calls open: the judge is not the
+    bottleneck; rspamd's own time is not in it). Then also
+    `value smtp_accept_<mode>_edge_verdict_msgs_per_s`, `ratio
+    smtp_accept_<mode>_verdict` (that edge's rate over Postfix's), and
+    `value edge_verdict_added_ms_p50` / `_p99`: the before-queue round trip
+    the edge logs for each verdict (from the end of DATA to home's answer),
+    over every message of the verdict rounds.
 
     On a 2-core machine the generator, the servers (and the edge's oracle)
     share two cores: read the CPU-per-message lines along with the rates.
@@ -83,7 +94,7 @@ What it prints
 Run it
     make bench-smtp (installs Postfix as root when it is missing), or
     .venv/bin/python bench/smtp.py [--rounds 3] [--seconds 4] [--warmup 0.5]
-        [--concurrency 16] [--modes plain,starttls] [--no-pipelining] [--profile DIR]
+        [--concurrency 16] [--modes plain,starttls] [--no-pipelining] [--verdict] [--profile DIR]
     `--profile DIR`: after the measured rounds, one more STARTTLS round on the
     edge with cProfile running in the edge process (CPU time per thread,
     the event loop's thread and the sealing threads), written to
@@ -94,6 +105,7 @@ Run it
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -374,12 +386,13 @@ if _directory and "relay.cli" in " ".join(getattr(sys, "orig_argv", [])):
 class EdgeUnderTest:
     name = "edge"
 
-    def __init__(self, directory: Path, pki, profile_dir: Path | None):
+    def __init__(self, directory: Path, pki, profile_dir: Path | None, verdict: bool = False):
         from tests.edge_site import make_edge_site, start_edge
         from tests.oracle_home import start_oracle
 
         self.site = make_edge_site(directory, pki, smtp_options=EDGE_SMTP_OPTIONS,
-                                   spool_options=EDGE_SPOOL_OPTIONS)
+                                   spool_options=EDGE_SPOOL_OPTIONS, top_options="[verdict]\n" if verdict else "")
+        self.judge: FakeJudge | None = None
         with open(self.site.oracle.config, "a") as config:   # the [[peer]] table is the file's last
             config.write(ORACLE_PEER_OPTIONS)
         self.port = self.site.smtp_port
@@ -397,6 +410,8 @@ class EdgeUnderTest:
                 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
                 os.environ["YESTLS_BENCH_PROFILE_DIR"] = str(profile_dir.resolve())
             self.edge = start_edge(self.site, timeout=START_TIMEOUT)
+            if verdict:
+                self.judge = FakeJudge(self.site.spool_service_port, self.site.home_identity)
         except BaseException:
             self.stop()
             raise
@@ -410,7 +425,13 @@ class EdgeUnderTest:
     def queued(self) -> int:
         return len(self.site.spooled_files())
 
+    def verdict_ms(self) -> list[float]:
+        """The before-queue round trip of every verdict the edge logged, in ms."""
+        return [float(ms) for ms in VERDICT_LINE.findall(self.edge.log())]
+
     def stop(self) -> None:
+        if self.judge is not None:
+            self.judge.stop()
         processes = ([self.edge.process] if self.edge else []) + [self.oracle.process]
         for process in processes:
             if process.poll() is None:
@@ -421,6 +442,64 @@ class EdgeUnderTest:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+
+
+VERDICT_LINE = re.compile(r"verdict .+? from home in ([0-9.]+) ms")
+
+
+class FakeJudge:
+    """Home's judge without rspamd: "no action" at once, with a real token, over a real spool connection."""
+
+    def __init__(self, port: int, identity, workers: int = 16):
+        import asyncio
+
+        self.asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.stopping = None
+        self.ready = threading.Event()
+        self.failure: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(port, identity, workers), daemon=True)
+        self.thread.start()
+        if not self.ready.wait(START_TIMEOUT) or self.failure:
+            raise RuntimeError(f"the bench's judge did not connect to the edge: {self.failure}")
+
+    def _run(self, port: int, identity, workers: int) -> None:
+        try:
+            self.loop.run_until_complete(self._serve(port, identity, workers))
+        except BaseException as error:  # noqa: BLE001 - reported by __init__ or stop
+            self.failure.append(error)
+            self.ready.set()
+
+    async def _serve(self, port: int, identity, workers: int) -> None:
+        from relay.home.spam import SpamAction, Verdict, seal_verdict
+        from relay.spool.client import SpoolClient
+
+        asyncio = self.asyncio
+        key, verdict = os.urandom(32), Verdict(SpamAction.NO_ACTION, 0.0, 15.0)
+        self.stopping = asyncio.Event()
+        client = SpoolClient("127.0.0.1", port, identity, timeout=STEP_TIMEOUT)
+        await client.connect()
+
+        async def worker() -> None:
+            while True:
+                request = await client.verdict_wait(30)
+                if request is not None:
+                    await client.verdict_answer(request.id, verdict.action.value,
+                                                seal_verdict(key, request.content, verdict))
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
+        self.ready.set()
+        await asyncio.wait([asyncio.ensure_future(self.stopping.wait()), *tasks],
+                           return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+
+    def stop(self) -> None:
+        if self.stopping is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(STEP_TIMEOUT)
 
 
 # --- Postfix ------------------------------------------------------------------------------------------
@@ -589,7 +668,8 @@ def measure(args, generator: Generator, servers: dict, cafile: str) -> list[dict
     rounds = []
     for number in range(args.rounds):
         for mode in args.modes:
-            order = ["edge", "postfix"] if number % 2 == 0 else ["postfix", "edge"]
+            names = list(servers)
+            order = names[number % len(names):] + names[:number % len(names)]
             for name in order:
                 server = servers[name]
                 before = {part: tree_cpu(pids) for part, pids in server.parts().items()}
@@ -643,9 +723,12 @@ def print_profile(profile: dict, top: int = 30) -> None:
               f" {calls / messages:9.2f}  {where}")
 
 
-def report(args, rounds: list[dict], version: str, queued: dict, accepted: dict, elapsed: float) -> None:
+def report(args, rounds: list[dict], version: str, queued: dict, accepted: dict, elapsed: float,
+           verdict_ms: list[float] | None = None) -> None:
     def total(mode, server, key):
         return sum(r[key] for r in rounds if r["mode"] == mode and r["server"] == server)
+
+    names = list(accepted)
 
     print("# YesTLS edge SMTP benchmark: messages accepted per second, 10 KiB, one recipient, new connection each")
     print(f"# reference: Postfix {version} from Debian, a private instance queueing into hold/ "
@@ -658,9 +741,9 @@ def report(args, rounds: list[dict], version: str, queued: dict, accepted: dict,
         per_round = []
         for number in range(args.rounds):
             rate = {r["server"]: r["rate"] for r in rounds if r["mode"] == mode and r["round"] == number}
-            per_round.append(f"{rate['edge']:.0f}/{rate['postfix']:.0f}")
-        print(f"# {mode}: per-round msg/s edge/postfix: {' '.join(per_round)}")
-        for server in ("edge", "postfix"):
+            per_round.append("/".join(f"{rate[name]:.0f}" for name in names))
+        print(f"# {mode}: per-round msg/s {'/'.join(names)}: {' '.join(per_round)}")
+        for server in names:
             mine = [r for r in rounds if r["mode"] == mode and r["server"] == server]
             done = max(1, sum(r["accepted"] for r in mine))
             wall = sum(r["wall"] for r in mine)
@@ -678,17 +761,25 @@ def report(args, rounds: list[dict], version: str, queued: dict, accepted: dict,
         for r in rounds:
             if r["mode"] == mode and r["samples"]:
                 print(f"#   {r['server']} round {r['round']} errors, e.g.: {'; '.join(r['samples'][:3])}")
-    for server in ("edge", "postfix"):
+    for server in names:
         state = "ok" if queued[server] == accepted[server] else "MISMATCH"
         print(f"# queue check {server}: {queued[server]} queued files for {accepted[server]} messages answered 250: "
               f"{state}")
     rates = {}
     for mode in args.modes:
-        for server in ("edge", "postfix"):
+        for server in names:
             rates[mode, server] = total(mode, server, "counted") / total(mode, server, "window")
             print(f"value smtp_accept_{mode}_{server}_msgs_per_s {rates[mode, server]:.1f}")
     for mode in args.modes:
         print(f"ratio smtp_accept_{mode} {rates[mode, 'edge'] / rates[mode, 'postfix']:.2f}")
+        if "edge_verdict" in names:
+            print(f"ratio smtp_accept_{mode}_verdict {rates[mode, 'edge_verdict'] / rates[mode, 'postfix']:.2f}")
+    if verdict_ms is not None:
+        ordered = sorted(verdict_ms) or [0.0]
+        print(f"# before-queue verdicts: {len(verdict_ms)} round trips logged by the edge "
+              f"(end of DATA to home's answer; the judge answers at once, no rspamd)")
+        print(f"value edge_verdict_added_ms_p50 {ordered[len(ordered) // 2]:.2f}")
+        print(f"value edge_verdict_added_ms_p99 {ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]:.2f}")
     print("# target: smtp_accept_plain and smtp_accept_starttls >= 1.0 (the edge at least as fast as Postfix)")
     print(f"# elapsed {elapsed:.1f} s")
 
@@ -702,15 +793,18 @@ def run(args) -> None:
         raise SystemExit("bench/smtp.py needs Postfix: run `./scripts/install-packages bench` as root "
                          "(or `make bench-smtp`)")
     tmp = Path(tempfile.mkdtemp(prefix="yestls-bench-smtp-"))
-    servers, generator, profile = {}, None, None
+    servers, generator, profile, verdict_ms = {}, None, None, None
     try:
         pki = make_pki(tmp / "pki", key_types=("ecdsa-p256",))
         servers["postfix"] = PostfixUnderTest(tmp / "postfix", pki, args.concurrency)
         servers["edge"] = EdgeUnderTest(tmp / "edge", pki, args.profile)
+        if args.verdict:
+            servers["edge_verdict"] = EdgeUnderTest(tmp / "edge-verdict", pki, None, verdict=True)
         generator = Generator()
         rounds = measure(args, generator, servers, str(pki.ca_pem))
         accepted = {name: sum(r["accepted"] for r in rounds if r["server"] == name) for name in servers}
         queued = {name: server.queued() for name, server in servers.items()}
+        verdict_ms = servers["edge_verdict"].verdict_ms() if args.verdict else None
         if args.profile:
             profile = profile_edge(args, generator, servers["edge"], str(pki.ca_pem))
     finally:
@@ -719,7 +813,7 @@ def run(args) -> None:
         for server in servers.values():
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    report(args, rounds, version, queued, accepted, time.perf_counter() - started)
+    report(args, rounds, version, queued, accepted, time.perf_counter() - started, verdict_ms)
     if profile:
         print_profile(profile)
     if queued != accepted:
@@ -735,6 +829,8 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", default="plain,starttls", help="plain, starttls or both (comma-separated)")
     parser.add_argument("--no-pipelining", dest="pipelining", action="store_false",
                         help="send MAIL, RCPT and DATA one at a time")
+    parser.add_argument("--verdict", action="store_true",
+                        help="also an edge with [verdict] and a judge answering at once: the before-queue cost")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="cProfile the edge under STARTTLS load into DIR")
     parser.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

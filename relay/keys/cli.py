@@ -10,6 +10,10 @@ key: the files they write are readable by that user only.
     keys rollover   the next key (same type and names), not served; --switch serves it, retiring the old
     keys import     a chain issued for any key in the keystore
     keys list       every key: id, type, names, role, expiry
+
+and, for home's spool key (relay/spool/keys.py): spool-new makes it, export-spool --paper prints it as text
+to copy by hand (relay/spool/paper.py), import-spool writes it back from that text. Those two take the key's
+path from /etc/yestls/intake.toml's spool_key unless --key / --out name it.
 """
 
 import argparse
@@ -18,9 +22,23 @@ from pathlib import Path
 
 from cryptography import x509
 
+from relay.config import ConfigError
+from relay.home import config as intake_config
 from relay.identity import IdentityError, generate_identity
 from relay.oracle.keystore import DEFAULT_KEY_TYPE, KEY_TYPES, KeyRole, Keystore, KeystoreError, key_type_of
-from relay.spool.keys import DEFAULT_SUITE, SUITES, SpoolKeyError, generate_spool_key
+from relay.spool.keys import (
+    DEFAULT_SUITE,
+    SUITES,
+    SpoolKeyError,
+    generate_spool_key,
+    load_spool_private_key,
+    write_spool_key,
+)
+from relay.spool.paper import PaperError, fingerprint, paper_text, read_paper
+from relay.status import CONFIG_DIRECTORY, default_config
+
+INTAKE_CONFIG_DIRECTORY = CONFIG_DIRECTORY   # where intake.toml names the spool key
+PAPER_INPUT_LIMIT = 64 * 1024   # characters of a typed paper copy; a real one has under 600
 
 
 def add_parsers(subparsers) -> None:
@@ -90,13 +108,34 @@ def add_parsers(subparsers) -> None:
     spool.add_argument("--suite", default=DEFAULT_SUITE, choices=SUITES,
                        help="HPKE KEM: the hybrid post-quantum default, or x25519 (default %(default)s)")
 
+    export = commands.add_parser(
+        "export-spool", help="print home's spool private key as a paper copy (run as the intake's user)",
+        description="Print the spool private key as numbered lines of base32 with a check on each line and a "
+                    "checksum, to print or copy by hand and keep safe; `yestls keys import-spool` types it "
+                    "back. Whoever holds the paper can open home's mail.")
+    export.add_argument("--paper", action="store_true", required=True,
+                        help="the paper copy (the only form so far)")
+    export.add_argument("--key", type=Path, metavar="FILE",
+                        help=f"the spool key (default: spool_key in {INTAKE_CONFIG_DIRECTORY / 'intake.toml'})")
+
+    restore = commands.add_parser(
+        "import-spool", help="write home's spool key back from its paper copy, read on stdin",
+        description="Read a paper copy made by `yestls keys export-spool --paper` on stdin (blank lines, "
+                    "header lines, spaces and case do not matter), check every line and the checksum, write "
+                    "the key file (mode 0600, never overwriting) and print its public key line to compare "
+                    "with the edge's [spool] public_key.")
+    restore.add_argument("--out", type=Path, metavar="FILE",
+                         help=f"where to write the key (default: spool_key in "
+                              f"{INTAKE_CONFIG_DIRECTORY / 'intake.toml'})")
+
 
 def run(args: argparse.Namespace) -> int:
     commands = {"new": _new, "csr": _csr, "rollover": _rollover, "import": _import, "list": _list,
-                "identity-new": _identity_new, "spool-new": _spool_new}
+                "identity-new": _identity_new, "spool-new": _spool_new, "export-spool": _export_spool,
+                "import-spool": _import_spool}
     try:
         commands[args.keys_command](args)
-    except (KeystoreError, IdentityError, SpoolKeyError) as error:
+    except (KeystoreError, IdentityError, SpoolKeyError, PaperError, ConfigError) as error:
         print(f"yestls keys {args.keys_command}: {error}", file=sys.stderr)
         return 2
     return 0
@@ -191,3 +230,44 @@ def _identity_new(args) -> None:
 
 def _spool_new(args) -> None:
     print(generate_spool_key(args.out, args.suite))
+
+
+def _export_spool(args) -> None:
+    key = load_spool_private_key(_spool_key_path(args.key, "--key"))
+    print("yestls keys export-spool: this is home's spool PRIVATE key: whoever has it can open the mail sealed "
+          "to home. Print it or copy it by hand, keep it safe, and clear this terminal.", file=sys.stderr)
+    sys.stdout.write(paper_text(key))
+
+
+def _import_spool(args) -> None:
+    out = _spool_key_path(args.out, "--out")
+    if sys.stdin.isatty():
+        print("Type the paper's lines (the numbered ones and the checksum), then Ctrl-D:", file=sys.stderr)
+    try:
+        text = sys.stdin.read(PAPER_INPUT_LIMIT + 1)
+    except UnicodeDecodeError:
+        raise PaperError("stdin is not text: type the paper's lines, or pipe a text file") from None
+    if len(text) > PAPER_INPUT_LIMIT:
+        raise PaperError(f"more than {PAPER_INPUT_LIMIT} characters on stdin: not a paper copy")
+    key = read_paper(text)
+    write_spool_key(out, key)
+    print(f"wrote {key.suite.name} spool key {out}, public key fingerprint {fingerprint(key.public_key)}; "
+          f"its public key line, to compare with the edge's [spool] public_key:", file=sys.stderr)
+    print(key.public_key.text)
+
+
+def _spool_key_path(given: Path | None, option: str) -> Path:
+    """`given`, or else the spool_key of this host's intake.toml; ConfigError naming the option when neither."""
+    if given is not None:
+        return given
+    path = default_config("intake", INTAKE_CONFIG_DIRECTORY)
+    if path is None:
+        raise ConfigError(f"no {option} FILE given and no {INTAKE_CONFIG_DIRECTORY / 'intake.toml'} to take "
+                          f"spool_key from: pass {option} FILE")
+    try:
+        return intake_config.load(path).spool_key
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read ({error.strerror}) for its spool_key: run as the intake's "
+                          f"user, or pass {option} FILE") from None
+    except ConfigError as error:
+        raise ConfigError(f"{error} (read for its spool_key); fix it, or pass {option} FILE") from None

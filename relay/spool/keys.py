@@ -19,14 +19,16 @@ The private key file is text, written once (mode 0600, never overwritten):
     mlkem768-seed: <base64 of the 64-byte ML-KEM-768 seed>
     x25519: <base64 of the 32-byte X25519 private key>
 
-(an "x25519" key has no mlkem768-seed line). Loading refuses a file others
-can read or that another user owns, like relay.identity's edge key.
+(an "x25519" key has no mlkem768-seed line). `write_spool_key` is the one
+writer of this file, for a new key and for one typed back from its paper
+copy (relay.spool.paper). Loading refuses a file others can read or that
+another user owns, like relay.identity's edge key.
 """
 
 import base64
 import binascii
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hpke
@@ -51,6 +53,7 @@ class Suite:
     kem: hpke.KEM
     enc_length: int   # the HPKE encapsulated key's length
     public_length: int
+    private_length: int   # SpoolPrivateKey.raw's
 
     @property
     def hpke(self) -> hpke.Suite:
@@ -58,8 +61,8 @@ class Suite:
 
 
 MLKEM768_X25519 = Suite("mlkem768-x25519", 1, hpke.KEM.MLKEM768_X25519, 1088 + 32,
-                        MLKEM768_PUBLIC_LENGTH + X25519_LENGTH)
-X25519 = Suite("x25519", 2, hpke.KEM.X25519, 32, X25519_LENGTH)
+                        MLKEM768_PUBLIC_LENGTH + X25519_LENGTH, MLKEM768_SEED_LENGTH + X25519_LENGTH)
+X25519 = Suite("x25519", 2, hpke.KEM.X25519, 32, X25519_LENGTH, X25519_LENGTH)
 SUITES = {suite.name: suite for suite in (MLKEM768_X25519, X25519)}
 SUITES_BY_CODE = {suite.code: suite for suite in SUITES.values()}
 DEFAULT_SUITE = MLKEM768_X25519.name
@@ -91,6 +94,8 @@ class SpoolPrivateKey:
     suite: Suite
     key: "hpke.MLKEM768X25519PrivateKey | X25519PrivateKey"   # what hpke.Suite.decrypt takes
     public_key: SpoolPublicKey
+    # The private components, concatenated: the ML-KEM-768 seed (mlkem768-x25519 only), then the X25519 key.
+    raw: bytes = field(repr=False)
 
 
 def _suite(name: str) -> Suite:
@@ -100,13 +105,19 @@ def _suite(name: str) -> Suite:
         raise ValueError(f"unknown spool key suite {name!r}; choose one of {', '.join(SUITES)}") from None
 
 
-def _private_key(suite: Suite, mlkem: MLKEM768PrivateKey | None, x25519: X25519PrivateKey) -> SpoolPrivateKey:
-    x25519_raw = x25519.public_key().public_bytes_raw()
+def spool_private_key(suite: Suite, raw: bytes) -> SpoolPrivateKey:
+    """The key whose private components are `raw` (SpoolPrivateKey.raw); ValueError if it has the wrong length."""
+    if len(raw) != suite.private_length:
+        raise ValueError(f"a {suite.name} private key has {suite.private_length} bytes, not {len(raw)}")
+    x25519 = X25519PrivateKey.from_private_bytes(raw[-X25519_LENGTH:])
+    x25519_public = x25519.public_key().public_bytes_raw()
     if suite is MLKEM768_X25519:
-        raw = mlkem.public_key().public_bytes_raw() + x25519_raw
-        public = SpoolPublicKey(suite, hpke.MLKEM768X25519PublicKey(mlkem.public_key(), x25519.public_key()), raw)
-        return SpoolPrivateKey(suite, hpke.MLKEM768X25519PrivateKey(mlkem, x25519), public)
-    return SpoolPrivateKey(suite, x25519, SpoolPublicKey(suite, x25519.public_key(), x25519_raw))
+        mlkem = MLKEM768PrivateKey.from_seed_bytes(raw[:MLKEM768_SEED_LENGTH])
+        public_raw = mlkem.public_key().public_bytes_raw() + x25519_public
+        public = SpoolPublicKey(suite, hpke.MLKEM768X25519PublicKey(mlkem.public_key(), x25519.public_key()),
+                                public_raw)
+        return SpoolPrivateKey(suite, hpke.MLKEM768X25519PrivateKey(mlkem, x25519), public, raw)
+    return SpoolPrivateKey(suite, x25519, SpoolPublicKey(suite, x25519.public_key(), x25519_public), raw)
 
 
 def _b64(data: bytes) -> str:
@@ -116,26 +127,33 @@ def _b64(data: bytes) -> str:
 def generate_spool_key(path: Path, suite: str = DEFAULT_SUITE) -> str:
     """Write a new spool private key to `path` (mode 0600, never overwriting); returns the public key text."""
     chosen = _suite(suite)
-    x25519 = X25519PrivateKey.generate()
-    mlkem = MLKEM768PrivateKey.generate() if chosen is MLKEM768_X25519 else None
+    raw = X25519PrivateKey.generate().private_bytes_raw()
+    if chosen is MLKEM768_X25519:
+        raw = MLKEM768PrivateKey.generate().private_bytes_raw() + raw
+    key = spool_private_key(chosen, raw)
+    write_spool_key(path, key)
+    return key.public_key.text
+
+
+def write_spool_key(path: Path, key: SpoolPrivateKey) -> None:
+    """Write `key` to a new file at `path` in the format above (mode 0600, never overwriting)."""
     lines = [
         "# YesTLS home spool private key: opens the mail the edge seals. Keep it at home, readable only by",
         "# the intake's user. Mail sealed to it cannot be read without it: back it up like a password.",
         f"{FILE_FORMAT}: {FILE_VERSION}",
-        f"suite: {chosen.name}",
+        f"suite: {key.suite.name}",
     ]
-    if mlkem is not None:
-        lines.append(f"mlkem768-seed: {_b64(mlkem.private_bytes_raw())}")
-    lines.append(f"x25519: {_b64(x25519.private_bytes_raw())}")
+    if key.suite is MLKEM768_X25519:
+        lines.append(f"mlkem768-seed: {_b64(key.raw[:MLKEM768_SEED_LENGTH])}")
+    lines.append(f"x25519: {_b64(key.raw[-X25519_LENGTH:])}")
     try:
         create_private_file(Path(path), ("\n".join(lines) + "\n").encode("ascii"))
     except FileExistsError:
         raise SpoolKeyError(f"spool key {path} already exists: refusing to replace it (mail sealed to it could "
-                            f"no longer be opened); remove it first if you mean to make a new key") from None
+                            f"no longer be opened); remove it first if you mean to replace it") from None
     except OSError as error:
         raise SpoolKeyError(f"spool key {path} cannot be written ({error.strerror}); "
                             f"choose a path in an existing directory the intake's user can write") from None
-    return _private_key(chosen, mlkem, x25519).public_key.text
 
 
 def load_spool_private_key(path: Path, owner_uid: int | None = None) -> SpoolPrivateKey:
@@ -173,11 +191,10 @@ def _parse_private_key(data: bytes) -> SpoolPrivateKey:
         extra, missing = sorted(set(fields) - expected), sorted(expected - set(fields))
         raise ValueError(f"a {suite.name} key has the fields {sorted(expected)}; "
                          f"missing {missing}, unexpected {extra}")
-    x25519 = X25519PrivateKey.from_private_bytes(_decode_field(fields, "x25519", X25519_LENGTH))
-    mlkem = None
+    raw = _decode_field(fields, "x25519", X25519_LENGTH)
     if suite is MLKEM768_X25519:
-        mlkem = MLKEM768PrivateKey.from_seed_bytes(_decode_field(fields, "mlkem768-seed", MLKEM768_SEED_LENGTH))
-    return _private_key(suite, mlkem, x25519)
+        raw = _decode_field(fields, "mlkem768-seed", MLKEM768_SEED_LENGTH) + raw
+    return spool_private_key(suite, raw)
 
 
 def _decode_field(fields: dict[str, str], name: str, length: int) -> bytes:

@@ -270,14 +270,16 @@ class IMAPSAtHome(imaplib.IMAP4_SSL):
         return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
 
 
-def messages_with(token: str, address: str | None = None) -> list[bytes]:
-    """Every message in a mailbox's INBOX (the first mailbox by default) whose
-    Subject holds token, read over IMAPS from home's LAN (the controller is
-    on it), the clients' certificate verified against the test CA."""
+def messages_with(token: str, address: str | None = None, folder: str = "INBOX") -> list[bytes]:
+    """Every message in a folder (INBOX by default) of a mailbox (the first
+    by default) whose Subject holds token, read over IMAPS from home's LAN
+    (the controller is on it), the clients' certificate verified against the
+    test CA."""
     address = address or mailbox()
     with IMAPSAtHome(client_name(), 993, ssl_context=ca_context(), timeout=10) as imap:
         imap.login(address, imap_password(address))
-        imap.select("INBOX", readonly=True)
+        typ, _ = imap.select(folder, readonly=True)
+        assert typ == "OK", f"{address} has no folder {folder}"
         _, numbers = imap.search(None, "SUBJECT", token)
         found = []
         for number in numbers[0].split():

@@ -26,6 +26,7 @@ that cannot be read shows "unknown (why)"; `yestls status` itself does not fail.
 
 import asyncio
 import datetime
+import enum
 import json
 import shutil
 import socket
@@ -306,17 +307,26 @@ def edge_rows(path: Path | None, now: float) -> list[Row]:
     return rows
 
 
+def _counts_by_label(metrics: "Metrics", metric: str, label: str, values: type[enum.Enum]) -> dict | None:
+    """A counter's samples as {value: count} for every member of `values` (0 when absent),
+    or None when the edge exports no such counter (the feature is off)."""
+    samples = metrics.labelled(metric)
+    if not samples:
+        return None
+    counts = {member.value: 0 for member in values}
+    for labels, value in samples:
+        if labels.get(label) in counts:
+            counts[labels[label]] = int(value)
+    return counts
+
+
 def door_row(metrics: "Metrics") -> Row:
     """Clients rejected at the edge's door since it started, by reason (relay/edge/door.py)."""
     from relay.edge.door import DOOR_REFUSED_METRIC, DoorReason
 
-    samples = metrics.labelled(DOOR_REFUSED_METRIC + "_total")
-    if not samples:
+    counts = _counts_by_label(metrics, DOOR_REFUSED_METRIC + "_total", "reason", DoorReason)
+    if counts is None:
         return Row("door", "rejected at the door", None, "no door checks configured ([door] in edge.toml)")
-    counts = {reason.value: 0 for reason in DoorReason}
-    for labels, value in samples:
-        if labels.get("reason") in counts:
-            counts[labels["reason"]] = int(value)
     total = sum(counts.values())
     text = ", ".join(f"{reason} {n}" for reason, n in counts.items() if n) or "none"
     return Row("door", "rejected at the door", counts, f"{total} since the edge started: {text}" if total else
@@ -327,13 +337,9 @@ def verdict_row(metrics: "Metrics") -> Row:
     """Messages under home's before-queue verdict since the edge started, by outcome (relay/edge/verdict.py)."""
     from relay.edge.verdict import VERDICT_METRIC, VerdictOutcome
 
-    samples = metrics.labelled(VERDICT_METRIC + "_total")
-    if not samples:
+    counts = _counts_by_label(metrics, VERDICT_METRIC + "_total", "outcome", VerdictOutcome)
+    if counts is None:
         return Row("verdict", "rejected by verdict", None, "no before-queue verdict ([verdict] in edge.toml)")
-    counts = {outcome.value: 0 for outcome in VerdictOutcome}
-    for labels, value in samples:
-        if labels.get("outcome") in counts:
-            counts[labels["outcome"]] = int(value)
     text = ", ".join(f"{outcome} {n}" for outcome, n in counts.items() if n) or "no message yet"
     return Row("verdict", "rejected by verdict", counts,
                f"{counts['rejected']} rejected, {counts['deferred']} deferred since the edge started ({text})")

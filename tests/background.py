@@ -1,4 +1,5 @@
-"""Load that runs beside a measurement, in threads, until the `with` block ends.
+"""Work that runs beside a test, in threads, until the `with` block ends:
+load beside a measurement (Background), or a socketserver (serving_in_thread).
 
     class Flood(Background):
         def work(self, index: int) -> None: ...   # called again and again until stopped
@@ -7,7 +8,9 @@
         ... measure ...
 """
 
+import socketserver
 import threading
+from contextlib import contextmanager
 
 
 class Background:
@@ -32,3 +35,16 @@ class Background:
         self.stopping.set()
         for thread in self.threads:
             thread.join(self.join_timeout)
+
+
+@contextmanager
+def serving_in_thread(server: socketserver.BaseServer):
+    """Run `server` in a thread for the `with` block; shut it down and close it after."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

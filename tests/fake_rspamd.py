@@ -11,12 +11,13 @@ replaced (a function of the request) to play a broken or slow filter.
 """
 
 import json
-import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .background import serving_in_thread
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 JUNK_MARK = b"JUNK-ME-PLEASE"
@@ -98,10 +99,5 @@ def run_fake_rspamd():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving_in_thread(server):
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()

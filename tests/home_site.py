@@ -54,7 +54,7 @@ def make_intake(site: SpoolSite, dovecot: Dovecot, *, options: str = "", rspamd:
         "retry = [0.5, 1, 2]\n"
         "poll = 5\n"
         f"{options}\n"
-        + (f'[spam]\nrspamd = "{rspamd}"\ntimeout = 5\nverdict_key = "{directory / "verdict.key"}"\n'
+        + (f'[spam]\nrspamd = "{rspamd}"\ntimeout = 20\nverdict_key = "{directory / "verdict.key"}"\n'
            "before_queue = false\n" if rspamd else "")
     )
     return IntakeSite(directory, config, directory / "ledger.sqlite", directory / "quarantine",

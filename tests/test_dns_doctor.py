@@ -12,7 +12,6 @@ import json
 import socketserver
 import ssl
 import subprocess
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from relay.doctor import Check, Dns, Doctor, Verdict
 from relay.oracle.keystore import Keystore, key_id, spki_sha256
 from relay.private_files import create_private_file
 
+from .background import serving_in_thread
 from .dns_zone import serve_zone_text
 from .pki import make_pki
 
@@ -103,18 +103,6 @@ def _server_context(setup: Setup) -> ssl.SSLContext:
 
 
 @contextmanager
-def _running(server: socketserver.BaseServer):
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-@contextmanager
 def starttls_mx(setup: Setup):
     """An SMTP server that offers STARTTLS and shows the test PKI's certificate."""
     context = _server_context(setup)
@@ -142,7 +130,7 @@ def starttls_mx(setup: Setup):
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    with _running(server):
+    with serving_in_thread(server):
         yield server.server_address[1]
 
 
@@ -168,7 +156,7 @@ def policy_host(setup: Setup):
     server.daemon_threads = True
     server.policies = {}
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    with _running(server):
+    with serving_in_thread(server):
         yield server
 
 

@@ -308,10 +308,20 @@ def test_concurrent_sessions_each_get_their_own_verdict(edge):
 
 
 def test_status_shows_verdict_counts(edge):
-    rows = {row.item: row for row in edge_rows(edge.site.config, 0) if row.section == "verdict"}
-    counts = rows["rejected by verdict"].value
-    assert counts["rejected"] >= 1 and counts["deferred"] >= 1 and counts["accepted"] >= 1
-    assert "rejected" in rows["rejected by verdict"].text
+    def row():
+        rows = {row.item: row for row in edge_rows(edge.site.config, 0) if row.section == "verdict"}
+        return rows["rejected by verdict"]
+
+    before = row().value
+    for action, times in ((SpamAction.REJECT, 2), (SpamAction.SOFT_REJECT, 1), (SpamAction.NO_ACTION, 1)):
+        with home_judging(edge, answering(action)):
+            for _ in range(times):
+                deliver(edge, message(f"counted {action.value} {os.urandom(8).hex()}"))
+    after = row()
+    assert {k: after.value[k] - before[k] for k in after.value} == {
+        outcome.value: {"rejected": 2, "deferred": 1, "accepted": 1}.get(outcome.value, 0)
+        for outcome in VerdictOutcome}
+    assert f"{after.value['rejected']} rejected, {after.value['deferred']} deferred" in after.text
 
 
 # --- config ---------------------------------------------------------------------------------------

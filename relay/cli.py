@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from relay.backup import cli as backup_cli
 from relay.certs import cli as cert_cli
 from relay.keys import cli as keys_cli
 from relay.tls.constants import Group
@@ -62,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     intake_serve = intake_commands.add_parser("serve", help="run the intake")
     intake_serve.add_argument("--config", type=Path, required=True, help="intake.toml")
 
-    status = commands.add_parser("status", help="tunnel, oracle, policy, spool, intake and certificate expiry, "
-                                                "as this host sees them")
-    for name in ("edge", "oracle", "intake", "site"):
+    status = commands.add_parser("status", help="tunnel, oracle, policy, spool, intake, certificate expiry "
+                                                "and backups, as this host sees them")
+    for name in ("edge", "oracle", "intake", "site", "backup"):
         status.add_argument(f"--{name}-config", type=Path, metavar="PATH",
                             help=f"{name}.toml (default /etc/yestls/{name}.toml when present)")
     status.add_argument("--json", action="store_true", help="JSON for scripts instead of the table")
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_cli.add_parsers(commands)
     cert_cli.add_parsers(commands)
+    backup_cli.add_parsers(commands)
     return parser
 
 
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
         return keys_cli.run(args)
     if args.command == "cert":
         return cert_cli.run(args)
+    if args.command == "backup":
+        return backup_cli.run(args)
     return 2
 
 

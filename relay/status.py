@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_DIRECTORY = Path("/etc/yestls")
-CONFIGS = ("edge", "oracle", "intake", "site")   # each NAME.toml, --NAME-config
-SECTIONS = ("tunnel", "oracle", "policy", "door", "verdict", "spool", "intake", "certificates")
+CONFIGS = ("edge", "oracle", "intake", "site", "backup")   # each NAME.toml, --NAME-config
+SECTIONS = ("tunnel", "oracle", "policy", "door", "verdict", "spool", "intake", "certificates", "backup")
 TIMEOUT = 2.0   # seconds for each endpoint asked
 POLICY_MEANING = {
     "tempfail": "new connections get 421 until an oracle answers; senders retry",
@@ -446,6 +446,39 @@ def acme_rows(path: Path | None, now: float) -> list[Row]:
     return rows or [unknown("certificates", "acme", f"no certificate under {acme.state_dir / 'certificates'}")]
 
 
+def backup_rows(path: Path | None, now: float, home: bool) -> list[Row]:
+    """The last backup and check as `yestls backup` recorded them (relay/backup/take.py), old ones flagged;
+    at home (an intake runs here) without backup.toml, a warning."""
+    if path is None:
+        return [unknown("backup", "last success", "NOT BACKED UP: no backup.toml on this home "
+                                                  "(roles/home_backup, docs/backup.md)")] if home else []
+    from relay.backup import config as backup_config
+    from relay.backup.take import BackupStatus
+
+    try:
+        config = backup_config.load(path)
+        state = BackupStatus.read(config.status_file)
+    except Exception as error:  # noqa: BLE001 - any failure to read is shown, not raised
+        return [unknown("backup", "last success", f"{path}: {error}")]
+    value = {"repository": config.repository, **vars(state)}
+    if state.last_success is None:
+        text = "NEVER: no backup has succeeded yet (`yestls backup run`)"
+    else:
+        age = now - state.last_success
+        text = (f"{_iso(state.last_success)} ({ago(age)} ago), snapshot {state.snapshot}, {state.files} files, "
+                f"{state.bytes_added} bytes new")
+        if age > config.max_age_hours * 3600:
+            text = f"OLD (over {config.max_age_hours:g} h): {text}"
+    if state.last_error and (state.last_attempt or 0) >= (state.last_success or 0):
+        text += f"; the last try FAILED: {state.last_error}"
+    rows = [Row("backup", "last success", value, text)]
+    if state.last_check is not None:
+        check = f"{_iso(state.last_check)} ({ago(now - state.last_check)} ago)"
+        check += f": FAILED: {state.last_check_error}" if state.last_check_error else ": sound"
+        rows.append(Row("backup", "last check", {"time": state.last_check, "error": state.last_check_error}, check))
+    return rows
+
+
 def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[Row]:
     """The intake's status file (relay/home/intake.py writes it after each pull)."""
     if path is None:
@@ -543,11 +576,12 @@ def default_config(name: str, directory: Path = CONFIG_DIRECTORY) -> Path | None
 
 
 def collect(edge: Path | None, oracle: Path | None, intake: Path | None, *, site: Path | None = None,
-            now: float | None = None, run: Callable = subprocess.run) -> Status:
+            backup: Path | None = None, now: float | None = None, run: Callable = subprocess.run) -> Status:
     now = time.time() if now is None else now
     status = Status(socket.gethostname(), now,
                     {"edge": str(edge) if edge else None, "oracle": str(oracle) if oracle else None,
-                     "intake": str(intake) if intake else None, "site": str(site) if site else None})
+                     "intake": str(intake) if intake else None, "site": str(site) if site else None,
+                     "backup": str(backup) if backup else None})
     status.add(*tunnel_rows(now, run))
     rows = edge_rows(edge, now)
     status.add(*rows)
@@ -555,6 +589,7 @@ def collect(edge: Path | None, oracle: Path | None, intake: Path | None, *, site
     edge_spool_known = any(r.section == "spool" and r.item == "depth" and r.unknown is None for r in rows)
     status.add(*intake_rows(intake, now, edge_spool_known))
     status.add(*acme_rows(site, now))
+    status.add(*backup_rows(backup, now, home=intake is not None))
     present = {row.section for row in status.rows}
     for section, (item, why) in MISSING.items():
         if section not in present:
@@ -578,7 +613,8 @@ def run(args) -> int:
     for name in CONFIGS:
         given = getattr(args, f"{name}_config")
         configs[name] = given if given is not None else default_config(name)
-    status = collect(configs["edge"], configs["oracle"], configs["intake"], site=configs["site"])
+    status = collect(configs["edge"], configs["oracle"], configs["intake"], site=configs["site"],
+                     backup=configs["backup"])
     if args.json:
         json.dump(status.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -110,7 +110,7 @@ def tcp_probe(
     return dict(zip([tuple(t) for t in targets], json.loads(out)))
 
 
-def run_playbook(playbook: str, *extra_vars: str) -> None:
+def run_playbook(playbook: str, *extra_vars: str, timeout: float = 600) -> None:
     """playbooks/<playbook> on the scenario's hosts, the way a user runs it
     again (with `-e` for each of extra_vars), its task results logged with
     the converge's; fails with the end of its output."""
@@ -121,7 +121,7 @@ def run_playbook(playbook: str, *extra_vars: str) -> None:
     result = subprocess.run(
         ["ansible-playbook", "-i", str(ephemeral / "inventory"), *extra,
          str(SCENARIO_DIR.parent.parent / "playbooks" / playbook)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True, timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 

@@ -295,7 +295,9 @@ def test_no_private_key_of_home_anywhere_on_the_edge():
     /sys, /dev), streamed to the controller and searched there."""
     edge_key = pem_needles("edge identity key", read_secret("edge", EDGE_IDENTITY))
     control = {"edge identity key (PEM line 1)": edge_key["edge identity key (PEM line 1)"]}
-    found = find_in_filesystem("edge", home_secrets() | control)
+    # and the backup's passphrase (roles/home_backup: at home only, like the keys it protects)
+    passphrase = {"home's backup passphrase": site()["site_backup_passphrase"].encode()}
+    found = find_in_filesystem("edge", home_secrets() | control | passphrase)
     # the search finds what is there: the edge's own key, in its key file
     assert (EDGE_IDENTITY, "edge identity key (PEM line 1)") in found
     assert [hit for hit in found if not hit[1].startswith("edge ")] == []

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default="127.0.0.1:4433", help="HOST:PORT (default %(default)s)")
     serve.add_argument("--groups", type=_group, nargs="+", metavar="GROUP",
                        help=f"key exchange groups in preference order ({', '.join(GROUP_NAMES)})")
+    serve.add_argument("--no-tls12", action="store_true",
+                       help="serve TLS 1.3 only: TLS 1.2 clients get protocol_version")
     serve.add_argument("--insist-on-preferred-group", action="store_true",
                        help="HelloRetryRequest for the preferred group even if the client sent another usable share")
     serve.add_argument("--alpn", action="append", default=[], help="ALPN protocol to accept (repeatable)")

@@ -116,6 +116,7 @@ def run(args) -> None:
             tickets_per_handshake=args.tickets,
             alpn_protocols=tuple(p.encode() for p in args.alpn),
             insist_on_preferred_group=args.insist_on_preferred_group,
+            tls12=not args.no_tls12,
             ticket_early_data_size=args.ticket_early_data,
             **({"groups": tuple(args.groups)} if args.groups else {}),
         )

@@ -9,7 +9,7 @@ import os
 import ssl
 import time
 
-from relay.tls import ServerConfig, ServerConnection, SignatureRequest, TLSError
+from relay.tls import ServerConfig, ServerConnection, SignatureRequest, Tls12SignatureRequest, TLSError
 from relay.tls.signing import sign
 
 
@@ -25,7 +25,7 @@ class MemoryPair:
         )
         self.events = []
         self.server_error: TLSError | None = None
-        self.signature_requests: list[SignatureRequest] = []
+        self.signature_requests: list[SignatureRequest | Tls12SignatureRequest] = []
 
     def _server_step(self) -> bool:
         moved = False
@@ -39,7 +39,7 @@ class MemoryPair:
                 new = []
             for event in new:
                 self.events.append(event)
-                if isinstance(event, SignatureRequest):
+                if isinstance(event, (SignatureRequest, Tls12SignatureRequest)):
                     self.signature_requests.append(event)
                     self.server.provide_signature(sign(self.key, event.scheme, event.content))
         out = self.server.data_to_send()

@@ -113,14 +113,35 @@ def tls10_hello(client: RawClient) -> Hello:
     return Hello(random=os.urandom(32), legacy_version=0x0301, cipher_suites=[0x002F, 0x0035], extensions=None)
 
 
-@pytest.mark.parametrize("make_hello", [
+TLS12_HELLOS = [
     pytest.param(lambda c: c.hello().remove(EXT.SUPPORTED_VERSIONS), id="tls12-no-supported_versions"),
     pytest.param(lambda c: c.hello().set(EXT.SUPPORTED_VERSIONS, versions_data(0x0303, 0x0302)), id="tls12-in-list"),
-    pytest.param(tls10_hello, id="tls10-no-extensions"),
-])
-def test_hello_without_tls13_gets_protocol_version(client, make_hello):
-    """4.3.1 and E.2: supported_versions absent or without 0x0304, and no older version served."""
+]
+
+
+@pytest.mark.parametrize("make_hello", TLS12_HELLOS)
+def test_tls12_hello_gets_protocol_version_with_tls12_off(new_client, make_hello):
+    """4.3.1 and E.2: supported_versions absent or without 0x0304, and TLS 1.2 not served."""
+    client = new_client(tls12=False)
     expect_alert(client, AD.protocol_version, lambda: client.send_hello(make_hello(client)))
+
+
+@pytest.mark.parametrize("make_hello", TLS12_HELLOS)
+def test_tls12_hello_with_only_tls13_suites_gets_handshake_failure(client, make_hello):
+    """A client whose best is TLS 1.2 is answered in TLS 1.2: with no TLS 1.2 suite offered, nothing fits."""
+    expect_alert(client, AD.handshake_failure, lambda: client.send_hello(make_hello(client)))
+
+
+@pytest.mark.parametrize("versions", [(0x0302, 0x0301), (0x7F1C,), (0x0A0A, 0x0302)],
+                         ids=["tls11-tls10", "unknown", "grease-tls11"])
+def test_hello_without_tls12_or_tls13_in_supported_versions_gets_protocol_version(client, versions):
+    hello = client.hello().set(EXT.SUPPORTED_VERSIONS, versions_data(*versions))
+    expect_alert(client, AD.protocol_version, lambda: client.send_hello(hello))
+
+
+def test_tls10_hello_gets_protocol_version(client):
+    """E.2: nothing older than TLS 1.2 is served."""
+    expect_alert(client, AD.protocol_version, lambda: client.send_hello(tls10_hello(client)))
 
 
 @pytest.mark.parametrize("legacy_version", [0x0300, 0x0301, 0x0302, 0x0304, 0x7F1C])
@@ -915,3 +936,70 @@ def test_full_size_early_data_record_before_hello_retry_is_skipped(ticket_client
     assert client.send(full) == []
     client.send_hello(client.retry_hello(first))
     assert any(isinstance(e, HandshakeComplete) for e in client.send_finished())
+
+
+# --- the conformance review's cases (issue 16) -------------------------------------------------------------
+
+def test_early_data_is_skipped_after_hello_retry_with_change_cipher_spec_interleaved(ticket_client, leaf):
+    """4.3.10 and D.4: 0-RTT records around the client's compatibility change_cipher_spec, after a
+    HelloRetryRequest, are skipped within the budget; the handshake then completes."""
+    config, ticket = ticket_client(early_data_size=4096)
+    client = RawClient(config, leaf.key)
+    first = client.hello(ticket=ticket, early_data=True, shares=(), session_id=os.urandom(32))
+    client.send_hello(first)
+    assert client.server.state is State.WAIT_SECOND_HELLO
+    assert client.send(client.early_record(bytes(1000))) == []
+    assert client.send_record(ContentType.CHANGE_CIPHER_SPEC, b"\x01") == []
+    assert client.send(client.early_record(bytes(1000))) == []
+    client.send_hello(client.retry_hello(first))
+    assert any(isinstance(e, HandshakeComplete) for e in client.send_finished())
+
+
+def test_early_data_is_skipped_with_change_cipher_spec_interleaved(ticket_client, leaf):
+    config, ticket = ticket_client(early_data_size=4096)
+    client = RawClient(config, leaf.key)
+    client.send_hello(client.hello(ticket=ticket, early_data=True, session_id=os.urandom(32)))
+    assert client.send(client.early_record(bytes(700))) == []
+    assert client.send_record(ContentType.CHANGE_CIPHER_SPEC, b"\x01") == []
+    assert client.send(client.early_record(bytes(700))) == []
+    assert any(isinstance(e, HandshakeComplete) for e in client.send_finished())
+
+
+def test_early_data_over_budget_after_hello_retry_gets_unexpected_message(ticket_client, leaf):
+    config, ticket = ticket_client(early_data_size=1000)
+    client = RawClient(config, leaf.key)
+    client.send_hello(client.hello(ticket=ticket, early_data=True, shares=()))
+    client.send(client.early_record(bytes(600)))
+    expect_alert(client, AD.unexpected_message, lambda: client.send(client.early_record(bytes(600))))
+
+
+@pytest.mark.parametrize("count", [1, 2, 100, 32000])
+def test_signature_algorithms_of_any_legal_length_with_unknown_values_is_accepted(client, count):
+    """4.2.3: unknown schemes are ignored, whatever the list's length (32000: as long as fits in
+    a ClientHello's extensions with the others; the hello then spans four records)."""
+    unknown = [v for v in range(0x0101, 0xFFFF) if v not in (0x0403, 0x0503, 0x0603)][:count - 1]
+    hello = client.hello(schemes=(*unknown, 0x0403))
+    assert len(hello.get(EXT.SIGNATURE_ALGORITHMS)) == 2 + 2 * count
+    raw = client.prepare_hello(hello)
+    for start in range(0, len(raw), MAX_PLAINTEXT):
+        client.send_record(ContentType.HANDSHAKE, raw[start:start + MAX_PLAINTEXT])
+    client.send_finished()
+    assert client.server.session.signature_scheme == "ecdsa_secp256r1_sha256"
+
+
+@pytest.mark.parametrize("length", [0, 31, 33, 48])
+def test_finished_of_the_wrong_length_gets_decode_error(client, length):
+    """4.4.4: verify_data is Hash.length bytes; another length does not decode."""
+    client.drive_to(State.WAIT_FINISHED)
+    bad = handshake_message(HandshakeType.FINISHED, bytes(length))
+    expect_alert(client, AD.decode_error, lambda: client.send_finished(bad))
+
+
+def test_many_key_updates_in_a_row_are_all_followed(client):
+    """4.6.3: each KeyUpdate moves the client's key on; 500 in a row, then data under the 501st key."""
+    client.drive_to(State.CONNECTED)
+    for _ in range(500):
+        assert [type(e).__name__ for e in client.send_key_update()] == ["KeyUpdateReceived"]
+    assert client.send_application_data(b"after 500") == [DataReceived(b"after 500")]
+    client.call(client.server.send_data, b"still the first server key")
+    assert client.application_data == b"still the first server key"

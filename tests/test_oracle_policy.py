@@ -959,7 +959,8 @@ def test_refusal_codes_are_the_documented_ones():
     assert REFUSAL_CODES == {
         "policy.not_a_transcript", "policy.not_tls13", "policy.malformed", "policy.psk_handshake",
         "policy.certificate_mismatch", "policy.sni_mismatch", "policy.scheme_mismatch", "policy.alpn_selected",
-        "policy.internal_error",
+        "policy.not_tls12", "policy.suite_mismatch", "policy.bad_params", "policy.stale_nonce",
+        "policy.replayed_nonce", "policy.internal_error",
     }
 
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import ssl
+import time
 import urllib.request
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from relay.oracle.protocol import MAX_FRAME, SERVICE, auth_message
 from relay.rpc import HEADER, VERSION, Code, Kind, RemoteError
 from relay.tls import Group, ServerConfig, SignatureRequest, SignatureScheme
 from relay.tls.keyschedule import SUITES
-from relay.tls.signing import certificate_verify_content, verify
+from relay.tls.signing import certificate_verify_content, tls12_nonce, tls12_server_random, verify
 
 from . import tls12
 from .hostile_peers import close_all, closed_by_peer, open_sockets, prove, request, send, still_open
@@ -951,3 +952,122 @@ def test_the_audit_log_rotates_at_its_configured_size(pki, tmp_path):
         data = (tmp_path / name).read_bytes()
         assert len(data) <= MIN_MAX_BYTES
         assert all(json.loads(line)["peer"] == "edge" for line in data.splitlines())
+
+
+# --- TLS 1.2: sign_tls12 --------------------------------------------------------------------------------------
+
+def tls12_request(pki, key_type: str = "ecdsa-p256"):
+    """The engine's Tls12SignatureRequest for a real OpenSSL client held to TLS 1.2."""
+    leaf = pki.leaves[key_type]
+    context = ssl.create_default_context(cafile=str(pki.ca_pem))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    pair = MemoryPair(ServerConfig([leaf.chain]), context, leaf.key)
+    pair.handshake()
+    assert pair.client.version() == "TLSv1.2"
+    [request] = pair.signature_requests
+    return request
+
+
+async def sign_tls12(connection: rpc.RpcConnection, key_id: str, request, **changes) -> rpc.Frame:
+    params = {"key_id": key_id, "scheme": int(request.scheme), "cipher_suite": int(request.cipher_suite),
+              "nonce": request.nonce.hex(), **changes}
+    return await connection.call("sign_tls12", params, request.client_hello + request.params, timeout=10)
+
+
+def test_tls12_server_key_exchange_is_signed_and_audited_with_its_version(oracle, pki):
+    request = tls12_request(pki)
+    mark = oracle.audit_mark()
+
+    async def main():
+        connection = await edge(oracle)
+        try:
+            return await sign_tls12(connection, oracle.key_id(), request)
+        finally:
+            await closed(connection)
+
+    reply = run(main())
+    assert verify(pki.leaves["ecdsa-p256"].key.public_key(), request.scheme, request.content, reply.tail)
+    assert reply.meta["server_random"] == tls12_server_random(request.nonce).hex()
+    [line] = [line for line in oracle.audit_since(mark) if line["method"] == "sign_tls12"]
+    assert line["outcome"] == "signed" and line["version"] == "TLSv1.2"
+    assert line["client_random"] == request.client_hello[6:38].hex()
+    assert line["server_random"] == reply.meta["server_random"] and line["group"] == "x25519"
+    assert line["cipher_suite"] == request.cipher_suite
+
+
+def test_tls13_signature_is_audited_with_its_version(oracle, pki):
+    request = handshake_request(pki)
+    mark = oracle.audit_mark()
+
+    async def main():
+        connection = await edge(oracle)
+        try:
+            return await sign(connection, oracle.key_id(), request.scheme, transcript(request))
+        finally:
+            await closed(connection)
+
+    run(main())
+    [line] = [line for line in oracle.audit_since(mark) if line["method"] == "sign"]
+    assert line["version"] == "TLSv1.3"
+
+
+def tls12_refusal(oracle, request, code: str, tail: bytes | None = None, **changes) -> dict:
+    mark, before = oracle.audit_mark(), oracle.refusals(code)
+
+    async def main():
+        connection = await edge(oracle)
+        try:
+            if tail is None:
+                return await refusal(sign_tls12(connection, oracle.key_id(), request, **changes))
+            params = {"key_id": oracle.key_id(), "scheme": int(request.scheme),
+                      "cipher_suite": int(request.cipher_suite), "nonce": request.nonce.hex(), **changes}
+            return await refusal(connection.call("sign_tls12", params, tail, timeout=10))
+        finally:
+            await closed(connection)
+
+    error = run(main())
+    assert error.code == code, error
+    [line] = [line for line in oracle.audit_since(mark) if line["method"] == "sign_tls12"]
+    assert line["outcome"] == f"refused:{code}" and line["peer"] == "edge"
+    assert oracle.refusals(code) == before + 1
+    oracle.assert_alive()
+    return line
+
+
+def test_tls12_replayed_nonce_is_refused_by_the_front(oracle, pki):
+    request = tls12_request(pki)
+
+    async def first():
+        connection = await edge(oracle)
+        try:
+            return await sign_tls12(connection, oracle.key_id(), request)
+        finally:
+            await closed(connection)
+
+    run(first())
+    tls12_refusal(oracle, request, "policy.replayed_nonce")
+
+
+def test_tls12_request_for_a_tls13_client_is_not_tls12(oracle, pki):
+    tls13 = handshake_request(pki)
+    request = tls12_request(pki)
+    line = tls12_refusal(oracle, request, "policy.not_tls12", tail=tls13.handshake_messages[0] + request.params)
+    assert line["client_random"] == tls13.handshake_messages[0][6:38].hex()
+
+
+def test_tls12_rsa_key_exchange_is_refused(oracle, pki):
+    tls12_refusal(oracle, tls12_request(pki), "policy.suite_mismatch", cipher_suite=0x009C)
+
+
+def test_tls12_params_that_are_something_else_are_refused(oracle, pki):
+    request = tls12_request(pki)
+    tls12_refusal(oracle, request, "policy.bad_params", tail=request.client_hello + handshake_request(pki).content)
+
+
+def test_tls12_stale_nonce_is_refused(oracle, pki):
+    request = tls12_request(pki)
+    tls12_refusal(oracle, request, "policy.stale_nonce", nonce=tls12_nonce(time.time() - 3600, os.urandom).hex())
+
+
+def test_tls12_nonce_that_is_not_hex_is_refused(oracle, pki):
+    tls12_refusal(oracle, tls12_request(pki), "policy.malformed", nonce="not hex")

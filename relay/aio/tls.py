@@ -24,15 +24,17 @@ from relay.tls import (
     ServerConfig,
     ServerConnection,
     SignatureRequest,
+    Tls12SignatureRequest,
     TLSError,
 )
+from relay.tls.events import AnySignatureRequest
 from relay.tls.signing import sign
 
 log = logging.getLogger("yestls.tls")
 
 
 class Signer(Protocol):
-    async def sign(self, request: SignatureRequest) -> bytes: ...
+    async def sign(self, request: AnySignatureRequest) -> bytes: ...
 
 
 class SignatureDeclined(Exception):
@@ -47,7 +49,7 @@ class LocalKeySigner:
         # pairs: (CertificateChain, private key); looked up by the leaf certificate.
         self._keys = {chain.der_chain[0]: key for chain, key in pairs}
 
-    async def sign(self, request: SignatureRequest) -> bytes:
+    async def sign(self, request: AnySignatureRequest) -> bytes:
         return sign(self._keys[request.certificate.der_chain[0]], request.scheme, request.content)
 
 
@@ -95,7 +97,7 @@ class TLSServerProtocol(asyncio.Protocol):
                     self._app.data_received(event.data)
                 finally:
                     wipe(event.data)  # mail plaintext: the application has copied what it keeps
-            elif isinstance(event, SignatureRequest):
+            elif isinstance(event, (SignatureRequest, Tls12SignatureRequest)):
                 self._sign_task = asyncio.get_running_loop().create_task(self._sign(event))
             elif isinstance(event, HandshakeComplete):
                 self._handshake_done(event)
@@ -129,7 +131,7 @@ class TLSServerProtocol(asyncio.Protocol):
 
     # --- handshake ------------------------------------------------------------
 
-    async def _sign(self, request: SignatureRequest) -> None:
+    async def _sign(self, request: AnySignatureRequest) -> None:
         try:
             signature = await asyncio.wait_for(self._signer.sign(request), self._sign_timeout)
         except asyncio.CancelledError:

@@ -30,6 +30,7 @@
     retry_after = 60                     # seconds a client whose TLS failed is told to retry later, not in cleartext
     ticket_lifetime = 7200               # seconds a session ticket may resume (no signature needed)
     ticket_rotation = 3600               # seconds each ticket key issues tickets; it is forgotten a lifetime later
+    tls12 = true                         # TLS 1.2 (ECDHE, AEAD) for senders without TLS 1.3; false: they get cleartext
 
     [door]                               # all optional, all off by default: relay/edge/door.py decides
     dnsbl_sites = ["zen.spamhaus.org=127.0.0.[2..11]*3", "list.dnswl.org=127.0.[0..255].[1..3]*-2"]
@@ -125,6 +126,8 @@ class TlsSettings:
     # oracle ends resumption only when the last ticket key is forgotten, rotation + lifetime later (3 h).
     ticket_lifetime: int
     ticket_rotation: int
+    # TLS 1.2 for senders that stop there; off, they get protocol_version and most fall back to cleartext.
+    tls12: bool = True
 
 
 @dataclass(frozen=True)
@@ -415,8 +418,9 @@ def _tls_settings(tls: Table) -> TlsSettings:
                        hint="seconds, 1..604800 (RFC 8446 4.6.1)")
     rotation = tls.get("ticket_rotation", int, default=3600, check=lambda n: 1 <= n <= lifetime,
                        hint="seconds, 1..ticket_lifetime")
+    tls12 = tls.get("tls12", bool, default=True, hint="true or false")
     tls.done()
-    return TlsSettings(limits, lifetime, rotation)
+    return TlsSettings(limits, lifetime, rotation, tls12)
 
 
 __all__ = ["ConfigError", "EdgeConfig", "load"]

@@ -215,7 +215,7 @@ class Edge:
         chains = [chain for _, chain in await self.pool.certificates()]
         if not chains:
             raise OracleUnavailable("the oracle lists no certificate")
-        self.tls_config = ServerConfig(chains, tickets=self.tickets)
+        self.tls_config = ServerConfig(chains, tickets=self.tickets, tls12=self.config.tls.tls12)
         self.web_tls_config = dataclasses.replace(self.tls_config, alpn_protocols=(HTTP_1_1,))
         self.metrics.serving(chains)
         names = sorted({name for chain in chains for name in chain.names})

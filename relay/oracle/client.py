@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from relay import rpc, tunnel
 from relay.oracle.protocol import MAX_FRAME, SERVICE, parse_certificate_listing
-from relay.tls import CertificateChain, SignatureRequest
+from relay.tls import CertificateChain, SignatureRequest, Tls12SignatureRequest
 
 log = logging.getLogger("yestls.oracle.client")
 
@@ -211,12 +211,18 @@ class OraclePool:
             self._key_ids[entry.chain.der_chain[0]] = entry.key_id
         return [(entry.key_id, entry.chain) for entry in entries]
 
-    async def sign(self, request: SignatureRequest) -> bytes:
+    async def sign(self, request: SignatureRequest | Tls12SignatureRequest) -> bytes:
+        """The signature; the engine checks it against the certificate before sending it."""
         key_id = self._key_ids.get(request.certificate.der_chain[0])
         if key_id is None:
             raise OracleRefused(rpc.RemoteError("unknown_key", "certificate not listed by any oracle"))
         params = {"key_id": key_id, "scheme": int(request.scheme)}
-        frame = await self._call("sign", params, b"".join(request.handshake_messages))
+        if isinstance(request, Tls12SignatureRequest):
+            # The oracle derives server_random from the nonce and builds the signed bytes itself (policy12.py).
+            params.update(cipher_suite=int(request.cipher_suite), nonce=request.nonce.hex())
+            frame = await self._call("sign_tls12", params, request.client_hello + request.params)
+        else:
+            frame = await self._call("sign", params, b"".join(request.handshake_messages))
         return frame.tail
 
     async def _call(self, method: str, params: dict, tail: bytes) -> rpc.Frame:

@@ -72,12 +72,18 @@ CERTIFICATE_MISMATCH = "policy.certificate_mismatch"
 SNI_MISMATCH = "policy.sni_mismatch"
 SCHEME_MISMATCH = "policy.scheme_mismatch"
 ALPN_SELECTED = "policy.alpn_selected"
+# TLS 1.2 ServerKeyExchange (sign_tls12) only
+NOT_TLS12 = "policy.not_tls12"                  # the client offers TLS 1.3 (or not even 1.2): no 1.2 signature
+SUITE_MISMATCH = "policy.suite_mismatch"        # not an ECDHE-AEAD suite for this key that the client offered
+BAD_PARAMS = "policy.bad_params"                # the ECDHE params are not a named curve and a valid point
+STALE_NONCE = "policy.stale_nonce"              # the nonce's time is too far from the signer's clock
+REPLAYED_NONCE = "policy.replayed_nonce"        # a nonce seen before
 # A bug in this module, not a property of the request: still a refusal, never a signature.
 INTERNAL_ERROR = "policy.internal_error"
 
 REFUSAL_CODES = frozenset(
     {NOT_A_TRANSCRIPT, NOT_TLS13, MALFORMED, PSK_HANDSHAKE, CERTIFICATE_MISMATCH, SNI_MISMATCH, SCHEME_MISMATCH,
-     ALPN_SELECTED, INTERNAL_ERROR}
+     ALPN_SELECTED, NOT_TLS12, SUITE_MISMATCH, BAD_PARAMS, STALE_NONCE, REPLAYED_NONCE, INTERNAL_ERROR}
 )
 
 

@@ -7,9 +7,11 @@ the audit log and the metrics, and hands sign requests to the signing
 processes (relay/oracle/signer.py, reached through relay/oracle/signers.py),
 which alone hold the keys and tell it the chains: the front never opens the
 keystore. It has no decrypt operation and no way to sign anything but a
-policy-checked TLS 1.3 CertificateVerify.
+policy-checked TLS 1.3 CertificateVerify or TLS 1.2 ServerKeyExchange.
 
-Methods: ping, hello, auth (relay.tunnel's identity proof), certificates, sign.
+Methods: ping, hello, auth (relay.tunnel's identity proof), certificates, sign
+(TLS 1.3's CertificateVerify), sign_tls12 (TLS 1.2's ServerKeyExchange: the
+front also refuses a nonce it has seen, relay/oracle/policy12.py).
 
 `certificates` answers from a listing at most LISTING_MAX_AGE seconds old:
 past that, the front asks its signing processes again (they re-read the
@@ -20,6 +22,7 @@ LISTING_MAX_AGE. Sign requests are checked against the latest listing.
 """
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -28,6 +31,8 @@ from relay.audit import AuditLog
 from relay.oracle import config as oracle_config
 from relay.oracle.keystore import PublicEntry
 from relay.oracle.metrics import OracleMetrics
+from relay.oracle.policy import Refusal
+from relay.oracle.policy12 import NonceLedger
 from relay.oracle.protocol import DROPPED_KEY_GRACE, MAX_FRAME, SERVICE, certificate_listing
 from relay.oracle.signers import SignerPool, SignerSocket, SpawnedSigners
 from relay.rpc import Code, Frame, RemoteError, RpcConnection
@@ -50,9 +55,12 @@ class OracleService:
         self.signers = signers
         self.audit = audit
         self.metrics = metrics
+        self.nonces = NonceLedger()
+        methods = {"certificates": self._certificates, "sign": functools.partial(self._sign, "sign"),
+                   "sign_tls12": functools.partial(self._sign, "sign_tls12")}
         self.gate = TunnelService(
-            SERVICE, config.peers, {"certificates": self._certificates, "sign": self._sign}, audit, metrics,
-            max_frame=MAX_FRAME, self_auditing=frozenset({"sign"}))
+            SERVICE, config.peers, methods, audit, metrics,
+            max_frame=MAX_FRAME, self_auditing=frozenset({"sign", "sign_tls12"}))
 
     async def _certificates(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
         if time.monotonic() - self.listed_at >= LISTING_MAX_AGE:
@@ -80,26 +88,30 @@ class OracleService:
         self.entries = listed
         self.listed_at = now
 
-    async def _sign(self, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
+    async def _sign(self, method: str, connection: RpcConnection, frame: Frame) -> tuple[dict, bytes]:
         peer = connection.state["peer"]
         state: PeerState = connection.state["peer_state"]
         started = time.monotonic()
         key_id = frame.meta.get("key_id")
         scheme = frame.meta.get("scheme")
-        audit = {"peer": peer.name, "method": "sign", "key_id": key_id, "scheme": scheme}
+        params = {"key_id": key_id, "scheme": scheme}
+        audit = {"peer": peer.name, "method": method, "key_id": key_id, "scheme": scheme}
         try:
             if not isinstance(key_id, str) or not isinstance(scheme, int) or isinstance(scheme, bool):
-                raise RemoteError(Code.BAD_REQUEST, "sign needs a string key_id and an integer scheme")
+                raise RemoteError(Code.BAD_REQUEST, f"{method} needs a string key_id and an integer scheme")
             if key_id not in self.entries and self.dropped.get(key_id, 0.0) <= started:
                 raise RemoteError("unknown_key", "no key with that id; list certificates again")
             if state.in_flight >= peer.max_in_flight:
                 raise RemoteError(Code.BUSY, f"more than {peer.max_in_flight} signatures in flight")
             if not state.bucket.take(started):
                 raise RemoteError(Code.RATE_LIMITED, f"over {peer.rate:g} signatures per second")
+            if method == "sign_tls12":
+                params.update(cipher_suite=frame.meta.get("cipher_suite"), nonce=frame.meta.get("nonce"))
+                self._admit_nonce(params["nonce"])
             state.in_flight += 1
             self.metrics.in_flight.inc()
             try:
-                reply = await self.signers.sign(key_id, scheme, frame.tail)
+                reply = await self.signers.sign(method, params, frame.tail)
             finally:
                 state.in_flight -= 1
                 self.metrics.in_flight.dec()
@@ -108,7 +120,17 @@ class OracleService:
             raise
         self.metrics.sign_seconds.observe(time.monotonic() - started)
         self.audit.record(**audit, **reply.meta, outcome="signed")
+        if method == "sign_tls12":   # the edge may check the random it will send is the one signed
+            return {"server_random": reply.meta.get("server_random")}, reply.tail
         return {}, reply.tail
+
+
+    def _admit_nonce(self, nonce) -> None:
+        """The front's share of sign_tls12's policy: one signature per nonce (the signers check the rest)."""
+        try:
+            self.nonces.admit(nonce if isinstance(nonce, str) else repr(nonce))
+        except Refusal as refusal:
+            raise RemoteError(refusal.code, refusal.message) from None
 
 
 def _chains(entries: dict[str, PublicEntry]) -> dict[str, tuple]:

@@ -16,7 +16,8 @@ it over a socketpair, as the front's own user (relay/oracle/signers.py).
 It speaks the same frames as the tunnel (relay.rpc), blocking: read what is
 there, answer every whole request, write the answers in one go. Methods:
 `ping` -> the key ids, `certificates` -> the chains (public material only),
-`sign`; nothing else.
+`sign` (TLS 1.3, relay/oracle/policy.py), `sign_tls12` (relay/oracle/policy12.py);
+nothing else.
 
 `certificates` re-reads the keystore first (SignerKeys.reload): chains
 imported since, keys switched to by a rollover, keys that appeared. Keys
@@ -38,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from relay.oracle import policy
+from relay.oracle import policy, policy12
 from relay.oracle.keystore import Keystore, KeystoreError, PrivateEntry
 from relay.oracle.protocol import DROPPED_KEY_GRACE, certificate_listing
 from relay.rpc import Code, Frame, FrameDecoder, FrameError, Kind, encode_frame
@@ -85,7 +86,7 @@ def answer(frame: Frame, keys: SignerKeys) -> bytes:
         except KeystoreError as error:
             print(f"yestls signer: keeping the {len(keys.by_id)} key(s) held: {error}", file=sys.stderr)
         return encode_frame(Kind.RESPONSE, frame.id, {"certificates": certificate_listing(keys.by_id.values())})
-    if method != "sign":
+    if method not in ("sign", "sign_tls12"):
         return _error(frame.id, Code.UNKNOWN_METHOD, f"no method {method!r}")
     entry = keys.for_signing(frame.meta.get("key_id"))
     scheme = frame.meta.get("scheme")
@@ -94,17 +95,28 @@ def answer(frame: Frame, keys: SignerKeys) -> bytes:
     if not isinstance(scheme, int):
         return _error(frame.id, Code.BAD_REQUEST, "scheme must be an integer")
     try:
-        approved = policy.check_certificate_verify(frame.tail, scheme, entry.chain)
+        if method == "sign":
+            approved = policy.check_certificate_verify(frame.tail, scheme, entry.chain)
+            facts = {"version": "TLSv1.3", "transcript_hash": approved.transcript_hash.hex()}
+        else:
+            approved = policy12.check_server_key_exchange(
+                frame.tail, scheme, entry.chain, frame.meta.get("cipher_suite"), _nonce(frame.meta), time.time())
+            facts = {"version": "TLSv1.2", "server_random": approved.server_random.hex(),
+                     "group": approved.group.name.lower()}
     except policy.Refusal as refusal:
         return _error(frame.id, refusal.code, str(refusal), refusal.facts)
     signature = signing.sign(entry.private_key, approved.scheme, approved.content)
-    facts = {
-        "server_name": approved.server_name,
-        "client_random": approved.client_random.hex(),
-        "transcript_hash": approved.transcript_hash.hex(),
-        "cipher_suite": approved.cipher_suite,
-    }
+    facts.update(server_name=approved.server_name, client_random=approved.client_random.hex(),
+                 cipher_suite=approved.cipher_suite)
     return encode_frame(Kind.RESPONSE, frame.id, facts, signature)
+
+
+def _nonce(meta: dict) -> bytes | None:
+    """`sign_tls12`'s nonce, sent as hex; None (refused by the policy) when it is not hex."""
+    try:
+        return bytes.fromhex(meta.get("nonce"))
+    except (TypeError, ValueError):
+        return None
 
 
 def _error(frame_id: int, code: str, message: str, facts: dict | None = None) -> bytes:

@@ -179,12 +179,13 @@ class SignerPool:
         reply = await connection.call("certificates", timeout=READY_TIMEOUT)
         return parse_certificate_listing(reply.meta.get("certificates"))
 
-    async def sign(self, key_id: str, scheme: int, messages: bytes) -> Frame:
+    async def sign(self, method: str, params: dict, tail: bytes) -> Frame:
+        """`sign` or `sign_tls12`, with the request's parameters as the peer sent them."""
         if not self.connections:
             raise RemoteError(Code.UNAVAILABLE, "no signing process is running")
         connection = min(self.connections, key=lambda c: c.pending_calls)
         try:
-            return await connection.call("sign", {"key_id": key_id, "scheme": scheme}, messages)
+            return await connection.call(method, params, tail)
         except ConnectionError:
             raise RemoteError(Code.UNAVAILABLE, "the signing process ended; retry") from None
 

@@ -4,7 +4,8 @@
     events = conn.receive_data(bytes_from_peer)
     send(conn.data_to_send())
 
-A `SignatureRequest` event means: sign `request.content` (or have the key
+TLS 1.3, and TLS 1.2 with ECDHE and an AEAD (relay/tls/server12.py). A
+`SignatureRequest` (TLS 1.2: `Tls12SignatureRequest`) event means: sign `request.content` (or have the key
 oracle check and sign `request.handshake_messages`), then call
 `conn.provide_signature(signature)`.
 """
@@ -21,6 +22,7 @@ from .events import (
     KeyUpdateReceived,
     SessionInfo,
     SignatureRequest,
+    Tls12SignatureRequest,
 )
 from .server import ServerConnection, State
 from .tickets import SessionState, TicketKeyring
@@ -29,5 +31,5 @@ __all__ = [
     "AlertDescription", "CertificateChain", "CipherSuite", "CloseNotifyReceived", "ConnectionClosed",
     "ConnectionEnded", "DataReceived", "Group", "HandshakeComplete", "KeyUpdateReceived", "PeerAlert",
     "ServerConfig", "ServerConnection", "SessionInfo", "SessionState", "SignatureRequest", "SignatureScheme",
-    "State", "TLSAlert", "TLSError", "TicketKeyring",
+    "State", "TLSAlert", "TLSError", "TicketKeyring", "Tls12SignatureRequest",
 ]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .certs import CertificateChain
-from .constants import MAX_INNER_PLAINTEXT, CipherSuite, Group
+from .constants import MAX_INNER_PLAINTEXT, CipherSuite, CipherSuite12, Group
 from .tickets import SessionState
 
 
@@ -43,6 +43,18 @@ class ServerConfig:
     # Nonzero only to exercise clients' 0-RTT paths; it is also the skip budget.
     ticket_early_data_size: int = 0
     max_handshake_message: int = 65536
+    # TLS 1.2 for clients that cannot speak TLS 1.3 (relay/tls/server12.py); a
+    # client that offers TLS 1.3 always gets TLS 1.3.
+    tls12: bool = True
+    cipher_suites12: tuple[int, ...] = (
+        CipherSuite12.ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        CipherSuite12.ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        CipherSuite12.ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        CipherSuite12.ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        CipherSuite12.ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        CipherSuite12.ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    )
+    groups12: tuple[int, ...] = (Group.X25519, Group.SECP256R1, Group.SECP384R1)
     # An opaque HelloRetryRequest cookie, from the first ClientHello's hash;
     # the second ClientHello must echo it.
     hello_retry_cookie: Callable[[bytes], bytes] | None = None
@@ -54,6 +66,10 @@ class ServerConfig:
             CipherSuite(suite)  # ValueError names the unknown value
         for group in self.groups:
             Group(group)
+        for suite in self.cipher_suites12:
+            CipherSuite12(suite)
+        if Group.X25519MLKEM768 in self.groups12:
+            raise ValueError("TLS 1.2 has no hybrid groups: X25519MLKEM768 cannot be in groups12")
         if not self.cipher_suites or not self.groups:
             raise ValueError("ServerConfig needs at least one cipher suite and one group")
         if not 64 <= self.record_size_limit <= MAX_INNER_PLAINTEXT:

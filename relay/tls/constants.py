@@ -6,6 +6,13 @@ TLS12 = 0x0303
 TLS13 = 0x0304
 
 # RFC 8446 4.1.3: ServerHello.random of a HelloRetryRequest.
+# RFC 8446 4.1.3: the last 8 bytes of a TLS 1.3 server's random when it negotiates TLS 1.2.
+DOWNGRADE_TLS12 = b"DOWNGRD\x01"
+
+# Cipher suite values that are signals, not suites.
+EMPTY_RENEGOTIATION_INFO_SCSV = 0x00FF   # RFC 5746 3.3
+FALLBACK_SCSV = 0x5600                   # RFC 7507
+
 HELLO_RETRY_REQUEST_RANDOM = bytes.fromhex(
     "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c"
 )
@@ -29,8 +36,11 @@ class HandshakeType(IntEnum):
     END_OF_EARLY_DATA = 5
     ENCRYPTED_EXTENSIONS = 8
     CERTIFICATE = 11
+    SERVER_KEY_EXCHANGE = 12       # TLS 1.2
     CERTIFICATE_REQUEST = 13
+    SERVER_HELLO_DONE = 14         # TLS 1.2
     CERTIFICATE_VERIFY = 15
+    CLIENT_KEY_EXCHANGE = 16       # TLS 1.2
     FINISHED = 20
     KEY_UPDATE = 24
     MESSAGE_HASH = 254
@@ -41,10 +51,13 @@ class ExtensionType(IntEnum):
     MAX_FRAGMENT_LENGTH = 1
     STATUS_REQUEST = 5
     SUPPORTED_GROUPS = 10
+    EC_POINT_FORMATS = 11           # TLS 1.2 (RFC 8422)
     SIGNATURE_ALGORITHMS = 13
     ALPN = 16
     PADDING = 21
+    EXTENDED_MASTER_SECRET = 23     # TLS 1.2 (RFC 7627)
     RECORD_SIZE_LIMIT = 28
+    SESSION_TICKET = 35             # TLS 1.2 (RFC 5077)
     PRE_SHARED_KEY = 41
     EARLY_DATA = 42
     SUPPORTED_VERSIONS = 43
@@ -52,6 +65,7 @@ class ExtensionType(IntEnum):
     PSK_KEY_EXCHANGE_MODES = 45
     SIGNATURE_ALGORITHMS_CERT = 50
     KEY_SHARE = 51
+    RENEGOTIATION_INFO = 0xFF01     # TLS 1.2 (RFC 5746)
 
 
 class AlertLevel(IntEnum):
@@ -80,6 +94,7 @@ class AlertDescription(IntEnum):
     internal_error = 80
     inappropriate_fallback = 86
     user_canceled = 90
+    no_renegotiation = 100
     missing_extension = 109
     unsupported_extension = 110
     unrecognized_name = 112
@@ -93,6 +108,17 @@ class CipherSuite(IntEnum):
     AES_128_GCM_SHA256 = 0x1301
     AES_256_GCM_SHA384 = 0x1302
     CHACHA20_POLY1305_SHA256 = 0x1303
+
+
+class CipherSuite12(IntEnum):
+    """The TLS 1.2 suites served: ECDHE with an AEAD, nothing else (RFC 5289, RFC 7905)."""
+
+    ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 = 0xC02B
+    ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 = 0xC02C
+    ECDHE_RSA_WITH_AES_128_GCM_SHA256 = 0xC02F
+    ECDHE_RSA_WITH_AES_256_GCM_SHA384 = 0xC030
+    ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 = 0xCCA8
+    ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 = 0xCCA9
 
 
 class Group(IntEnum):
@@ -110,7 +136,9 @@ class SignatureScheme(IntEnum):
     RSA_PSS_RSAE_SHA384 = 0x0805
     RSA_PSS_RSAE_SHA512 = 0x0806
     ED25519 = 0x0807
-    RSA_PKCS1_SHA256 = 0x0401
+    RSA_PKCS1_SHA256 = 0x0401       # TLS 1.2 only, for RSA keys
+    RSA_PKCS1_SHA384 = 0x0501
+    RSA_PKCS1_SHA512 = 0x0601
 
 
 class PskMode(IntEnum):

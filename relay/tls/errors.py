@@ -56,6 +56,10 @@ class ProtocolVersion(TLSAlert):
     description = AlertDescription.protocol_version
 
 
+class InappropriateFallback(TLSAlert):
+    description = AlertDescription.inappropriate_fallback
+
+
 class InternalError(TLSAlert):
     description = AlertDescription.internal_error
 

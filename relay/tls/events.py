@@ -26,6 +26,27 @@ class SignatureRequest:
 
 
 @dataclass(frozen=True)
+class Tls12SignatureRequest:
+    """A TLS 1.2 full handshake needs its ServerKeyExchange signed.
+
+    A remote signer gets the ClientHello, the nonce and the ECDHE params, and
+    derives the server_random itself (relay.tls.signing.tls12_server_random):
+    it never signs bytes the edge chose. `content` is the exact signed input,
+    for a signer that holds the key locally. Answer with
+    `ServerConnection.provide_signature()` or `signature_failed()`.
+    """
+
+    client_hello: bytes
+    nonce: bytes
+    params: bytes
+    scheme: SignatureScheme
+    certificate: CertificateChain
+    server_name: str | None
+    cipher_suite: int
+    content: bytes
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     version: str
     cipher_suite: str
@@ -66,4 +87,6 @@ class ConnectionEnded:
     clean: bool
 
 
-Event = SignatureRequest | HandshakeComplete | DataReceived | KeyUpdateReceived | CloseNotifyReceived | ConnectionEnded
+AnySignatureRequest = SignatureRequest | Tls12SignatureRequest
+
+Event = SignatureRequest | Tls12SignatureRequest | HandshakeComplete | DataReceived | KeyUpdateReceived | CloseNotifyReceived | ConnectionEnded

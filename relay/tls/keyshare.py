@@ -88,3 +88,58 @@ def _x25519_mlkem768(client_share: bytes, random: Random) -> tuple[bytes, bytes]
     x25519_share, x25519_secret = _x25519(client_share[MLKEM768_ENCAPSULATION_KEY_LEN:], random)
     # The ML-KEM part comes first, in the share and in the secret.
     return ciphertext + x25519_share, mlkem_secret + x25519_secret
+
+
+# --- TLS 1.2: the server speaks first ------------------------------------------
+
+GROUPS12 = (Group.X25519, Group.SECP256R1, Group.SECP384R1)   # no hybrid groups in TLS 1.2
+
+
+def generate(group: int, random: Random):
+    """A TLS 1.2 ServerKeyExchange's ephemeral key: (private key, public point)."""
+    if group == Group.X25519:
+        private = x25519.X25519PrivateKey.from_private_bytes(random(32))
+        return private, private.public_key().public_bytes_raw()
+    if group in _CURVES:
+        curve, size = _CURVES[group]
+        private = _ec_private_key(curve, size, random)
+        return private, private.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    raise IllegalParameter(f"group 0x{group:04x} is not served in TLS 1.2")
+
+
+def check_point(group: int, point: bytes):
+    """The peer public key for `point`, checked: length, uncompressed form, on the curve, not low order.
+
+    IllegalParameter says what is wrong. Used by the engine for the client's
+    ClientKeyExchange and by the oracle for the edge's ServerKeyExchange point.
+    """
+    if group == Group.X25519:
+        if len(point) != X25519_LEN:
+            raise IllegalParameter("x25519 point is not 32 bytes")
+        public = x25519.X25519PublicKey.from_public_bytes(point)
+        try:   # a low-order point gives the all-zero secret with any key: cryptography refuses it
+            x25519.X25519PrivateKey.from_private_bytes(b"\x01" * 32).exchange(public)
+        except ValueError:
+            raise IllegalParameter("x25519 point has low order") from None
+        return public
+    if group in _CURVES:
+        curve, size = _CURVES[group]
+        if len(point) != 1 + 2 * size or point[0] != 4:
+            raise IllegalParameter(f"{curve.name} point is not uncompressed")
+        try:
+            return ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
+        except ValueError:
+            raise IllegalParameter(f"{curve.name} point is not on the curve") from None
+    raise IllegalParameter(f"group 0x{group:04x} is not served in TLS 1.2")
+
+
+def complete(group: int, private, client_point: bytes) -> bytes:
+    """The premaster secret from our ephemeral key and the client's checked point."""
+    if group == Group.X25519:   # the exchange itself refuses a low-order point: no second multiplication
+        if len(client_point) != X25519_LEN:
+            raise IllegalParameter("x25519 point is not 32 bytes")
+        try:
+            return private.exchange(x25519.X25519PublicKey.from_public_bytes(client_point))
+        except ValueError:
+            raise IllegalParameter("x25519 point has low order") from None
+    return private.exchange(ec.ECDH(), check_point(group, client_point))

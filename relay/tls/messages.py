@@ -49,6 +49,11 @@ class ClientHello:
     early_data: bool = False
     cookie: bytes | None = None
     record_size_limit: int | None = None
+    # TLS 1.2's
+    point_formats: bytes | None = None
+    extended_master_secret: bool = False
+    session_ticket: bytes | None = None       # b"": supports tickets, has none
+    renegotiation_info: bytes | None = None
 
 
 def parse_client_hello(raw: bytes) -> ClientHello:
@@ -171,6 +176,22 @@ def _record_size_limit(ch: ClientHello, r: Reader, _: int) -> None:
     ch.record_size_limit = limit
 
 
+def _point_formats(ch: ClientHello, r: Reader, _: int) -> None:
+    ch.point_formats = r.vector(1, 1)
+
+
+def _extended_master_secret(ch: ClientHello, r: Reader, _: int) -> None:
+    ch.extended_master_secret = True   # empty: the caller's expect_end() checks it
+
+
+def _session_ticket(ch: ClientHello, r: Reader, _: int) -> None:
+    ch.session_ticket = r.take(r.remaining())
+
+
+def _renegotiation_info(ch: ClientHello, r: Reader, _: int) -> None:
+    ch.renegotiation_info = r.vector(1)
+
+
 _EXTENSION_PARSERS = {
     ExtensionType.SUPPORTED_VERSIONS: _supported_versions,
     ExtensionType.SERVER_NAME: _server_name,
@@ -184,6 +205,10 @@ _EXTENSION_PARSERS = {
     ExtensionType.EARLY_DATA: _early_data,
     ExtensionType.COOKIE: _cookie,
     ExtensionType.RECORD_SIZE_LIMIT: _record_size_limit,
+    ExtensionType.EC_POINT_FORMATS: _point_formats,
+    ExtensionType.EXTENDED_MASTER_SECRET: _extended_master_secret,
+    ExtensionType.SESSION_TICKET: _session_ticket,
+    ExtensionType.RENEGOTIATION_INFO: _renegotiation_info,
 }
 
 
@@ -218,3 +243,22 @@ def new_session_ticket(lifetime: int, age_add: int, nonce: bytes, ticket: bytes,
 
 def key_update(request_update: int) -> bytes:
     return handshake_message(HandshakeType.KEY_UPDATE, u8(request_update))
+
+
+# --- TLS 1.2 server messages (RFC 5246 7.4, RFC 8422 5.4, RFC 5077 3.3) -------------
+
+def certificate12(der_chain: tuple[bytes, ...]) -> bytes:
+    """TLS 1.2's Certificate: a bare list of certificates."""
+    return handshake_message(HandshakeType.CERTIFICATE, vec24(b"".join(vec24(der) for der in der_chain)))
+
+
+def server_key_exchange(params: bytes, scheme: int, signature: bytes) -> bytes:
+    return handshake_message(HandshakeType.SERVER_KEY_EXCHANGE, params + u16(scheme) + vec16(signature))
+
+
+def server_hello_done() -> bytes:
+    return handshake_message(HandshakeType.SERVER_HELLO_DONE, b"")
+
+
+def new_session_ticket12(lifetime_hint: int, ticket: bytes) -> bytes:
+    return handshake_message(HandshakeType.NEW_SESSION_TICKET, u32(lifetime_hint) + vec16(ticket))

@@ -13,7 +13,6 @@ Any bad input ends the connection: the right fatal alert is queued in
 import hashlib
 import hmac
 from collections.abc import Callable
-from enum import Enum, auto
 
 from relay.scrub import wipe
 
@@ -25,6 +24,7 @@ from .constants import (
     MAX_CIPHERTEXT,
     MAX_INNER_PLAINTEXT,
     MAX_PLAINTEXT,
+    TLS12,
     TLS13,
     AlertDescription,
     AlertLevel,
@@ -65,7 +65,9 @@ from .events import (
 from .keyschedule import SUITES, TAG_LEN, KeySchedule, Suite, finished_mac, next_traffic_secret, resumption_psk
 from .messages import ClientHello, extension
 from .record import Protection, RecordReader
+from .server12 import Tls12Server
 from .signing import Transcript, certificate_verify_content, verify
+from .state import State
 from .tickets import SessionState
 from .wire import u16, u32, vec8, vec16
 
@@ -95,16 +97,7 @@ def _content_type_index(buffer: bytearray, length: int) -> int:
     return length - zeros - 1
 
 
-class State(Enum):
-    START = auto()              # waiting for the first ClientHello
-    WAIT_SECOND_HELLO = auto()  # sent HelloRetryRequest
-    WAIT_SIGNATURE = auto()     # sent ServerHello, waiting for the signer
-    WAIT_FINISHED = auto()      # sent our Finished, waiting for the client's
-    CONNECTED = auto()
-    CLOSED = auto()
-
-
-class ServerConnection:
+class ServerConnection(Tls12Server):
     def __init__(self, config: ServerConfig, *, random: Callable[[int], bytes], now: Callable[[], float]):
         self.config = config
         self._random = random
@@ -146,6 +139,18 @@ class ServerConnection:
         self.session: SessionInfo | None = None
         self._session_fields: dict = {}  # SessionInfo's fields, filled in as they are chosen
         self.client_hello: ClientHello | None = None   # the hello that was answered
+        self.version: int | None = None                 # TLS13 or TLS12 once the first ClientHello is read
+        # TLS 1.2's (relay/tls/server12.py)
+        self._suite12 = None
+        self._server_random = b""
+        self._ecdhe = None
+        self._master12 = b""
+        self._pending_read = None
+        self._pending_write = None
+        self._resumed12 = False
+        self._secure_renegotiation = False
+        self._alpn12: bytes | None = None
+        self._ignored12 = 0
 
     # --- public API ---------------------------------------------------------
 
@@ -172,7 +177,7 @@ class ServerConnection:
         """The signer's answer to the pending `SignatureRequest`."""
         if self.state is not State.WAIT_SIGNATURE:
             raise ConnectionClosed("no signature is pending")
-        self._guard(self._finish_server_flight, signature)
+        self._guard(self._finish_server_flight12 if self.version == TLS12 else self._finish_server_flight, signature)
 
     def signature_failed(self) -> None:
         """The signer could not sign: end the handshake with internal_error."""
@@ -181,7 +186,8 @@ class ServerConnection:
             self.state = State.CLOSED
 
     def send_data(self, data: bytes) -> None:
-        if self.state not in (State.WAIT_FINISHED, State.CONNECTED) or self._closed_write:
+        ready = (State.CONNECTED,) if self.version == TLS12 else (State.WAIT_FINISHED, State.CONNECTED)
+        if self.state not in ready or self._closed_write:
             raise ConnectionClosed("cannot send application data now")
         self._key_update_answered = False
         step = self._max_send_fragment
@@ -193,6 +199,8 @@ class ServerConnection:
         """Send a KeyUpdate and switch to the next sending key."""
         if self.state is not State.CONNECTED or self._closed_write:
             raise ConnectionClosed("key update needs an established connection")
+        if self.version == TLS12:
+            raise ConnectionClosed("TLS 1.2 has no key update")
         self._send_key_update(KeyUpdateRequest.REQUESTED if request_peer_update else KeyUpdateRequest.NOT_REQUESTED)
 
     def close(self) -> None:
@@ -248,6 +256,9 @@ class ServerConnection:
             self._process_record(*record, events)
 
     def _process_record(self, content_type: int, header: bytes, payload: bytes, events: list[Event]) -> None:
+        if self.version == TLS12:
+            self._process_record12(content_type, header, payload, events)
+            return
         if self._handshake_buffer and content_type != ContentType.HANDSHAKE and self._read is None:
             raise UnexpectedMessage("record interleaved with a fragmented handshake message")
         if content_type == ContentType.CHANGE_CIPHER_SPEC:
@@ -349,6 +360,8 @@ class ServerConnection:
 
     def _receive_handshake_message(self, message: bytes, events: list[Event]) -> bool:
         """Handle one whole message; True when it ends a key epoch."""
+        if self.version == TLS12:
+            return self._receive_handshake_message12(message, events)
         msg_type = message[0]
         if msg_type == HandshakeType.CLIENT_HELLO and self.state in (State.START, State.WAIT_SECOND_HELLO):
             self._receive_client_hello(message, events)
@@ -366,7 +379,13 @@ class ServerConnection:
         retry = self.state is State.WAIT_SECOND_HELLO
         if retry:
             self._early_data_budget = -1  # 0-RTT skipping after a HelloRetryRequest ends here
-        _check_version(hello)
+        version = _negotiate_version(hello, self.config.tls12)
+        if retry and version != TLS13:
+            raise IllegalParameter("the second ClientHello no longer offers TLS 1.3")
+        self.version = version
+        if version == TLS12:
+            self._receive_client_hello12(hello, raw, events)
+            return
         if hello.compression_methods != b"\x00":
             raise IllegalParameter("TLS 1.3 allows only null compression")
         _check_mandatory_extensions(hello)
@@ -476,7 +495,7 @@ class ServerConnection:
         now = self._now()
         for index, (identity, _age) in enumerate(hello.psks.identities):
             state = self.config.tickets.open(identity, now)
-            if state is None or SUITES.get(state.cipher_suite) is None:
+            if state is None or state.protocol != TLS13 or SUITES.get(state.cipher_suite) is None:
                 continue
             if SUITES[state.cipher_suite].hash_name != suite.hash_name:
                 continue
@@ -592,6 +611,8 @@ class ServerConnection:
         self.state = State.WAIT_FINISHED
 
     def _receive_client_finished(self, message: bytes, events: list[Event]) -> None:
+        if len(message) - 4 != len(self._expected_client_finished):
+            raise DecodeError(f"Finished of {len(message) - 4} bytes, not {len(self._expected_client_finished)}")
         if not hmac.compare_digest(message[4:], self._expected_client_finished):
             raise DecryptError("client Finished does not verify")
         self._transcript.add(message)
@@ -645,6 +666,9 @@ class ServerConnection:
         self._write = Protection(self._suite, next_traffic_secret(self._suite, self._write.secret))
 
     def _rekey_if_worn(self) -> None:
+        if self._write.seq >= RECORDS_PER_KEY and self.version == TLS12:
+            self.close()   # TLS 1.2 cannot rekey without renegotiation, which is not done
+            raise ConnectionClosed("TLS 1.2 connection worn out its key: closed")
         if self._write.seq >= RECORDS_PER_KEY and self.state is State.CONNECTED:
             self._send_key_update(KeyUpdateRequest.NOT_REQUESTED)
 
@@ -662,7 +686,11 @@ class ServerConnection:
             return
         step = self._max_send_fragment
         for start in range(0, len(pending), step):
-            self._out.append(self._write.seal(ContentType.HANDSHAKE, bytes(pending[start:start + step])))
+            fragment = bytes(pending[start:start + step])
+            if self._write is None:   # TLS 1.2's first flight
+                self._out.append(_plaintext_record(ContentType.HANDSHAKE, fragment))
+            else:
+                self._out.append(self._write.seal(ContentType.HANDSHAKE, fragment))
         pending.clear()
 
 
@@ -670,11 +698,19 @@ def _plaintext_record(content_type: int, payload: bytes) -> bytes:
     return bytes((content_type, 3, 3)) + len(payload).to_bytes(2, "big") + payload
 
 
-def _check_version(hello: ClientHello) -> None:
-    if hello.supported_versions is None or TLS13 not in hello.supported_versions:
-        raise ProtocolVersion("client does not offer TLS 1.3 (TLS 1.2 and older are not served)")
-    if hello.legacy_version != 0x0303:
-        raise ProtocolVersion(f"ClientHello legacy_version 0x{hello.legacy_version:04x} is not 0x0303")
+def _negotiate_version(hello: ClientHello, tls12: bool) -> int:
+    """TLS13 when the client offers it (RFC 8446 4.2.1); TLS12 when that is its best and we serve it."""
+    versions = hello.supported_versions
+    if versions is not None and TLS13 in versions:
+        if hello.legacy_version != TLS12:
+            raise ProtocolVersion(f"ClientHello legacy_version 0x{hello.legacy_version:04x} is not 0x0303")
+        return TLS13
+    offers_tls12 = TLS12 in versions if versions is not None else hello.legacy_version >= TLS12
+    if not offers_tls12:
+        raise ProtocolVersion("client offers neither TLS 1.3 nor TLS 1.2 (nothing older is served)")
+    if not tls12:
+        raise ProtocolVersion("client does not offer TLS 1.3, and TLS 1.2 is off")
+    return TLS12
 
 
 def _check_mandatory_extensions(hello: ClientHello) -> None:

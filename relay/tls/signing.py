@@ -7,15 +7,55 @@ know exactly what it signs. Keep it free of engine state.
 """
 
 import hashlib
+import struct
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from .constants import HELLO_RETRY_REQUEST_RANDOM, HandshakeType, SignatureScheme
-from .wire import u24
+from .constants import DOWNGRADE_TLS12, HELLO_RETRY_REQUEST_RANDOM, HandshakeType, SignatureScheme
+from .wire import u8, u16, u24, vec8
 
 SERVER_CERTIFICATE_VERIFY_CONTEXT = b"TLS 1.3, server CertificateVerify"
+
+# --- TLS 1.2's ServerKeyExchange -----------------------------------------------
+#
+# A TLS 1.2 signature covers client_random || server_random || params, which
+# a signer cannot tie to a handshake of its own (the classic keyless weakness:
+# Bhargavan et al., "Content delivery over TLS", 2017; the IETF LURK answer).
+# So the signer never takes a server_random from the edge: it derives it from
+# an edge nonce, with the downgrade sentinel in its last 8 bytes, and builds
+# params from a curve and point it has checked. The engine derives the same
+# server_random from the same nonce to send it. The nonce starts with the
+# time it was made, so a signer can refuse stale and repeated ones.
+
+TLS12_NONCE_LEN = 32
+NAMED_CURVE = 3              # ECCurveType named_curve (RFC 8422 5.4)
+_SERVER_RANDOM_LABEL = b"yestls tls12 server_random"
+
+
+def tls12_nonce(now: float, random) -> bytes:
+    """The edge's nonce for one ServerKeyExchange: 8 bytes of milliseconds, 24 random bytes."""
+    return struct.pack(">Q", int(now * 1000)) + random(TLS12_NONCE_LEN - 8)
+
+
+def tls12_nonce_time(nonce: bytes) -> float:
+    return struct.unpack(">Q", nonce[:8])[0] / 1000
+
+
+def tls12_server_random(nonce: bytes) -> bytes:
+    """The server_random of a full TLS 1.2 handshake: derived from the nonce, never chosen by the edge."""
+    return hashlib.sha256(_SERVER_RANDOM_LABEL + nonce).digest()[:24] + DOWNGRADE_TLS12
+
+
+def ecdhe_params(group: int, public: bytes) -> bytes:
+    """ServerECDHParams (RFC 8422 5.4): named_curve, the curve, the point."""
+    return u8(NAMED_CURVE) + u16(group) + vec8(public)
+
+
+def server_key_exchange_content(client_random: bytes, server_random: bytes, params: bytes) -> bytes:
+    """What a TLS 1.2 ServerKeyExchange signature covers (RFC 5246 7.4.3)."""
+    return client_random + server_random + params
 
 
 def certificate_verify_content(transcript_hash: bytes) -> bytes:
@@ -94,6 +134,12 @@ _RSA_PSS = {
     SignatureScheme.RSA_PSS_RSAE_SHA384: hashes.SHA384,
     SignatureScheme.RSA_PSS_RSAE_SHA512: hashes.SHA512,
 }
+# TLS 1.2 only (RFC 8446 4.2.3 keeps them out of TLS 1.3 handshakes).
+_RSA_PKCS1 = {
+    SignatureScheme.RSA_PKCS1_SHA256: hashes.SHA256,
+    SignatureScheme.RSA_PKCS1_SHA384: hashes.SHA384,
+    SignatureScheme.RSA_PKCS1_SHA512: hashes.SHA512,
+}
 
 
 def schemes_for_key(public_key) -> tuple[SignatureScheme, ...]:
@@ -105,6 +151,14 @@ def schemes_for_key(public_key) -> tuple[SignatureScheme, ...]:
     if isinstance(public_key, ed25519.Ed25519PublicKey):
         return (SignatureScheme.ED25519,)
     return ()
+
+
+def schemes_for_key_tls12(public_key) -> tuple[SignatureScheme, ...]:
+    """The TLS 1.2 schemes a key signs a ServerKeyExchange with: TLS 1.3's, then RSA PKCS#1 v1.5 for RSA keys."""
+    schemes = schemes_for_key(public_key)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        schemes += tuple(_RSA_PKCS1)
+    return schemes
 
 
 def _pss(hash_cls) -> padding.PSS:
@@ -119,6 +173,8 @@ def sign(private_key, scheme: int, content: bytes) -> bytes:
     if scheme in _RSA_PSS:
         hash_cls = _RSA_PSS[scheme]
         return private_key.sign(content, _pss(hash_cls), hash_cls())
+    if scheme in _RSA_PKCS1:
+        return private_key.sign(content, padding.PKCS1v15(), _RSA_PKCS1[scheme]())
     if scheme == SignatureScheme.ED25519:
         return private_key.sign(content)
     raise ValueError(f"unsupported signature scheme 0x{scheme:04x}")
@@ -126,7 +182,7 @@ def sign(private_key, scheme: int, content: bytes) -> bytes:
 
 def verify(public_key, scheme: int, content: bytes, signature: bytes) -> bool:
     """True when `signature` is `scheme`'s signature over `content` by `public_key`."""
-    if scheme not in schemes_for_key(public_key):
+    if scheme not in schemes_for_key_tls12(public_key):
         return False
     try:
         if scheme in _ECDSA:
@@ -134,6 +190,8 @@ def verify(public_key, scheme: int, content: bytes, signature: bytes) -> bool:
         elif scheme in _RSA_PSS:
             hash_cls = _RSA_PSS[scheme]
             public_key.verify(signature, content, _pss(hash_cls), hash_cls())
+        elif scheme in _RSA_PKCS1:
+            public_key.verify(signature, content, padding.PKCS1v15(), _RSA_PKCS1[scheme]())
         else:
             public_key.verify(signature, content)
     except (InvalidSignature, ValueError):

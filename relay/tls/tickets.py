@@ -16,16 +16,20 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .constants import TLS12, TLS13
 from .errors import DecodeError
 from .wire import Reader, u8, u16, u32, vec8
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 KEY_ID_LEN = 8
 NONCE_LEN = 12
 
 
 @dataclass(frozen=True)
 class SessionState:
+    """What a ticket resumes. TLS 1.3: `psk` is the resumption PSK. TLS 1.2: `psk` is the
+    master secret, and only sessions with the extended master secret get a ticket."""
+
     cipher_suite: int
     psk: bytes
     issued_at_ms: int
@@ -33,12 +37,13 @@ class SessionState:
     age_add: int
     server_name: str | None
     alpn: bytes | None
+    protocol: int = TLS13
 
     def encode(self) -> bytes:
         return (
             u8(STATE_VERSION) + u16(self.cipher_suite) + vec8(self.psk)
             + self.issued_at_ms.to_bytes(8, "big") + u32(self.lifetime) + u32(self.age_add)
-            + vec8((self.server_name or "").encode()) + vec8(self.alpn or b"")
+            + vec8((self.server_name or "").encode()) + vec8(self.alpn or b"") + u16(self.protocol)
         )
 
     @classmethod
@@ -49,7 +54,10 @@ class SessionState:
         state = cls(
             cipher_suite=r.u16(), psk=r.vector(1), issued_at_ms=r.uint(8), lifetime=r.u32(),
             age_add=r.u32(), server_name=r.vector(1).decode() or None, alpn=r.vector(1) or None,
+            protocol=r.u16(),
         )
+        if state.protocol not in (TLS12, TLS13):
+            raise DecodeError("unknown protocol version in session state")
         r.expect_end()
         return state
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a test PKI, and the engine serving on loopback from a thread."""
+"""Shared fixtures: a test PKI, the engine serving on loopback from a thread, and TLS client tools."""
 
 import asyncio
 import os
@@ -11,6 +11,7 @@ from relay.aio.tls import LocalKeySigner
 from relay.tls import ServerConfig, TicketKeyring
 from relay.tls_serve import start_server
 
+from .interop_helpers import GnutlsCli, SClient
 from .pki import make_pki
 
 
@@ -72,3 +73,33 @@ def tls_server(pki):
 
     yield start
     runner.stop()
+
+
+@pytest.fixture
+def s_client(pki):
+    """s_client(server, *options, servername=..., ca=...) -> a running SClient, killed at teardown."""
+    started = []
+
+    def start(server, *options, ca=None, **kwargs) -> SClient:
+        client = SClient(server.address, ca or pki.ca_pem, *options, **kwargs)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.kill()
+
+
+@pytest.fixture
+def gnutls_cli(pki):
+    """gnutls_cli(server, *options, servername=..., ca=...) -> a running GnutlsCli, killed at teardown."""
+    started = []
+
+    def start(server, *options, ca=None, **kwargs) -> GnutlsCli:
+        client = GnutlsCli(server.host, server.port, ca or pki.ca_pem, *options, **kwargs)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.kill()

@@ -203,6 +203,29 @@ class SClient(HttpClient):
         self.wait_for(r"^KEYUPDATE$", count=done_before + 1)
 
 
+def full_session(s_client, server, *options, session_out=None):
+    """One complete full handshake plus a request, through the `s_client` fixture's factory; returns
+    (summary match, body, output). `session_out` waits for a TLS 1.3 NewSessionTicket: under TLS 1.2 pass
+    -sess_out in `options` instead (the ticket then comes within the handshake)."""
+    extra = ("-sess_out", session_out) if session_out else ()
+    client = s_client(server, *options, *extra)
+    done = client.wait_handshake()
+    body = client.request()
+    if session_out:
+        client.wait_ticket()
+    return done, body, client.finish()
+
+
+def resumed_session(s_client, server, session_in, *options):
+    """Reconnect offering the saved session, one request; returns (summary match, body, output)."""
+    client = s_client(server, "-sess_in", session_in, *options)
+    done = client.wait_handshake()
+    body = client.request()
+    if "-sess_out" in options:
+        client.wait_ticket()
+    return done, body, client.finish()
+
+
 class GnutlsCli(HttpClient):
     """`gnutls-cli`, verifying the chain against `ca` and the certificate against `servername`."""
 

@@ -11,7 +11,7 @@ import pytest
 
 from relay.tls.constants import Group
 
-from .interop_helpers import KEY_TYPES, SCHEME_OF_KEY, GnutlsCli, response_bodies
+from .interop_helpers import KEY_TYPES, SCHEME_OF_KEY, response_bodies
 
 pytestmark = pytest.mark.interop
 
@@ -32,21 +32,6 @@ SIGNATURE_OF_KEY = {
     "ed25519": "EdDSA-Ed25519",
 }
 HRR_RECEIVED = "HELLO RETRY REQUEST (1025) was received"
-
-
-@pytest.fixture
-def gnutls_cli(pki):
-    """gnutls_cli(server, *options, servername=..., ca=...) -> a running GnutlsCli, killed at teardown."""
-    started = []
-
-    def start(server, *options, ca=None, **kwargs) -> GnutlsCli:
-        client = GnutlsCli(server.host, server.port, ca or pki.ca_pem, *options, **kwargs)
-        started.append(client)
-        return client
-
-    yield start
-    for client in started:
-        client.kill()
 
 
 def one_request(gnutls_cli, server, *options):

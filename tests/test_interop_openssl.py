@@ -16,7 +16,16 @@ from relay.tls import ServerConfig, TicketKeyring
 from relay.tls.constants import Group
 
 from .conftest import ServerThread
-from .interop_helpers import HRR_RANDOM, KEY_TYPES, SCHEME_OF_KEY, SClient, TlsServe, response_bodies
+from .interop_helpers import (
+    HRR_RANDOM,
+    KEY_TYPES,
+    SCHEME_OF_KEY,
+    SClient,
+    TlsServe,
+    full_session,
+    response_bodies,
+    resumed_session,
+)
 from .pki import make_pki
 
 pytestmark = pytest.mark.interop
@@ -30,21 +39,6 @@ GROUPS = {
 }
 
 
-@pytest.fixture
-def s_client(pki):
-    """s_client(server, *options, servername=..., ca=...) -> a running SClient, killed at teardown."""
-    started = []
-
-    def start(server, *options, ca=None, **kwargs) -> SClient:
-        client = SClient(server.address, ca or pki.ca_pem, *options, **kwargs)
-        started.append(client)
-        return client
-
-    yield start
-    for client in started:
-        client.kill()
-
-
 def saw_hello_retry(trace: str) -> bool:
     """From `s_client -trace`: a ServerHello carrying the HelloRetryRequest random, then a second ClientHello."""
     hrr = (f"gmt_unix_time=0x{HRR_RANDOM[:4].hex().upper()}\n"
@@ -56,17 +50,6 @@ def retry_group(trace: str) -> str:
     """The group the HelloRetryRequest asked for (the key_share right after the HRR random)."""
     tail = trace[trace.index(HRR_RANDOM[4:].hex().upper()):]
     return re.search(r"NamedGroup: (\S+)", tail).group(1)
-
-
-def full_session(s_client, server, *options, session_out=None):
-    """One complete full handshake plus a request; returns (summary match, body, output)."""
-    extra = ("-sess_out", session_out) if session_out else ()
-    client = s_client(server, *options, *extra)
-    done = client.wait_handshake()
-    body = client.request()
-    if session_out:
-        client.wait_ticket()
-    return done, body, client.finish()
 
 
 @pytest.mark.parametrize("suite", SUITES)
@@ -127,16 +110,6 @@ def test_no_hello_retry_when_server_takes_the_offered_share(tls_server, s_client
     done, body, output = full_session(s_client, server, "-groups", "X25519:P-384", "-trace")
     assert not saw_hello_retry(output)
     assert body["group"] == "x25519"
-
-
-def resumed_session(s_client, server, session_in, *options):
-    """Reconnect offering the saved session, one request; returns (summary match, body, output)."""
-    client = s_client(server, "-sess_in", session_in, *options)
-    done = client.wait_handshake()
-    body = client.request()
-    if "-sess_out" in options:
-        client.wait_ticket()
-    return done, body, client.finish()
 
 
 @pytest.mark.parametrize("key_type", KEY_TYPES)

@@ -1,20 +1,23 @@
-"""Just enough TLS 1.2 (RFC 5246) for a test to play a TLS 1.2 server.
+"""Just enough TLS 1.2 (RFC 5246) for a test to play a keyless TLS 1.2 server that the engine never is.
 
-The engine speaks only TLS 1.3, on purpose; tests/test_keyless_impossible.py
-still has to show what a TLS 1.2 client does facing a server without its key.
-This module holds the pieces that needs: the PRF and key block for the
-AES_128_GCM_SHA256 suites, AES-GCM records (RFC 5288), the server's messages,
-and the client's ClientKeyExchange parsed.
+tests/test_keyless_impossible.py shows what a TLS 1.2 client does facing a
+server without its key, RSA key transport included (which the engine does
+not serve). This module holds what that needs beyond the engine's own TLS 1.2
+parts (relay/tls/tls12.py, messages.py, signing.py, which it reuses): the
+key block for the AES_128_GCM_SHA256 suites of both key exchanges, AES-GCM
+records (RFC 5288), a bare ServerHello, and the client's ClientKeyExchange parsed.
 """
 
 import hashlib
-import hmac
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from relay.tls.messages import extension, handshake_message
-from relay.tls.wire import Reader, u8, u16, vec8, vec16, vec24
+from relay.tls import tls12
+from relay.tls.messages import certificate12 as certificate
+from relay.tls.messages import extension, finished, handshake_message, server_hello_done, server_key_exchange
+from relay.tls.signing import ecdhe_params, server_key_exchange_content
+from relay.tls.wire import Reader, u8, u16, vec8, vec16
 
 TLS12 = 0x0303
 RSA_WITH_AES_128_GCM_SHA256 = 0x009C         # RFC 5288
@@ -37,13 +40,7 @@ TAG_LEN = 16
 
 def prf(secret: bytes, label: bytes, seed: bytes, length: int) -> bytes:
     """PRF(secret, label, seed) = P_SHA256(secret, label + seed) (RFC 5246 section 5)."""
-    seed = label + seed
-    out = b""
-    a = seed
-    while len(out) < length:
-        a = hmac.digest(secret, a, "sha256")
-        out += hmac.digest(secret, a + seed, "sha256")
-    return out[:length]
+    return tls12.prf("sha256", secret, label, seed, length)
 
 
 def master_secret(premaster: bytes, client_random: bytes, server_random: bytes) -> bytes:
@@ -111,31 +108,9 @@ def server_hello(random: bytes, suite: int) -> bytes:
     return handshake_message(2, body)
 
 
-def certificate(der_chain: tuple[bytes, ...]) -> bytes:
-    """TLS 1.2's Certificate: a bare list of certificates (RFC 5246 section 7.4.2)."""
-    return handshake_message(CERTIFICATE, vec24(b"".join(vec24(der) for der in der_chain)))
-
-
-def ecdhe_params(group: int, public: bytes) -> bytes:
-    """ServerECDHParams (RFC 8422 section 5.4)."""
-    return u8(NAMED_CURVE) + u16(group) + vec8(public)
-
-
-def server_key_exchange_content(client_random: bytes, server_random: bytes, params: bytes) -> bytes:
-    """What the ServerKeyExchange signature covers (RFC 5246 7.4.3, RFC 8422 5.4)."""
-    return client_random + server_random + params
-
-
-def server_key_exchange(params: bytes, scheme: int, signature: bytes) -> bytes:
-    return handshake_message(SERVER_KEY_EXCHANGE, params + u16(scheme) + vec16(signature))
-
-
-def server_hello_done() -> bytes:
-    return handshake_message(SERVER_HELLO_DONE, b"")
-
-
-def finished(verify: bytes) -> bytes:
-    return handshake_message(FINISHED, verify)
+# The engine's own builders for the rest of the server's messages.
+__all__ = ["certificate", "ecdhe_params", "finished", "server_hello_done", "server_key_exchange",
+           "server_key_exchange_content"]
 
 
 # --- client messages -------------------------------------------------------

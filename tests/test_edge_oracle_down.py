@@ -138,11 +138,9 @@ def resume_edge(pki, tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="module")
-def ticket(resume_edge, pki):
-    """A session from a full handshake while the oracle is up (and a client context to resume it with)."""
-    context = tls_context(pki)
-    with SmtpClient.connect(resume_edge.site.smtp_port) as client:
+def first_visit(edge, context) -> ssl.SSLSession:
+    """A full handshake and a message, while the oracle is up: the session to resume later."""
+    with SmtpClient.connect(edge.site.smtp_port) as client:
         client.ehlo()
         client.starttls(context)
         client.ehlo()
@@ -150,9 +148,23 @@ def ticket(resume_edge, pki):
         client.expect("QUIT", 221)
         session = client.sock.session
     assert session is not None and session.has_ticket, "the edge sent no session ticket"
+    return session
+
+
+@pytest.fixture(scope="module")
+def tickets(resume_edge, pki):
+    """A TLS 1.3 and a TLS 1.2 session (each with its client context) from before the oracle goes away."""
+    tls13, tls12 = tls_context(pki), tls_context(pki)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    sessions = {"TLSv1.3": (tls13, first_visit(resume_edge, tls13)), "TLSv1.2": (tls12, first_visit(resume_edge, tls12))}
     resume_edge.kill_oracle()
     resume_edge.wait_oracle_state(up=False)
-    return context, session
+    return sessions
+
+
+@pytest.fixture(scope="module")
+def ticket(tickets):
+    return tickets["TLSv1.3"]
 
 
 def test_resume_only_still_offers_starttls(resume_edge, ticket):
@@ -173,20 +185,23 @@ def test_resume_only_mail_without_tls_is_deferred(resume_edge, ticket):
     assert resume_edge.metric("yestls_edge_refused_total", reason="tls_required") >= 1
 
 
-def test_resume_only_resumed_session_delivers(resume_edge, ticket):
-    context, session = ticket
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_resume_only_resumed_session_delivers(resume_edge, tickets, version):
+    context, session = tickets[version]
     marker = new_marker()
     message = message_with_marker(marker, "resumed while the oracle is away")
     with SmtpClient.connect(resume_edge.site.smtp_port) as client:
         client.ehlo()
         client.starttls(context, session=session)
         assert client.sock.session_reused, "the handshake was not a resumption"
+        assert client.sock.version() == version
         client.ehlo()
         spool_id = queued_id(client.deliver(SENDER, [RECIPIENT], message))
         client.expect("QUIT", 221)
     unsealed = resume_edge.unseal(spool_id)
     assert unsealed.message.endswith(message)
     assert unsealed.metadata["tls"]["resumed"] is True
+    assert unsealed.metadata["tls"]["version"] == version
     assert files_containing(resume_edge.site.directory, marker.encode()) == []
 
 

@@ -78,12 +78,14 @@ def _run(command: list[str], what: str, run: Callable, timeout: float | None = N
 
 @contextmanager
 def intake_paused(unit: str, run: Callable):
-    """The intake stopped for the copies, started again after (if it was running), whatever happens."""
+    """The intake stopped for the copies, started again after (if it was running), whatever happens.
+
+    Yields whether it was running (and so was paused)."""
     active = run(["systemctl", "is-active", "--quiet", unit]).returncode == 0
     if active:
         _run(["systemctl", "stop", unit], f"stopping {unit}", run)
     try:
-        yield
+        yield active
     finally:
         if active:
             _run(["systemctl", "start", unit], f"starting {unit} again", run)
@@ -154,11 +156,11 @@ def take(config: BackupConfig, run: Callable = subprocess.run, restic: Restic | 
         config.staging.mkdir(mode=0o711, parents=True, exist_ok=True)
         users = mail_users(run)
         homes = mail_homes(users, config.mail_copy, run)
-        paused = time.monotonic()
-        with intake_paused(config.intake_unit, run):
+        started = time.monotonic()
+        with intake_paused(config.intake_unit, run) as paused:
             copy_ledger(config.ledger, config.ledger_copy)
             copy_mailboxes(users, config.mail_copy, config.mail_user, run)
-        status.intake_paused_seconds = round(time.monotonic() - paused, 3)
+        status.intake_paused_seconds = round(time.monotonic() - started, 3) if paused else None
         manifest.write(config, homes)
         snapshot = restic.backup([*config.paths, config.staging], config.exclude)
         restic.forget(config.retention.restic_flags())
@@ -171,9 +173,9 @@ def take(config: BackupConfig, run: Callable = subprocess.run, restic: Restic | 
     status.bytes_added, status.bytes_processed = snapshot.bytes_added, snapshot.bytes_processed
     status.seconds = round(snapshot.seconds, 3)
     status.write(config.status_file)
-    log.info("backup %s: %d files, %d bytes new of %d, %.1f s (the intake paused %.1f s)", snapshot.id,
-             snapshot.files, snapshot.bytes_added, snapshot.bytes_processed, snapshot.seconds,
-             status.intake_paused_seconds)
+    pause = f"the intake paused {status.intake_paused_seconds} s" if paused else "the intake was not running"
+    log.info("backup %s: %d files, %d bytes new of %d, %.1f s (%s)", snapshot.id,
+             snapshot.files, snapshot.bytes_added, snapshot.bytes_processed, snapshot.seconds, pause)
     return snapshot
 
 

@@ -13,9 +13,12 @@ search on the spool-id header) instead of delivering it again.
 
 import json
 import smtplib
+import time
 
 import pytest
 
+from relay.home import config as intake_config
+from relay.home.intake import Intake
 from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, Entry, Ledger, Recipient
 from relay.spool.sealed import unseal
 
@@ -201,3 +204,24 @@ def test_a_delivery_hidden_by_a_crash_is_found_not_repeated(world):
     assert found.endswith(earlier), "the one copy is the earlier delivery"
     assert len(copies(world, USER, missing_id)) == 1
     assert copies(world, USER, done_id) == [], "the ledger said done: not delivered again"
+
+
+def test_the_retry_schedule_survives_a_restart(world):
+    """The ledger's next_attempt is read back: a restarted intake keeps each waiting message's backoff
+    (and its step) instead of trying every one at once; finished and acknowledged ones are not waiting."""
+    later = time.time() + 3600
+    ledger = Ledger(world.intake.ledger)
+    try:
+        ledger.save(Entry("a1" * 16, DELIVERING, {USER: Recipient(PENDING, attempts=3)}, next_attempt=later))
+        ledger.save(Entry("b2" * 16, DELIVERING, {USER: Recipient(PENDING, attempts=1)}))   # never failed
+        ledger.save(Entry("c3" * 16, DONE, {USER: Recipient(DELIVERED, attempts=2)}, next_attempt=later))
+        ledger.save(Entry("d4" * 16, DELIVERING, {USER: Recipient(PENDING, attempts=2)}, next_attempt=later,
+                          acked=True))
+    finally:
+        ledger.close()
+    intake = Intake(intake_config.load(world.intake.config))
+    try:
+        assert intake.retry_at.get("a1" * 16) == later and intake.failures.get("a1" * 16) == 3
+        assert not {"b2" * 16, "c3" * 16, "d4" * 16} & set(intake.retry_at)
+    finally:
+        intake.ledger.close()

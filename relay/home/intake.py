@@ -139,6 +139,8 @@ class Intake:
         self.stats = IntakeStats()
         self.retry_at: dict[str, float] = {}  # spool id -> when a 4xx'd message may be tried again
         self.failures: dict[str, int] = {}    # spool id -> failed rounds so far (the backoff step)
+        for spool_id, (when, tries) in self.ledger.waiting_retries().items():   # the schedule survives restarts
+            self.retry_at[spool_id], self.failures[spool_id] = when, max(tries, 1)
         self._reported: set[str] = set()      # protocol errors logged already
         self._status_written = 0.0
         self._pruned = 0.0

@@ -75,6 +75,15 @@ class Ledger:
             entry = Entry(spool_id, DELIVERING, {r: Recipient() for r in dict.fromkeys(recipients)})
         return entry
 
+    def waiting_retries(self) -> dict[str, tuple[float, int]]:
+        """Messages still being delivered that wait for a retry: spool id -> (when, tries so far).
+
+        Read once at start, so a restarted intake keeps its backoff instead of trying them all at once."""
+        rows = self.db.execute("SELECT spool_id, recipients, next_attempt FROM messages "
+                               "WHERE state = ? AND acked = 0 AND next_attempt > 0", (DELIVERING,)).fetchall()
+        return {spool_id: (next_attempt, max((r["attempts"] for r in json.loads(recipients).values()), default=1))
+                for spool_id, recipients, next_attempt in rows}
+
     def mark_acked(self, spool_ids: list[str]) -> None:
         """The edge deleted these: one commit for a whole batch."""
         with self.db:

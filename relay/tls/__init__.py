@@ -1,4 +1,4 @@
-"""A sans-I/O TLS 1.3 server engine whose private-key operation happens elsewhere.
+"""A sans-I/O TLS server engine (TLS 1.3, and TLS 1.2 for old clients) whose private-key operation happens elsewhere.
 
     conn = ServerConnection(config, random=os.urandom, now=time.time)
     events = conn.receive_data(bytes_from_peer)

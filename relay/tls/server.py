@@ -1,4 +1,7 @@
-"""A sans-I/O TLS 1.3 server connection whose one signature is made elsewhere.
+"""A sans-I/O TLS server connection whose one signature is made elsewhere.
+
+TLS 1.3 is here; a client whose best version is TLS 1.2 is served by the
+methods of relay/tls/server12.py, mixed in, once its ClientHello is read.
 
 Bytes in (`receive_data`), events and bytes out (`data_to_send`). When the
 handshake reaches CertificateVerify the connection returns a

@@ -133,6 +133,44 @@ def test_mail_from_the_internet_arrives_over_verified_tls13_signed_at_home():
     assert wait_for(lambda: spool_files() == [], timeout=30)
 
 
+TLS12_ONLY = "!SSLv2, !SSLv3, !TLSv1, !TLSv1.1, !TLSv1.3"
+
+
+@contextmanager
+def sender_held_to_tls12():
+    """Postfix on `internet` as an older MTA: TLS 1.2 at most (its policy stays `secure`, so the
+    mandatory protocols are the ones that count), with an empty session cache."""
+    internet = container("internet")
+    saved = internet.check_output("postconf -h smtp_tls_protocols smtp_tls_mandatory_protocols").splitlines()
+    internet.check_output(f"postconf -e 'smtp_tls_protocols = {TLS12_ONLY}' "
+                          f"'smtp_tls_mandatory_protocols = {TLS12_ONLY}'")
+    forget_tls_sessions()
+    try:
+        yield
+    finally:
+        internet.check_output(f"postconf -e 'smtp_tls_protocols = {saved[0]}' "
+                              f"'smtp_tls_mandatory_protocols = {saved[1]}'")
+        forget_tls_sessions()
+
+
+def test_a_tls12_only_sender_delivers_over_verified_tls12_signed_at_home_by_sign_tls12():
+    with sender_held_to_tls12():
+        marker = new_marker()
+        submit(marker)
+        attempt = wait_until_sent(marker)
+    assert attempt.tls is not None, "Postfix delivered without TLS"
+    assert re.search(rf"Verified TLS connection established to {re.escape(MX)}\[[\d.]+\]:25: TLSv1\.2 with cipher "
+                     r"ECDHE-(ECDSA|RSA)-", attempt.tls), attempt.tls
+    session = edge_session(attempt.spool_id)
+    assert session["version"] == "TLSv1.2" and not session["resumed"]
+    signed = audit_lines(session["client_random"])
+    assert [(line["method"], line["version"], line["outcome"]) for line in signed] == [
+        ("sign_tls12", "TLSv1.2", "signed")]
+    assert signed[0]["server_random"].endswith("444f574e47524401")   # the downgrade sentinel
+    message = assert_delivered_once(marker)
+    assert re.search(rb"with ESMTPS\r?\n\t\(version=TLSv1\.2 ", message), message[:600]
+
+
 def test_home_offline_the_edge_defers_and_every_message_arrives_once_when_home_is_back():
     """Policy tempfail (the default): 421 at greeting while no oracle answers;
     Postfix keeps the mail and retries; nothing waits on the edge."""

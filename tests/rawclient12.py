@@ -1,10 +1,10 @@
 """A TLS 1.2 client that drives the engine's ServerConnection directly, one message at a time.
 
-For the conformance tests (tests/test_tls12_engine.py): it sends what a test
+For the conformance tests (tests/tls/test_tls12_engine.py): it sends what a test
 asks for, well formed or not, and keeps what the server sent, decrypted once
 the server's ChangeCipherSpec has come. Its record protection and key
 derivation are relay/tls/tls12.py's: interop with OpenSSL, GnuTLS,
-tlslite-ng and Python's ssl (tests/test_interop_tls12.py) is what shows those
+tlslite-ng and Python's ssl (tests/tls/test_interop_tls12.py) is what shows those
 are right; this client shows what the engine does with each wrong input.
 """
 

@@ -7,8 +7,8 @@ Servers disagree on what ends a line (Dovecot: LF, with or without CR;
 others: a bare CR too; a C reader: the NUL in ".\\0"), so each form of the
 end-of-data dot is here, alone, with its dot doubled, and before a whole
 second transaction to a victim and to the recipient itself. Used against
-the real Dovecot (tests/test_intake_hostile_content.py) and against a
-lenient LMTP server that ends lines at anything (tests/test_intake_lmtp.py).
+the real Dovecot (tests/home/test_intake_hostile_content.py) and against a
+lenient LMTP server that ends lines at anything (tests/home/test_intake_lmtp.py).
 No case holds CR CR LF (Dovecot stores one CR of it less, which says
 nothing about smuggling).
 """

@@ -9,7 +9,7 @@ refusals (they are summarized past the rate, and every one is counted); a
 big line from a big field; unbounded memory from a peer that never reads.
 The genuine peer authenticates and is served through all of it, and an
 authenticated connection is never evicted. The oracle's and the spool's
-gates are this one (tests/test_oracle_service.py runs the same attacks
+gates are this one (tests/oracle/test_oracle_service.py runs the same attacks
 against a real oracle process and its signatures). Every wait is bounded.
 """
 

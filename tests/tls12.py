@@ -1,6 +1,6 @@
 """Just enough TLS 1.2 (RFC 5246) for a test to play a keyless TLS 1.2 server that the engine never is.
 
-tests/test_keyless_impossible.py shows what a TLS 1.2 client does facing a
+tests/tls/test_keyless_impossible.py shows what a TLS 1.2 client does facing a
 server without its key, RSA key transport included (which the engine does
 not serve). This module holds what that needs beyond the engine's own TLS 1.2
 parts (relay/tls/tls12.py, messages.py, signing.py, which it reuses): the

@@ -13,7 +13,7 @@ content after a 354, the TLS records after a 220, and whatever a client
 pipelined behind a refused one are never mistaken for commands, and
 plaintext sent behind STARTTLS is discarded (RFC 3207 4.2).
 
-It relies on these aiosmtpd 1.4.6 internals (tests/test_starttls_adapter.py
+It relies on these aiosmtpd 1.4.6 internals (tests/aio/test_starttls_adapter.py
 fails loudly if any changes):
 - `_tls_protocol` (truthy once TLS is on; aiosmtpd reads `._extra` from it
   when the TLS layer calls `connection_made` again after the handshake),

@@ -1,0 +1,289 @@
+"""relay/aio/starttls.py against the aiosmtpd it was written for; and `with_enhanced_code`.
+
+The adapter reaches into aiosmtpd's internals (its docstring lists them).
+These tests fail, with a message saying what to re-check, when:
+- the installed aiosmtpd is not the version the adapter names, or the pin
+  in pyproject.toml says another one; importing the adapter under another
+  version is an ImportError that names both versions;
+- a name in the docstring's list is gone or has changed kind (attribute set
+  in `SMTP.__init__`, coroutine method, method with a given parameter,
+  exception class), or the docstring lists a name this test does not know;
+- the aiosmtpd code paths the adapter counts on no longer read those names
+  the way it expects (the STARTTLS hand-off in `connection_made`, the
+  TLSSetupException branch of `_handle_client`, EHLO offering STARTTLS
+  when `tls_context` is truthy, the `smtp_*` method table, the 5-argument
+  `handle_EHLO` hook).
+
+`with_enhanced_code` (RFC 2034 / RFC 3463) is tested on its own: codes by
+reply, replies left alone, the class digit always that of the reply, and
+idempotence.
+"""
+
+import asyncio
+import inspect
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import aiosmtpd
+import aiosmtpd.smtp
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import relay.aio.starttls as adapter
+from relay.aio.starttls import _ENHANCED, AIOSMTPD_VERSION, KeylessSMTP, with_enhanced_code
+from relay.edge.handler import EdgeHandler, TransactionRules
+from relay.edge.recipients import RecipientPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
+SMTP = aiosmtpd.smtp.SMTP
+RECHECK = (f"relay/aio/starttls.py was written against aiosmtpd {AIOSMTPD_VERSION}'s internals; "
+           "re-read that aiosmtpd's smtp.py and fix the adapter before changing this test")
+
+
+# --- the version --------------------------------------------------------------------------------
+
+def test_installed_aiosmtpd_is_the_adapters_version():
+    assert aiosmtpd.__version__ == AIOSMTPD_VERSION, f"aiosmtpd {aiosmtpd.__version__} is installed. {RECHECK}"
+
+
+def test_pyproject_pins_the_adapters_version():
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [d for d in dependencies if re.match(r"^aiosmtpd\b", d)]
+    assert pins == [f"aiosmtpd=={AIOSMTPD_VERSION}"], f"pyproject.toml has {pins}. {RECHECK}"
+
+
+def test_another_aiosmtpd_version_refuses_to_import():
+    script = ("import aiosmtpd; aiosmtpd.__version__ = '99.0'\n"
+              "import relay.aio.starttls\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode != 0
+    assert "ImportError" in run.stderr and AIOSMTPD_VERSION in run.stderr and "99.0" in run.stderr, run.stderr
+
+
+# --- the internals the docstring lists ----------------------------------------------------------
+
+def documented_internals() -> set[str]:
+    """The backquoted names in the adapter docstring's list of aiosmtpd internals (its "- " lines)."""
+    doc = adapter.__doc__
+    listed = doc[doc.index("internals"):doc.index("It also adds")]
+    listed = listed[listed.index("\n- "):]
+    return set(re.findall(r"`\.?(\w+)`", listed))
+
+
+@pytest.fixture
+def smtp():
+    """A KeylessSMTP as the edge makes it (not connected), on a loop of its own."""
+    loop = asyncio.new_event_loop()
+    rules = TransactionRules("mx.example.org", "example.org", 100, lambda server: None,
+                             lambda: RecipientPolicy(frozenset({"example.org"})))
+    server = KeylessSMTP(EdgeHandler(rules, spool=None, metrics=None), tls_setup=lambda peer: ("config", "signer"),
+                         hostname="mx.example.org", timeout=123.0, loop=loop, enable_SMTPUTF8=True)
+    yield server
+    loop.close()
+
+
+def instance_attribute(value=None):
+    def check(smtp, name):
+        assert name in vars(smtp), f"SMTP.__init__ no longer sets self.{name}"
+        assert vars(smtp)[name] == value, f"SMTP.__init__ sets self.{name} = {vars(smtp)[name]!r}, not {value!r}"
+    return check
+
+
+def coroutine_method(*parameters):
+    def check(smtp, name):
+        method = getattr(SMTP, name, None)
+        assert inspect.iscoroutinefunction(method), f"SMTP.{name} is no longer a coroutine method"
+        assert list(inspect.signature(method).parameters)[1:] == list(parameters), inspect.signature(method)
+    return check
+
+
+def plain_method(*parameters):
+    def check(smtp, name):
+        method = getattr(SMTP, name, None)
+        assert inspect.isfunction(method) and not inspect.iscoroutinefunction(method), f"SMTP.{name} changed kind"
+        assert list(inspect.signature(method).parameters)[1:] == list(parameters), inspect.signature(method)
+    return check
+
+
+def exception_class(smtp, name):
+    found = getattr(aiosmtpd.smtp, name, None)
+    assert isinstance(found, type) and issubclass(found, Exception), f"aiosmtpd.smtp.{name} is no exception class"
+    assert adapter.TLSSetupException is found
+
+
+def tls_context_attribute(smtp, name):
+    # SMTP.__init__ assigns it (the adapter's property swallows the assignment) and EHLO tests its truthiness.
+    assert re.search(r"self\.tls_context = tls_context", inspect.getsource(SMTP.__init__)), "not set in __init__"
+    assert "if self.tls_context and not self._tls_protocol" in inspect.getsource(SMTP.smtp_EHLO)
+    assert smtp.tls_context is True  # ours: tls_setup() gave a setup
+
+
+def read_from_the_tls_protocol(smtp, name):
+    # After STARTTLS aiosmtpd stores our TLS protocol's `_extra` as session.ssl (KeylessSMTP.tls_session reads it).
+    assert f"self._tls_protocol.{name}" in inspect.getsource(SMTP.connection_made), "connection_made changed"
+    assert isinstance(adapter._SMTPTLSProtocol._extra, property)
+
+
+def command_size_limit(smtp, name):
+    # A command line longer than this is answered 500 without running its command: none is held after it.
+    assert SMTP.command_size_limit == 512 and SMTP.command_size_limits["DATA"] == SMTP.command_size_limit
+    source = inspect.getsource(SMTP._handle_client)
+    assert "else self.command_size_limit" in source and "if len(line) > max_sz:" in source
+
+
+def the_data_command_prelude(smtp, name):
+    # What aiosmtpd's DATA does before its 354 and after the content; KeylessSMTP.smtp_DATA does the same.
+    source = inspect.getsource(SMTP.smtp_DATA)
+    steps = ["await self.check_helo_needed()", 'await self.check_auth_needed("DATA")', "if not self.envelope.rcpt_tos:",
+             "if arg:", "await self.push('354", "self._set_post_data_state()"]
+    positions = [source.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), dict(zip(steps, positions))
+    getattr(SMTP, name)  # and the name itself is there
+
+
+EXPECTED = {
+    "command_size_limit": command_size_limit,
+    "check_helo_needed": coroutine_method("helo"),
+    "check_auth_needed": coroutine_method("caller_method"),
+    "_set_post_data_state": the_data_command_prelude,
+    "envelope": instance_attribute(None),
+    "_tls_protocol": instance_attribute(None),
+    "_original_transport": instance_attribute(None),
+    "_extra": read_from_the_tls_protocol,
+    "connection_made": plain_method("transport"),
+    "_handle_client": coroutine_method(),
+    "_reset_timeout": plain_method("duration"),
+    "_timeout_duration": instance_attribute(123.0),
+    "push": coroutine_method("status"),
+    "TLSSetupException": exception_class,
+    "tls_context": tls_context_attribute,
+}
+
+
+def test_the_docstring_lists_exactly_the_checked_internals():
+    assert documented_internals() == set(EXPECTED), (
+        "relay/aio/starttls.py's docstring lists other aiosmtpd internals than this test checks: "
+        f"documented {sorted(documented_internals())}, checked {sorted(EXPECTED)}")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_internal_exists_with_its_kind(smtp, name):
+    try:
+        EXPECTED[name](smtp, name)
+    except AssertionError as error:
+        raise AssertionError(f"aiosmtpd internal {name!r}: {error}. {RECHECK}") from None
+
+
+def test_the_starttls_hand_off_in_connection_made():
+    """The second connection_made (from our TLS layer) is taken as the TLS one: the adapter's whole trick."""
+    source = inspect.getsource(SMTP.connection_made)
+    for needle in ("self._original_transport is not None", "self.session.ssl = self._tls_protocol._extra",
+                   "self._reader._buffer.clear()", "self.transport = transport"):
+        assert needle in source, f"SMTP.connection_made no longer has {needle!r}. {RECHECK}"
+
+
+def test_a_failed_handshake_closes_the_session():
+    source = inspect.getsource(SMTP._handle_client)
+    assert "isinstance(error, TLSSetupException)" in source and "self.transport.close()" in source, RECHECK
+
+
+def test_reset_timeout_uses_the_duration_or_the_command_timeout():
+    source = inspect.getsource(SMTP._reset_timeout)
+    assert "duration or self._timeout_duration" in source, RECHECK
+
+
+def test_commands_dispatch_to_the_adapters_methods(smtp):
+    for command in ("STARTTLS", "AUTH", "VRFY", "EHLO", "HELO", "DATA", "BDAT"):
+        method = smtp._smtp_methods.get(command)
+        assert method is not None and method.__func__ is getattr(KeylessSMTP, f"smtp_{command}"), (
+            f"{command} does not dispatch to KeylessSMTP.smtp_{command}. {RECHECK}")
+
+
+def test_the_edge_handlers_ehlo_hook_is_the_current_form(smtp):
+    assert smtp._ehlo_hook_ver == "new", RECHECK
+    assert set(smtp._handle_hooks) >= {"EHLO", "MAIL", "RCPT"}
+    # DATA content never reaches aiosmtpd's own DATA hook: the adapter streams it to open_message's sink.
+    assert "DATA" not in smtp._handle_hooks and callable(smtp.event_handler.open_message)
+
+
+def test_the_adapter_takes_no_name_its_base_classes_use(smtp):
+    """A name of ours that aiosmtpd or asyncio also uses would change their state behind them (a `_paused`
+    of ours once made asyncio's drain() wait for ever)."""
+    bases = [SMTP, *SMTP.__mro__[1:], asyncio.BufferedProtocol]
+    used = set()
+    for base in bases:
+        try:
+            used |= set(re.findall(r"self\.(\w+)", inspect.getsource(base)))
+        except (OSError, TypeError):
+            used |= set(vars(base))
+    ours = set(re.findall(r"self\.(\w+)\s*(?::[^=]+)?=", inspect.getsource(KeylessSMTP)))
+    shared_on_purpose = {"peer", "tls_context", "transport", "session", "envelope", "_tls_protocol",
+                         "_original_transport"}
+    assert ours & used <= shared_on_purpose, f"the adapter sets names its bases use: {sorted(ours & used - shared_on_purpose)}"
+
+
+def test_help_still_lists_data(smtp):
+    assert smtp._syntax_available(smtp._smtp_methods["DATA"]), RECHECK
+
+
+# --- with_enhanced_code -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reply, expected", [
+    (b"250 OK", b"250 2.0.0 OK"),
+    (b"221 Bye", b"221 2.0.0 Bye"),
+    (b"500 Error: bad syntax", b"500 5.5.2 Error: bad syntax"),
+    (b"501 Syntax: HELO hostname", b"501 5.5.4 Syntax: HELO hostname"),
+    (b"502 EXPN not implemented", b"502 5.5.1 EXPN not implemented"),
+    (b"503 Error: need MAIL command", b"503 5.5.1 Error: need MAIL command"),
+    (b"552 Error: Too much mail data", b"552 5.3.4 Error: Too much mail data"),
+    (b"553 Error: malformed address", b"553 5.1.3 Error: malformed address"),
+    (b"554 Command refused due to lack of security", b"554 5.7.0 Command refused due to lack of security"),
+    (b"555 MAIL FROM parameters not recognized", b"555 5.5.4 MAIL FROM parameters not recognized"),
+    (b"421 Too many connections", b"421 4.3.0 Too many connections"),
+    (b"451 Temporary failure", b"451 4.3.0 Temporary failure"),
+    (b"250-first line", b"250-2.0.0 first line"),  # RFC 2034: each line of a multi-line reply
+])
+def test_a_code_is_added(reply, expected):
+    assert with_enhanced_code(reply) == expected
+
+
+@pytest.mark.parametrize("reply", [
+    b"550 5.7.1 Relaying denied",      # has one
+    b"452 4.5.3 Too many recipients",
+    b"421 4.7.0 Too many errors",
+    b"250 2.0.0",                      # a code and no text
+    b"354 End data with <CR><LF>.<CR><LF>",   # 3xx: RFC 3463 has no class 3
+    b"220 mx.example.org ESMTP",       # not in the table: left as is
+    b"299 odd",
+    b"250",                            # too short to have text
+    b"",
+])
+def test_a_reply_is_left_alone(reply):
+    assert with_enhanced_code(reply) == reply
+
+
+def test_the_class_digit_is_the_replys():
+    for code, enhanced in _ENHANCED.items():
+        assert enhanced[:1] == code[:1], (code, enhanced)
+        assert re.fullmatch(rb"[245]\.\d{1,3}\.\d{1,3}", enhanced), enhanced
+        assert with_enhanced_code(code + b" text") == code + b" " + enhanced + b" text"
+
+
+def test_a_code_that_looks_half_right_is_not_taken_for_one():
+    assert with_enhanced_code(b"250 1.2.3 text") == b"250 2.0.0 1.2.3 text"    # class 1 does not exist
+    assert with_enhanced_code(b"250 2.0 text") == b"250 2.0.0 2.0 text"        # two parts
+    assert with_enhanced_code(b"250 2.0.0text") == b"250 2.0.0 2.0.0text"      # no separator after it
+
+
+@given(code=st.sampled_from(sorted(_ENHANCED) + [b"220", b"354", b"299"]),
+       separator=st.sampled_from([b" ", b"-"]), text=st.binary(max_size=40))
+def test_idempotent_and_only_inserts(code, separator, text):
+    reply = code + separator + text
+    once = with_enhanced_code(reply)
+    assert with_enhanced_code(once) == once
+    assert once == reply or (once[:4] == reply[:4] and once[4:].endswith(reply[4:])
+                             and re.fullmatch(rb"[245]\.\d{1,3}\.\d{1,3} ", once[4:len(once) - len(reply) + 4]))

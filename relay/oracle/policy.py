@@ -54,7 +54,7 @@ from relay.tls.constants import (
 )
 from relay.tls.errors import DecodeError, IllegalParameter, TLSAlert
 from relay.tls.keyschedule import SUITES
-from relay.tls.messages import ClientHello, parse_client_hello
+from relay.tls.messages import ClientHello, best_version, parse_client_hello
 from relay.tls.signing import (
     certificate_verify_content,
     is_hello_retry_request,
@@ -346,7 +346,7 @@ def parse_encrypted_extensions(raw: bytes) -> EncryptedExtensions:
 # --- consistency ---------------------------------------------------------------
 
 def _check_offers_tls13(hello: ClientHello) -> None:
-    if hello.supported_versions is None or TLS13 not in hello.supported_versions:
+    if best_version(hello) != TLS13:
         raise Refusal(NOT_TLS13, "the ClientHello does not offer TLS 1.3")
     if hello.legacy_version != TLS12:
         raise Refusal(NOT_TLS13, f"ClientHello legacy_version 0x{hello.legacy_version:04x} is not 0x0303")

@@ -45,7 +45,7 @@ from relay.tls import keyshare
 from relay.tls.certs import CertificateChain
 from relay.tls.constants import FALLBACK_SCSV, TLS12, TLS13, Group, HandshakeType, SignatureScheme
 from relay.tls.errors import DecodeError, IllegalParameter, TLSAlert
-from relay.tls.messages import ClientHello, parse_client_hello
+from relay.tls.messages import ClientHello, best_version, parse_client_hello
 from relay.tls.server12 import auth_of, key_fits_groups
 from relay.tls.signing import (
     NAMED_CURVE,
@@ -147,10 +147,10 @@ def _split(data) -> tuple[ClientHello, bytes]:
 
 def _check_client_hello(hello: ClientHello) -> None:
     """The rules the engine applies before it asks (relay/tls/server.py _negotiate_version, server12.py)."""
-    versions = hello.supported_versions
-    if versions is not None and TLS13 in versions:
+    version = best_version(hello)
+    if version == TLS13:
         raise Refusal(NOT_TLS12, "the ClientHello offers TLS 1.3: it gets TLS 1.3, never a TLS 1.2 signature")
-    if not (TLS12 in versions if versions is not None else hello.legacy_version >= TLS12):
+    if version != TLS12:
         raise Refusal(NOT_TLS12, "the ClientHello does not offer TLS 1.2")
     if FALLBACK_SCSV in hello.cipher_suites:
         raise Refusal(NOT_TLS12, "the ClientHello carries TLS_FALLBACK_SCSV: it can do better than TLS 1.2")

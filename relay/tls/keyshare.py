@@ -28,6 +28,11 @@ MLKEM768_ENCAPSULATION_KEY_LEN = 1184
 X25519_LEN = 32
 
 
+def group_name(group: int) -> str:
+    """The name logs, SessionInfo and the audit use for a group."""
+    return "X25519MLKEM768" if group == Group.X25519MLKEM768 else Group(group).name.lower()
+
+
 def respond(group: int, client_share: bytes, random: Random) -> tuple[bytes, bytes]:
     if group == Group.X25519:
         return _x25519(client_share, random)
@@ -51,13 +56,7 @@ def _x25519(client_share: bytes, random: Random) -> tuple[bytes, bytes]:
 
 def _nist_curve(group: int, client_share: bytes, random: Random) -> tuple[bytes, bytes]:
     curve, size = _CURVES[group]
-    # Only the uncompressed form is allowed in TLS 1.3.
-    if len(client_share) != 1 + 2 * size or client_share[0] != 4:
-        raise IllegalParameter(f"{curve.name} share is not an uncompressed point")
-    try:
-        peer = ec.EllipticCurvePublicKey.from_encoded_point(curve, client_share)
-    except ValueError:
-        raise IllegalParameter(f"{curve.name} share is not a point on the curve") from None
+    peer = check_point(group, client_share)   # only the uncompressed form, as in TLS 1.3
     private = _ec_private_key(curve, size, random)
     shared = private.exchange(ec.ECDH(), peer)
     public = private.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)

@@ -7,7 +7,7 @@ illegal_parameter, unknown extensions are ignored.
 
 from dataclasses import dataclass, field
 
-from .constants import ExtensionType, HandshakeType
+from .constants import TLS12, TLS13, ExtensionType, HandshakeType
 from .errors import IllegalParameter
 from .wire import Reader, u8, u16, u24, u32, vec8, vec16, vec24
 
@@ -54,6 +54,16 @@ class ClientHello:
     extended_master_secret: bool = False
     session_ticket: bytes | None = None       # b"": supports tickets, has none
     renegotiation_info: bytes | None = None
+
+
+def best_version(hello: ClientHello) -> int | None:
+    """TLS13 or TLS12, the best of the two the client offers (RFC 8446 4.2.1: supported_versions
+    when present, else legacy_version); None when it offers neither. The engine answers with it, and
+    the oracle's policies check a request against it."""
+    versions = hello.supported_versions
+    if versions is not None:
+        return TLS13 if TLS13 in versions else TLS12 if TLS12 in versions else None
+    return TLS12 if hello.legacy_version >= TLS12 else None
 
 
 def parse_client_hello(raw: bytes) -> ClientHello:

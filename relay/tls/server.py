@@ -33,7 +33,6 @@ from .constants import (
     AlertLevel,
     ContentType,
     ExtensionType,
-    Group,
     HandshakeType,
     KeyUpdateRequest,
     PskMode,
@@ -428,7 +427,7 @@ class ServerConnection(Tls12Server):
             self._early_data_budget = self.config.ticket_early_data_size
         self._send_server_hello(hello, group, client_share, psk_index, state)
         self._session_fields = dict(
-            version="TLSv1.3", cipher_suite=self._suite.name, group=_group_name(group),
+            version="TLSv1.3", cipher_suite=self._suite.name, group=keyshare.group_name(group),
             signature_scheme=None, resumed=state is not None, server_name=hello.server_name, alpn=alpn,
             client_random=hello.random,
         )
@@ -703,13 +702,12 @@ def _plaintext_record(content_type: int, payload: bytes) -> bytes:
 
 def _negotiate_version(hello: ClientHello, tls12: bool) -> int:
     """TLS13 when the client offers it (RFC 8446 4.2.1); TLS12 when that is its best and we serve it."""
-    versions = hello.supported_versions
-    if versions is not None and TLS13 in versions:
+    version = messages.best_version(hello)
+    if version == TLS13:
         if hello.legacy_version != TLS12:
             raise ProtocolVersion(f"ClientHello legacy_version 0x{hello.legacy_version:04x} is not 0x0303")
         return TLS13
-    offers_tls12 = TLS12 in versions if versions is not None else hello.legacy_version >= TLS12
-    if not offers_tls12:
+    if version is None:
         raise ProtocolVersion("client offers neither TLS 1.3 nor TLS 1.2 (nothing older is served)")
     if not tls12:
         raise ProtocolVersion("client does not offer TLS 1.3, and TLS 1.2 is off")
@@ -729,6 +727,3 @@ def _check_mandatory_extensions(hello: ClientHello) -> None:
 def _empty_hash(suite: Suite) -> bytes:
     return hashlib.new(suite.hash_name).digest()
 
-
-def _group_name(group: int) -> str:
-    return "X25519MLKEM768" if group == Group.X25519MLKEM768 else Group(group).name.lower()

@@ -170,7 +170,7 @@ class Tls12Server:
         self._ecdhe = (group, private)
         params = ecdhe_params(group, public)
         self._session_fields = dict(
-            version="TLSv1.2", cipher_suite=suite.name, group=_group_name(group),
+            version="TLSv1.2", cipher_suite=suite.name, group=keyshare.group_name(group),
             signature_scheme=scheme.name.lower(), resumed=False, server_name=hello.server_name,
             alpn=self._alpn12, client_random=hello.random,
         )
@@ -379,6 +379,3 @@ class Tls12Server:
             if self._ignored12 > MAX_IGNORED:
                 raise UnexpectedMessage("too many warning alerts")
 
-
-def _group_name(group: int) -> str:
-    return Group(group).name.lower()

@@ -100,6 +100,19 @@ def spool_id_of(delivered: bytes) -> str | None:
     return header_value(delivered, "X-YesTLS-Spool-Id")
 
 
+def delivered_order(log: str) -> list[str]:
+    """Spool ids in the order the intake delivered them, from its log. IMAP's order is Dovecot's, which
+    numbers Maildir files it finds together in no set order: order is checked here, content by spool id."""
+    return re.findall(r" INFO (\w+): delivered to ", log)
+
+
+def by_spool_id(messages: list[bytes]) -> dict[str | None, bytes]:
+    """Delivered messages keyed by their X-YesTLS-Spool-Id (each id must appear once)."""
+    keyed = {spool_id_of(m): m for m in messages}
+    assert len(keyed) == len(messages), f"a spool id twice among {[spool_id_of(m) for m in messages]}"
+    return keyed
+
+
 @dataclass
 class World:
     directory: Path

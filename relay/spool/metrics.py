@@ -40,10 +40,11 @@ class SpoolMetrics(Collector):
                                 value=stats.oldest_age)
         yield CounterMetricFamily("yestls_spool_accepted", "Messages sealed and stored since start",
                                   value=stats.accepted)
-        full = CounterMetricFamily("yestls_spool_full", "Messages refused because a spool cap was reached",
-                                   labels=["reason"])
+        full = CounterMetricFamily("yestls_spool_full", "Messages refused because a spool cap was reached, or "
+                                   "its filesystem was full", labels=["reason"])
         full.add_metric(["bytes"], stats.full_bytes)
         full.add_metric(["files"], stats.full_files)
+        full.add_metric(["disk"], stats.full_disk)
         yield full
 
     def describe(self):

@@ -28,6 +28,7 @@ awaited on an event loop (any thread's accept wakes it).
 """
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
@@ -56,11 +57,15 @@ class SpoolError(Exception):
 
 
 class SpoolFull(SpoolError):
-    """A cap would be exceeded; `reason` is "bytes" or "files". The SMTP answer is 452 4.3.1."""
+    """A cap would be exceeded (`reason` "bytes" or "files"), or the filesystem under the spool is full
+    ("disk": ENOSPC or EDQUOT, whatever the caps say). The SMTP answer is 452 4.3.1."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class NotFound(SpoolError):
@@ -102,6 +107,7 @@ class SpoolStats:
     accepted: int           # messages accepted since this process started
     full_bytes: int         # messages refused since start because of the byte cap
     full_files: int         # ... because of the file cap
+    full_disk: int = 0      # ... because the filesystem was full
 
 
 class _Reservation:
@@ -157,7 +163,7 @@ class Spool:
         self._unsynced: dict[int, tuple[SpoolEntry, _Reservation]] = {}
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = set()
         self._accepted = 0
-        self._full = {"bytes": 0, "files": 0}
+        self._full = {"bytes": 0, "files": 0, "disk": 0}
         for path in (self.directory, self.tmp_dir, self.queue_dir):
             _make_directory(path)
         self._lock_fd = _take_lock(self.directory / "lock")
@@ -377,7 +383,8 @@ class Spool:
             return SpoolStats(
                 depth=len(self._entries), bytes=self._bytes,
                 oldest_age=max(0.0, self.clock() - oldest.accepted) if oldest else 0.0,
-                accepted=self._accepted, full_bytes=self._full["bytes"], full_files=self._full["files"])
+                accepted=self._accepted, full_bytes=self._full["bytes"], full_files=self._full["files"],
+                full_disk=self._full["disk"])
 
     async def wait_for_mail(self, after_id: str | None, timeout: float) -> bool:
         """True as soon as a message accepted after `after_id` (any message, if None) is in the spool.
@@ -429,6 +436,7 @@ class MessageWriter:
 
     def __init__(self, spool: "Spool", metadata: dict, size: int | None):
         self.spool = spool
+        self._disk_full_counted = False
         spool_id = os.urandom(16)
         self.id = spool_id.hex()
         expected = sealed_size(spool.public_key.suite, metadata, size, spool.chunk_size) if size is not None else 0
@@ -444,13 +452,18 @@ class MessageWriter:
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             sink = _BudgetedWriter(self._fd, spool, self._reservation)
             self._sealer = Sealer(sink, spool.public_key, spool_id, metadata, chunk_size=spool.chunk_size)
-        except BaseException:
+        except BaseException as error:
             self.abort()
+            self._raise_if_disk_full(error)
             raise
 
     def write(self, data) -> None:
         """Seal more of the message; SpoolFull if it no longer fits (then `abort`)."""
-        self._sealer.write(data)
+        try:
+            self._sealer.write(data)
+        except OSError as error:
+            self._raise_if_disk_full(error)
+            raise
 
     def commit(self) -> str:
         """The last chunk, fsync, rename into queue/, fsync queue/: durable when this returns the spool id."""
@@ -459,10 +472,20 @@ class MessageWriter:
             os.fsync(self._fd)
             self._close()
             self.spool._commit(self._tmp, self.id, written, self._reservation)
-        except BaseException:
+        except BaseException as error:
             self.abort()
+            self._raise_if_disk_full(error)
             raise
         return self.id
+
+    def _raise_if_disk_full(self, error: BaseException) -> None:
+        """A full filesystem is a full spool (452 4.3.1, counted once per message), not an internal error."""
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            if not self._disk_full_counted:
+                self._disk_full_counted = True
+                with self.spool._lock:
+                    self.spool._full["disk"] += 1
+            raise SpoolFull("disk", f"the spool's filesystem is full ({os.strerror(error.errno)})") from error
 
     def abort(self) -> None:
         """Forget the message: its plaintext wiped, its file removed, its room given back. Safe to repeat."""

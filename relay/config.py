@@ -35,7 +35,8 @@ class Table:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
 
     def _name(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
+        """The key's dotted name; "" names the table itself."""
+        return f"{self.where}.{key}" if self.where and key else self.where or key
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.path}: {self._name(key)}: {message}")

@@ -10,9 +10,10 @@ One table (or `--json`) on either host, read-only, each part optional:
     door          on the edge: clients rejected at the door, by reason
     verdict       on the edge: messages rejected, deferred, accepted by home's before-queue verdict,
                   and those that had none (home absent, too slow, too large)
-    spool         the edge's sealed spool: depth and oldest age (the edge's metrics; at home, what
-                  the edge last told the intake)
-    intake        the intake's status file: last contact with the edge, pulled, delivered, retried,
+    spool         on the edge: its sealed spool's depth and oldest age (the edge's metrics)
+    edges         at home: each edge the intake pulls from (intake.toml's [edges]): connected or not,
+                  last contact, and its spool's depth and oldest age as the edge last told the intake
+    intake        the intake's status file: pulled, delivered, retried,
                   failed, bounced, quarantined, the ledger's counts, DSNs waiting, the edge's protocol
                   errors if any; senders' TLS reports (sessions failed, by result type) when read
     certificates  the oracle keystore's chains and when each leaf expires (chain files only: no
@@ -41,7 +42,7 @@ from pathlib import Path
 
 CONFIG_DIRECTORY = Path("/etc/yestls")
 CONFIGS = ("edge", "oracle", "intake", "site", "backup")   # each NAME.toml, --NAME-config
-SECTIONS = ("tunnel", "oracle", "policy", "door", "verdict", "spool", "intake", "certificates", "backup")
+SECTIONS = ("tunnel", "oracle", "policy", "door", "verdict", "spool", "edges", "intake", "certificates", "backup")
 TIMEOUT = 2.0   # seconds for each endpoint asked
 POLICY_MEANING = {
     "tempfail": "new connections get 421 until an oracle answers; senders retry",
@@ -479,7 +480,7 @@ def backup_rows(path: Path | None, now: float, home: bool) -> list[Row]:
     return rows
 
 
-def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[Row]:
+def intake_rows(path: Path | None, now: float) -> list[Row]:
     """The intake's status file (relay/home/intake.py writes it after each pull)."""
     if path is None:
         return [unknown("intake", "progress", "no intake.toml on this host")]
@@ -503,11 +504,8 @@ def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[R
                  if now - updated > 2 * config.poll + 30 else "")
         rows.append(Row("intake", "status written", _iso(updated),
                         f"{ago(now - updated)} ago ({config.status_file}){stale}"))
-    contact = status.get("last_contact")
-    if isinstance(contact, (int, float)):
-        rows.append(Row("intake", "last contact", _iso(contact), f"with the edge {ago(now - contact)} ago"))
-    else:
-        rows.append(unknown("intake", "last contact", "the intake has not reached the edge since it started"))
+    edges = status.get("edges") if isinstance(status.get("edges"), dict) else {}
+    rows.extend(edge_row(edge.name, edges.get(edge.name), now) for edge in config.edges)
     counters = {k: status.get(k) for k in ("pulled", "delivered", "retried", "failed", "bounced", "quarantined")}
     rows.append(Row("intake", "progress", counters,
                     ", ".join(f"{k} {v}" for k, v in counters.items()) + " (since the intake started)"))
@@ -527,12 +525,22 @@ def intake_rows(path: Path | None, now: float, edge_spool_known: bool) -> list[R
     if config.spam is not None:
         rows.append(spam_row(status))
     rows.extend(tls_report_rows(status.get("tls_reports"), now))
-    if not edge_spool_known and status.get("edge_depth") is not None and isinstance(contact, (int, float)):
-        depth, oldest = status["edge_depth"], status.get("edge_oldest_age") or 0
-        rows.append(Row("spool", "depth", depth,
-                        f"{depth} message(s) waiting, as the edge told the intake {ago(now - contact)} ago"))
-        rows.append(Row("spool", "oldest", oldest, f"{ago(oldest)} waiting" if depth else "none waiting"))
     return rows
+
+
+def edge_row(name: str, seen, now: float) -> Row:
+    """One edge as the intake last saw it (its status file's `edges`); a stale file is said so on its own row."""
+    if not isinstance(seen, dict) or not isinstance(seen.get("last_contact"), (int, float)):
+        return unknown("edges", name, "the intake has not reached this edge since it started")
+    contact = seen["last_contact"]
+    depth = seen.get("depth") if isinstance(seen.get("depth"), int) else None
+    oldest = seen.get("oldest_age") if isinstance(seen.get("oldest_age"), (int, float)) else None
+    value = {"spool": seen.get("spool"), "connected": seen.get("connected") is True, "last_contact": _iso(contact),
+             "depth": depth, "oldest_age": oldest}
+    link = "connected" if value["connected"] else "NOT CONNECTED (the intake is retrying)"
+    waiting = (f"{depth} message(s) waiting, the oldest for {ago(oldest or 0)}" if depth else "nothing waiting"
+               if depth == 0 else "its spool's depth not reported")
+    return Row("edges", name, value, f"{link}; last contact {ago(now - contact)} ago; {waiting}")
 
 
 def spam_row(status: dict) -> Row:
@@ -583,11 +591,9 @@ def collect(edge: Path | None, oracle: Path | None, intake: Path | None, *, site
                      "intake": str(intake) if intake else None, "site": str(site) if site else None,
                      "backup": str(backup) if backup else None})
     status.add(*tunnel_rows(now, run))
-    rows = edge_rows(edge, now)
-    status.add(*rows)
+    status.add(*edge_rows(edge, now))
     status.add(*oracle_rows(oracle, now))
-    edge_spool_known = any(r.section == "spool" and r.item == "depth" and r.unknown is None for r in rows)
-    status.add(*intake_rows(intake, now, edge_spool_known))
+    status.add(*intake_rows(intake, now))
     status.add(*acme_rows(site, now))
     status.add(*backup_rows(backup, now, home=intake is not None))
     present = {row.section for row in status.rows}
@@ -600,7 +606,7 @@ def collect(edge: Path | None, oracle: Path | None, intake: Path | None, *, site
 MISSING = {   # a section nothing on this host reports: its main item, and why
     "oracle": ("reachable", "no edge.toml or oracle.toml on this host"),
     "policy": ("oracle down", "no edge.toml on this host; the edge runs the policy"),
-    "spool": ("depth", "no edge.toml on this host, and no intake status reports the edge's spool"),
+    "spool": ("depth", "no edge.toml on this host (at home, `edges` shows each edge's spool)"),
     "intake": ("progress", "no intake.toml on this host"),
     "certificates": ("expiry", "no oracle.toml on this host, and no edge metrics report the chains served"),
 }

@@ -3,7 +3,7 @@
     site = make_edge_site(tmp_path, pki)
     with run_oracle(site.oracle), run_edge(site) as edge:
         smtplib.SMTP("127.0.0.1", site.smtp_port) ...
-    unsealed = site.unseal(path_of_a_spool_file)
+    unsealed = unseal(path_of_a_spool_file.read_bytes(), site.spool_private_key)   # relay.spool.sealed
 """
 
 from contextlib import contextmanager

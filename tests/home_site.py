@@ -35,13 +35,18 @@ class IntakeSite:
     status_file: Path
 
 
-def make_intake(site: SpoolSite, dovecot: Dovecot, *, options: str = "", rspamd: str | None = None) -> IntakeSite:
-    """intake.toml for the site and the Dovecot; with `rspamd` (a URL, tests/fake_rspamd.py) a [spam] table."""
+EDGE = "edge"   # the site's edge, as intake.toml's [edges] names it
+
+
+def make_intake(site: SpoolSite, dovecot: Dovecot, *, options: str = "", rspamd: str | None = None,
+                more_edges: dict[str, int] | None = None) -> IntakeSite:
+    """intake.toml for the site and the Dovecot; with `rspamd` (a URL, tests/fake_rspamd.py) a [spam] table;
+    `more_edges`: other edges' names and spool service ports (on 127.0.0.1), after the site's."""
     directory = site.directory / "intake"
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "intake.toml"
+    edges = {EDGE: site.spool_service_port, **(more_edges or {})}
     config.write_text(
-        f'edge = "127.0.0.1:{site.spool_service_port}"\n'
         f'identity_key = "{site.home_identity_path}"\n'
         f'spool_key = "{site.spool_key_path}"\n'
         f'lmtp = "127.0.0.1:{dovecot.lmtp_port}"\n'
@@ -54,6 +59,7 @@ def make_intake(site: SpoolSite, dovecot: Dovecot, *, options: str = "", rspamd:
         "retry = [0.5, 1, 2]\n"
         "poll = 5\n"
         f"{options}\n"
+        + "[edges]\n" + "".join(f'{name} = "127.0.0.1:{port}"\n' for name, port in edges.items())
         + (f'[spam]\nrspamd = "{rspamd}"\ntimeout = 20\nverdict_key = "{directory / "verdict.key"}"\n'
            "before_queue = false\n" if rspamd else "")
     )

@@ -21,6 +21,7 @@ ever sees of an edge.
 """
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from relay.audit import AuditLog
 from relay.identity import generate_identity, load_identity
 from relay.rpc import Frame, RpcConnection
+from relay.spool import store
 from relay.spool.keys import generate_spool_key, load_spool_private_key, parse_spool_public_key
 from relay.spool.service import SpoolService
 from relay.spool.store import Spool
@@ -63,9 +65,18 @@ class HostileEdge:
     def spool_private_key(self):
         return load_spool_private_key(self.spool_key_path)
 
-    def seal(self, metadata: dict, message: bytes) -> str:
-        """A message in the spool as a compromised edge would seal it; its spool id."""
-        return self.spool.accept({**CONNECTION, **metadata}, [message], size=len(message))
+    def seal(self, metadata: dict, message: bytes, *, spool_id: str | None = None) -> str:
+        """A message in the spool as a compromised edge would seal it; its spool id (chosen by the edge too,
+        when given: the spool draws it from os.urandom, replaced for the one call)."""
+        if spool_id is None:
+            return self.spool.accept({**CONNECTION, **metadata}, [message], size=len(message))
+        chosen = bytes.fromhex(spool_id)
+        real = os.urandom
+        try:
+            store.os.urandom = lambda n: chosen if n == len(chosen) else real(n)
+            return self.spool.accept({**CONNECTION, **metadata}, [message], size=len(message))
+        finally:
+            store.os.urandom = real
 
     def sealed_file(self, spool_id: str) -> bytes:
         return self.spool.read(spool_id, 0, self.spool.size(spool_id))
@@ -107,13 +118,18 @@ class HostileEdge:
 
 
 @contextmanager
-def hostile_edge(directory: Path):
+def hostile_edge(directory: Path, *, home: "HostileEdge | None" = None):
+    """`home`: another edge whose home this one serves too (its spool key and home's identity); else new ones."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "home").mkdir(exist_ok=True)
-    spool_key_path = directory / "home" / "spool.key"
-    public_key = parse_spool_public_key(generate_spool_key(spool_key_path))
-    identity_path = directory / "home" / "intake-identity.key"
-    generate_identity(identity_path)
+    if home is None:
+        spool_key_path = directory / "home" / "spool.key"
+        public_key = parse_spool_public_key(generate_spool_key(spool_key_path))
+        identity_path = directory / "home" / "intake-identity.key"
+        generate_identity(identity_path)
+    else:
+        spool_key_path, identity_path = home.spool_key_path, home.home_identity_path
+        public_key = home.spool.public_key
     peer = Peer(name="home", addresses=frozenset({"127.0.0.1"}), identity=load_identity(identity_path).public_key(),
                 max_connections=8, max_in_flight=128, rate=1000.0, burst=1000)
     spool = Spool(directory / "spool", public_key, max_bytes=1 << 34, max_files=1_000_000)

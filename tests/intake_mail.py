@@ -26,7 +26,7 @@ from relay.home.ledger import Entry, Ledger
 from .dovecot import Dovecot, run_dovecot
 from .edge_site import EdgeProcess, EdgeSite, make_edge_site, start_edge
 from .fake_rspamd import run_fake_rspamd
-from .home_site import IntakeProcess, IntakeSite, make_intake, start_intake
+from .home_site import EDGE, IntakeProcess, IntakeSite, make_intake, start_intake
 from .oracle_home import run_oracle
 from .pki import TestPKI
 
@@ -200,7 +200,7 @@ class World:
     def ledger_entry(self, spool_id: str) -> Entry | None:
         ledger = Ledger(self.intake.ledger)
         try:
-            return ledger.get(spool_id)
+            return ledger.edge(EDGE).get(spool_id)
         finally:
             ledger.close()
 
@@ -208,7 +208,8 @@ class World:
         """Spool ids in the order the intake first recorded them."""
         ledger = Ledger(self.intake.ledger)
         try:
-            return [row[0] for row in ledger.db.execute("SELECT spool_id FROM messages ORDER BY rowid")]
+            return [row[0] for row in ledger.db.execute("SELECT spool_id FROM messages WHERE edge = ? ORDER BY rowid",
+                                                         (EDGE,))]
         finally:
             ledger.close()
 

@@ -23,6 +23,7 @@ import pytest
 from relay.status import collect, default_config
 
 from .edge_site import make_edge_site
+from .home_site import EDGE
 from .intake_mail import SENDER, USER, mail_world, message, wait_for
 from .oracle_home import free_port
 
@@ -129,7 +130,7 @@ def test_status_shows_what_the_running_site_reports(world, pki, fake_wg):
         table = status(*configs(world), path=path).stdout
         # The intake asks the edge for its depth before a batch, so the depth it recorded then still counts
         # the two; its next contact (after the long-poll, `poll` = 5 s here) brings the new one.
-        wait_for(lambda: intake_status(world).get("edge_depth") == 0, "the intake's next contact with the edge",
+        wait_for(lambda: intake_status(world).get("edges", {}).get(EDGE, {}).get("depth") == 0, "the intake's next contact with the edge",
                  details=lambda: world.logs(intake))
         home_only = status_json("--intake-config", str(world.intake.config), path=path)
 
@@ -142,6 +143,7 @@ def test_status_shows_what_the_running_site_reports(world, pki, fake_wg):
 
     assert re.search(r"\b0 message\(s\) waiting for home", table_line(table, "depth"))
     assert "delivered 2" in table_line(table, "progress")
+    assert re.search(r"^edges\s+edge\s+connected; last contact \d+ s ago; ", table_line(table, EDGE))
     assert f"expires {expiry}" in table_line(table, certificate_item)
     assert "up:" in table_line(table, "reachable")
     assert "tempfail" in table_line(table, "oracle down")
@@ -149,7 +151,9 @@ def test_status_shows_what_the_running_site_reports(world, pki, fake_wg):
     assert "no handshake yet" in table_line(table, f"wg0 peer {PEER_NEVER[:10]}...")
 
     # At home without the edge's config: the spool as the edge last told the intake.
-    assert home_only["spool"]["depth"] == 0
+    seen = home_only["edges"][EDGE]
+    assert seen["depth"] == 0 and seen["connected"] is True and seen["spool"] == after["edges"][EDGE]["spool"]
+    assert "`edges` shows each edge's spool" in home_only["spool"]["depth"]["unknown"]
     assert home_only["intake"]["progress"]["delivered"] == 2
     assert "no edge.toml" in home_only["policy"]["oracle down"]["unknown"]
 

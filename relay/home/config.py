@@ -1,6 +1,6 @@
-"""intake.toml: where the edge's spool is, the keys, and where mail goes at home.
+"""intake.toml: where the edges' spools are, the keys, and where mail goes at home.
 
-    edge = "10.77.0.1:7444"                      # the edge's spool service (tunnel address)
+    identity_key = ...                           # (top-level keys first; the [edges] table after them)
     identity_key = "/var/lib/yestls-intake/identity.key"   # `yestls keys identity-new`
     spool_key = "/var/lib/yestls-intake/spool.key"         # `yestls keys spool-new`
     lmtp = "/run/dovecot/lmtp"                   # a UNIX socket path, or "HOST:PORT"
@@ -30,8 +30,13 @@
                                                  # missing)
     before_queue = true                          # answer the edge's verdict requests (relay/home/judge.py)
     before_queue_workers = 4                     # verdicts judged at once
+
+    [edges]                                      # every edge (MX) home pulls from: NAME = its spool service
+    edge = "10.77.0.1:7444"                      # (its tunnel address). The name is the inventory's, and keys
+    edge2 = "10.77.0.3:7444"                     # the edge's rows in the ledger: keep it when an address changes
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,16 @@ from relay.spool.client import DEFAULT_MAX_MESSAGE_SIZE, max_file_size
 # A sealed file is held in memory while it is unsealed (`in_flight` of them):
 # a message size beyond this is a typo, not a mail server's setting.
 MAX_MESSAGE_SIZE_LIMIT = 1024 * 1024 * 1024
+EDGE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")   # a host name's label: it goes in paths and logs
+MAX_EDGES = 16
+
+
+@dataclass(frozen=True)
+class Edge:
+    """An edge home pulls sealed mail from."""
+
+    name: str
+    spool: tuple[str, int]   # its spool service, on the tunnel
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,7 @@ class SpamSettings:
 
 @dataclass(frozen=True)
 class IntakeConfig:
-    edge: tuple[str, int]
+    edges: tuple[Edge, ...]
     identity_key: Path
     spool_key: Path
     lmtp: str | tuple[str, int]
@@ -96,8 +111,11 @@ def load(path: Path) -> IntakeConfig:
                       check=lambda v: v and all(isinstance(x, (int, float)) and x > 0 for x in v),
                       hint="a list of positive seconds")
     state = Path("/var/lib/yestls-intake")
+    if "edge" in table.data:
+        raise table.error("edge", f'one edge is now written in the [edges] table, with its name: '
+                                  f'[edges] edge = {table.data["edge"]!r}')
     config = IntakeConfig(
-        edge=table.address("edge", hint="the edge's spool service, HOST:PORT on the tunnel"),
+        edges=_edges(table.table("edges")),
         identity_key=Path(table.get("identity_key", str, hint="made by `yestls keys identity-new`")),
         spool_key=Path(table.get("spool_key", str, hint="made by `yestls keys spool-new`")),
         lmtp=lmtp,
@@ -133,6 +151,23 @@ def load(path: Path) -> IntakeConfig:
     return config
 
 
+def _edges(table: Table) -> tuple[Edge, ...]:
+    names = list(table.data)
+    if not names:
+        raise table.error("", 'missing; name every edge and its spool service: [edges] edge = "10.77.0.1:7444"')
+    if len(names) > MAX_EDGES:
+        raise table.error("", f"{len(names)} edges; at most {MAX_EDGES}")
+    edges = []
+    for name in names:
+        if not EDGE_NAME.fullmatch(name):
+            raise table.error(name, "an edge's name is a host name label: a-z, 0-9 and -, at most 63")
+        edges.append(Edge(name, table.address(name, hint="the edge's spool service, HOST:PORT on the tunnel")))
+    if len({edge.spool for edge in edges}) < len(edges):
+        raise table.error("", "two edges with the same spool service: each edge has its own tunnel address")
+    table.done()
+    return tuple(edges)
+
+
 def _spam_settings(spam: Table, state: Path) -> SpamSettings:
     rspamd = spam.get("rspamd", str, default=SpamSettings.rspamd,
                       check=lambda v: v.startswith("http://"), hint="rspamd's normal worker, http://HOST:PORT")
@@ -158,4 +193,4 @@ def _optional_path(text: str | None) -> Path | None:
     return None if text is None else Path(text)
 
 
-__all__ = ["ConfigError", "IntakeConfig", "load"]
+__all__ = ["ConfigError", "Edge", "IntakeConfig", "load"]

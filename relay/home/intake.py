@@ -1,6 +1,8 @@
-"""`yestls intake serve`: pull sealed mail from the edge, unseal it at home, deliver it to Dovecot once.
+"""`yestls intake serve`: pull sealed mail from the edges, unseal it at home, deliver it to Dovecot once.
 
-The loop: keep a long-poll open to the edge's spool service; for each sealed
+One loop per edge (intake.toml's [edges]), all at once: a slow or
+unreachable edge holds up none of the others. Each keeps a long-poll open to
+its edge's spool service; for each sealed
 message, in order of acceptance, fetch it (several fetches in flight), unseal
 it with the home spool key, and deliver it over LMTP with its original
 envelope (an alias of the site's address book delivered to its mailboxes).
@@ -9,7 +11,11 @@ goes back to the sender through home's MTA: relay/home/dsn.py,
 relay/home/outbox.py), 4xx tried again later with backoff, and failed too
 once `give_up_after` has passed since the edge accepted the message. Only when every recipient has a final answer is the message
 acknowledged to the edge, which deletes it. The ledger (relay/home/ledger.py)
-makes that exactly once across crashes. A message that cannot be unsealed, or
+makes that exactly once across crashes; it is keyed by (edge, spool id), so
+no edge's ids can touch another's messages. A sender that delivered the same
+message to two edges (its 250 lost on the way back, then a retry to the other
+MX) gets it delivered twice: every MTA does the same (RFC 5321 6.1,
+duplicates over loss), and the two copies carry different spool ids. A message that cannot be unsealed, or
 whose envelope is not fit for LMTP (relay/home/envelope.py), is moved, still
 sealed, to the quarantine directory and acknowledged: it never blocks the
 queue, is never half-delivered and never silently dropped.
@@ -54,7 +60,18 @@ from relay.home.doveadm import DeliveryFinder, DoveadmError
 from relay.home.envelope import EnvelopeError, envelope_from_metadata
 from relay.home.headers import Field, without_fields
 from relay.home.judge import Judge
-from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, QUARANTINED, Entry, Ledger
+from relay.home.ledger import (
+    DELIVERED,
+    DELIVERING,
+    DONE,
+    FAILED,
+    IN_DOUBT,
+    PENDING,
+    QUARANTINED,
+    EdgeLedger,
+    Entry,
+    Ledger,
+)
 from relay.home.lmtp import LmtpError, deliver
 from relay.home.outbox import Outbox
 from relay.home.spam import (
@@ -108,7 +125,6 @@ class Deferred:
 
 @dataclass
 class IntakeStats:
-    last_contact: float | None = None
     pulled: int = 0
     delivered: int = 0
     retried: int = 0
@@ -120,9 +136,30 @@ class IntakeStats:
     verdicts_kept: int = 0     # messages delivered with the verdict home gave the edge before its 250
     junked: int = 0            # messages delivered to Junk
     unfiltered: int = 0        # messages delivered unjudged: rspamd failed past FILTER_PATIENCE
-    edge_depth: int | None = None
-    edge_oldest_age: float | None = None
-    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EdgeLink:
+    """One edge as the intake sees it: where its spool is, its part of the ledger, its retry schedule."""
+
+    edge: intake_config.Edge
+    ledger: EdgeLedger
+    retry_at: dict[str, float] = field(default_factory=dict)  # spool id -> when a 4xx'd message may be retried
+    failures: dict[str, int] = field(default_factory=dict)    # spool id -> failed rounds so far (the backoff step)
+    published: AddressBook | None = None   # the address book this edge has from us
+    connected: bool = False
+    last_contact: float | None = None
+    depth: int | None = None               # what the edge last said its spool held
+    oldest_age: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.edge.name
+
+    def status(self) -> dict:
+        host, port = self.edge.spool
+        return {"spool": f"{host}:{port}", "connected": self.connected, "last_contact": self.last_contact,
+                "depth": self.depth, "oldest_age": self.oldest_age, "retrying": len(self.retry_at)}
 
 
 class Intake:
@@ -130,24 +167,24 @@ class Intake:
         self.config = config
         self.identity = load_identity(config.identity_key)
         self.private_key = load_spool_private_key(config.spool_key)
-        self.ledger = Ledger(config.ledger)
+        self.ledger = Ledger(config.ledger, first_edge=config.edges[0].name)
         self.finder = DeliveryFinder(config.doveadm_url, config.doveadm_api_key) if config.doveadm_url else None
         self.auth = ForgedResultsFilter(config.authserv_id)
         self.spam = (SpamFilter(config.spam.rspamd, config.spam.timeout, config.authserv_id)
                      if config.spam is not None else None)
         self.verdict_key = load_verdict_key(config.spam.verdict_key) if config.spam is not None else None
         self.stats = IntakeStats()
-        self.retry_at: dict[str, float] = {}  # spool id -> when a 4xx'd message may be tried again
-        self.failures: dict[str, int] = {}    # spool id -> failed rounds so far (the backoff step)
-        for spool_id, (when, tries) in self.ledger.waiting_retries().items():   # the schedule survives restarts
-            self.retry_at[spool_id], self.failures[spool_id] = when, max(tries, 1)
-        self._reported: set[str] = set()      # protocol errors logged already
+        self.links = {edge.name: EdgeLink(edge, self.ledger.edge(edge.name)) for edge in config.edges}
+        for link in self.links.values():
+            for spool_id, (when, tries) in link.ledger.waiting_retries().items():   # the schedule survives restarts
+                link.retry_at[spool_id], link.failures[spool_id] = when, max(tries, 1)
+        self._reported: set[tuple[str, str]] = set()      # (edge, protocol error) logged already
         self._status_written = 0.0
         self._pruned = 0.0
+        self._housekeeping_lock = asyncio.Lock()   # the edges' loops share the outbox and the pruning
         config.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.book: AddressBook | None = None
         self._book_stamp: tuple | None = None
-        self._published: AddressBook | None = None
         if config.addresses is not None:
             self._load_book()
             if self.book is None:
@@ -155,44 +192,47 @@ class Intake:
         self.outbox = (Outbox(config.outbox, config.bounce_relay, config.authserv_id)
                        if config.bounce_relay is not None else None)
         self.tls_reports = _previous_tls_reports(config.status_file) if config.tls_reports else None
-        # The edge's sessions ask home for a verdict before their 250 (relay/home/judge.py): its own connection.
-        self.judge = (Judge(config.edge, self.identity, self.spam, self.verdict_key,
-                            workers=config.spam.before_queue_workers, max_message_size=config.max_message_size,
-                            poll=config.poll, timeout=config.timeout)
-                      if config.spam is not None and config.spam.before_queue else None)
+        # Each edge's sessions ask home for a verdict before their 250 (relay/home/judge.py): a connection each.
+        self.judges = ([Judge(edge.spool, self.identity, self.spam, self.verdict_key,
+                              workers=config.spam.before_queue_workers, max_message_size=config.max_message_size,
+                              poll=config.poll, timeout=config.timeout) for edge in config.edges]
+                       if config.spam is not None and config.spam.before_queue else [])
 
     # --- the loop -------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Pull and deliver until `stop`; with [spam] before_queue, the before-queue judge runs beside it."""
-        judging = asyncio.ensure_future(self.judge.run(stop)) if self.judge is not None else None
+        """Pull from every edge and deliver until `stop`; with [spam] before_queue, the before-queue judges
+        run beside them."""
+        judging = [asyncio.ensure_future(judge.run(stop)) for judge in self.judges]
         try:
-            await self._pull(stop)
+            await asyncio.gather(*(self._pull(link, stop) for link in self.links.values()))
         finally:
-            if judging is not None:
-                judging.cancel()
-                await asyncio.gather(judging, return_exceptions=True)
+            for task in judging:
+                task.cancel()
+            await asyncio.gather(*judging, return_exceptions=True)
 
-    async def _pull(self, stop: asyncio.Event) -> None:
+    async def _pull(self, link: EdgeLink, stop: asyncio.Event) -> None:
         delay = 1.0
+        host, port = link.edge.spool
         while not stop.is_set():
-            host, port = self.config.edge
             client = SpoolClient(host, port, self.identity, timeout=self.config.timeout,
                                  max_size=self.config.max_sealed_size)
             try:
                 await client.connect()
-                log.info("connected to the edge's spool at %s:%d", host, port)
+                log.info("connected to the edge %s's spool at %s:%d", link.name, host, port)
                 delay = 1.0
-                self._published = None   # a new connection: the edge may have restarted
-                await self._serve(client, stop)
+                link.published = None   # a new connection: the edge may have restarted
+                link.connected = True
+                await self._serve(link, client, stop)
             except SpoolProtocolError as error:
-                self._protocol_error(str(error))
-                log.warning("edge spool %s:%d: reconnecting in %.0fs", host, port, delay)
+                self._protocol_error(link, str(error))
+                log.warning("edge %s spool %s:%d: reconnecting in %.0fs", link.name, host, port, delay)
             except (OSError, ConnectionError, asyncio.TimeoutError, RemoteError) as error:
                 # %r: an error message from the edge is its text, and must not start a log line of its own.
-                log.warning("edge spool %s:%d: %r; retrying in %.0fs", host, port,
+                log.warning("edge %s spool %s:%d: %r; retrying in %.0fs", link.name, host, port,
                             (str(error) or type(error).__name__)[:300], delay)
             finally:
+                link.connected = False
                 await client.close()
             self._write_status()
             try:
@@ -201,20 +241,20 @@ class Intake:
                 pass
             delay = min(delay * 2, 60.0)
 
-    async def _serve(self, client: SpoolClient, stop: asyncio.Event) -> None:
+    async def _serve(self, link: EdgeLink, client: SpoolClient, stop: asyncio.Event) -> None:
         said_ready, newest = False, None
         while not stop.is_set():
-            await self._publish_addresses(client)
+            await self._publish_addresses(link, client)
             listing = await client.list()
-            self._contact(await client.stats())
-            self._take_listing(listing)
+            self._contact(link, await client.stats())
+            self._take_listing(link, listing)
             now = time.time()
-            due = [m for m in listing.messages if self.retry_at.get(m.id, 0) <= now]
-            await self._process_in_order(client, due)
+            due = [m for m in listing.messages if link.retry_at.get(m.id, 0) <= now]
+            await self._process_in_order(link, client, due)
             await self._housekeeping()
             self._write_status()
             # Long-poll: back at once when new mail arrives, or when a retry is due.
-            retry_in = min((t - time.time() for t in self.retry_at.values()), default=self.config.poll)
+            retry_in = min((t - time.time() for t in link.retry_at.values()), default=self.config.poll)
             timeout = max(0.05, min(self.config.poll, retry_in))
             if said_ready and not due and listing.last_id == newest:
                 # The edge said mail newer than `newest` was waiting, and the listing shows none (a lie, or
@@ -238,26 +278,26 @@ class Intake:
             return waiting.result()
         return False
 
-    def _take_listing(self, listing: Listing) -> None:
+    def _take_listing(self, link: EdgeLink, listing: Listing) -> None:
         """Report what the client left out of the listing; forget retry times of messages no longer listed."""
         for problem in listing.refused:
-            self._protocol_error(problem)
+            self._protocol_error(link, problem)
         if listing.complete:
             listed = {m.id for m in listing.messages}
-            for spool_id in [i for i in self.retry_at if i not in listed]:
-                del self.retry_at[spool_id]
-                self.failures.pop(spool_id, None)
+            for spool_id in [i for i in link.retry_at if i not in listed]:
+                del link.retry_at[spool_id]
+                link.failures.pop(spool_id, None)
 
-    def _protocol_error(self, problem: str) -> None:
-        if problem in self._reported:
+    def _protocol_error(self, link: EdgeLink, problem: str) -> None:
+        if (link.name, problem) in self._reported:
             return
         if len(self._reported) >= REPORTED_PROBLEMS:
             self._reported.clear()
-        self._reported.add(problem)
+        self._reported.add((link.name, problem))
         self.stats.protocol_errors += 1
-        log.error("edge spool protocol error: %s", problem)
+        log.error("edge %s spool protocol error: %s", link.name, problem)
 
-    async def _process_in_order(self, client: SpoolClient, messages: list[ListedMessage]) -> None:
+    async def _process_in_order(self, link: EdgeLink, client: SpoolClient, messages: list[ListedMessage]) -> None:
         """Fetch several at once, deliver strictly in the edge's order of acceptance."""
         upcoming = iter(messages)
         fetching: deque = deque()  # at most `in_flight` fetched ahead: a backlog is not all in memory
@@ -283,10 +323,10 @@ class Intake:
                 top_up()
                 sealed, prepared = await fetch
                 if sealed is None:
-                    self._fetch_failed(message.id, prepared)
+                    self._fetch_failed(link, message.id, prepared)
                     continue
                 self.stats.pulled += 1
-                if await self.process(message.id, sealed, prepared):
+                if await self.process(link, message.id, sealed, prepared):
                     acks.append((message.id, asyncio.ensure_future(client.ack(message.id))))
                 if time.time() - self._status_written > 2:
                     self._write_status()  # a long backlog shows its progress
@@ -295,21 +335,22 @@ class Intake:
                 fetch.cancel()
             results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
             # Unacknowledged ones are listed again next time; done in the ledger, they are not redelivered.
-            self.ledger.mark_acked([i for (i, _), r in zip(acks, results) if not isinstance(r, BaseException)])
+            link.ledger.mark_acked([i for (i, _), r in zip(acks, results) if not isinstance(r, BaseException)])
 
-    def _fetch_failed(self, spool_id: str, error: Exception) -> None:
+    def _fetch_failed(self, link: EdgeLink, spool_id: str, error: Exception) -> None:
         """The edge's answers for this message did not add up, or it refused: leave it there, try later."""
         if isinstance(error, SpoolProtocolError):
-            self._protocol_error(str(error))
+            self._protocol_error(link, str(error))
         else:
-            log.warning("%s: the edge refused to send it (%r); will retry", spool_id, str(error)[:300])
-        self._try_later(spool_id)
+            log.warning("%s: the edge %s refused to send it (%r); will retry", spool_id, link.name, str(error)[:300])
+        self._try_later(link, spool_id)
 
-    def _try_later(self, spool_id: str) -> None:
-        """Leave the message on the edge; list it again after the next backoff step."""
-        self.failures[spool_id] = failures = self.failures.get(spool_id, 0) + 1
-        self.retry_at[spool_id] = time.time() + self.config.retry[min(failures, len(self.config.retry)) - 1]
+    def _try_later(self, link: EdgeLink, spool_id: str) -> float:
+        """Leave the message on the edge; list it again after the next backoff step (returned: when)."""
+        link.failures[spool_id] = failures = link.failures.get(spool_id, 0) + 1
+        link.retry_at[spool_id] = when = time.time() + self.config.retry[min(failures, len(self.config.retry)) - 1]
         self.stats.retried += 1
+        return when
 
     # --- one message ------------------------------------------------------------
 
@@ -381,39 +422,39 @@ class Intake:
                 addressed.setdefault(mailbox, recipient)
         return addressed
 
-    async def process(self, spool_id: str, sealed: bytes,
+    async def process(self, link: EdgeLink, spool_id: str, sealed: bytes,
                       prepared: "Prepared | Deferred | Exception | None" = None) -> bool:
-        """Deliver one sealed message as far as possible; True when it may be acknowledged."""
-        entry = self.ledger.get(spool_id)
+        """Deliver one sealed message from this edge as far as possible; True when it may be acknowledged."""
+        entry = link.ledger.get(spool_id)
         if entry is not None and entry.state in (DONE, QUARANTINED):
             return True  # finished before a crash, not yet acknowledged: do not deliver again
         if prepared is None:
             prepared = await self.prepare(spool_id, sealed)
         if isinstance(prepared, Deferred):
             log.warning("%s: not delivered yet: %s; will retry", spool_id, prepared.reason)
-            self._try_later(spool_id)
+            self._try_later(link, spool_id)
             return False
         if isinstance(prepared, Exception):
-            self._quarantine(spool_id, sealed, prepared)
+            self._quarantine(link, spool_id, sealed, prepared)
             return True
-        entry = self.ledger.start(spool_id, prepared.recipients)
+        entry = link.ledger.start(spool_id, prepared.recipients)
         if entry.state != DELIVERING:
             return True
-        if not await self._settle_in_doubt(entry):
-            self._schedule_retry(entry)
+        if not await self._settle_in_doubt(link.ledger, entry):
+            self._schedule_retry(link, entry)
             return False
         pending = entry.pending()
         if pending:
-            await self._deliver(entry, prepared.mail_from, pending, prepared.message, prepared.smtputf8)
+            await self._deliver(link, entry, prepared.mail_from, pending, prepared.message, prepared.smtputf8)
         if not entry.final() and time.time() - prepared.arrival > self.config.give_up_after:
-            self._give_up(entry)
+            self._give_up(link.ledger, entry)
         if entry.final():
             if entry.state != DONE:
                 self._bounce(entry, prepared)   # before DONE: a crash in between bounces on the next try
                 entry.state = DONE
-                self.ledger.save(entry)
-            self.retry_at.pop(spool_id, None)
-            self.failures.pop(spool_id, None)
+                link.ledger.save(entry)
+            link.retry_at.pop(spool_id, None)
+            link.failures.pop(spool_id, None)
             self._read_tls_report(spool_id, prepared)
             self.stats.junked += prepared.junk
             delivered = sum(r.status == DELIVERED for r in entry.recipients.values())
@@ -421,7 +462,7 @@ class Intake:
             return True
         return False
 
-    async def _settle_in_doubt(self, entry: Entry) -> bool:
+    async def _settle_in_doubt(self, ledger: EdgeLedger, entry: Entry) -> bool:
         """Recipients whose delivery may have happened before a crash: ask Dovecot, don't guess.
 
         False when Dovecot cannot be asked now: better late than twice.
@@ -442,15 +483,15 @@ class Intake:
             if found:
                 log.info("%s: already in %s's mailbox (delivered before a crash)", entry.spool_id, recipient)
         if doubtful:
-            self.ledger.save(entry)
+            ledger.save(entry)
         return True
 
-    async def _deliver(self, entry: Entry, mail_from: str, recipients: list[str], message: bytes,
+    async def _deliver(self, link: EdgeLink, entry: Entry, mail_from: str, recipients: list[str], message: bytes,
                        smtputf8: bool) -> None:
         for recipient in recipients:
             entry.recipients[recipient].status = IN_DOUBT
             entry.recipients[recipient].attempts += 1
-        self.ledger.save(entry)  # committed before Dovecot can have the message
+        link.ledger.save(entry)  # committed before Dovecot can have the message
         try:
             replies = await deliver(self.config.lmtp, mail_from, recipients, message,
                                     lhlo=self.config.authserv_id, smtputf8=smtputf8)
@@ -458,7 +499,7 @@ class Intake:
             # Nothing reached Dovecot for sure? A dropped connection after DATA
             # could have; the in-doubt marks make the next try ask first.
             log.warning("%s: LMTP failed (%s); will retry", entry.spool_id, error)
-            self._schedule_retry(entry)
+            self._schedule_retry(link, entry)
             return
         for recipient, reply in replies.items():
             info = entry.recipients[recipient]
@@ -475,11 +516,11 @@ class Intake:
                 log.info("%s: %s deferred: %s", entry.spool_id, recipient, reply)
         if entry.final() and not any(info.status == FAILED for info in entry.recipients.values()):
             entry.state = DONE  # recorded with the replies: one commit (a failure is bounced first: process)
-        self.ledger.save(entry)
+        link.ledger.save(entry)
         if not entry.final():
-            self._schedule_retry(entry)
+            self._schedule_retry(link, entry)
 
-    def _give_up(self, entry: Entry) -> None:
+    def _give_up(self, ledger: EdgeLedger, entry: Entry) -> None:
         """Temporary failures for longer than give_up_after: they are failures (and bounced)."""
         days = self.config.give_up_after / 86400
         for recipient in entry.pending():
@@ -488,7 +529,7 @@ class Intake:
             info.reply = f"451 4.4.7 Delivery time expired after {days:g} days (last: {info.reply or 'no answer'})"
             self.stats.failed += 1
             log.warning("%s: %s given up after %g days", entry.spool_id, recipient, days)
-        self.ledger.save(entry)
+        ledger.save(entry)
 
     def _bounce(self, entry: Entry, prepared: Prepared) -> None:
         """A DSN to the sender for the recipients that failed, into the outbox (sent by _housekeeping)."""
@@ -556,57 +597,62 @@ class Intake:
         self._book_stamp = stamp
         log.info("address book: %d mailboxes, %d aliases", len(self.book.mailboxes), len(self.book.aliases))
 
-    async def _publish_addresses(self, client: SpoolClient) -> None:
+    async def _publish_addresses(self, link: EdgeLink, client: SpoolClient) -> None:
         """The edge accepts at RCPT what the address book names: give it the book when it is new to it."""
         if self.config.addresses is None:
             return
         self._load_book()
-        if self.book is None or self.book == self._published:
+        if self.book is None or self.book == link.published:
             return
         try:
             await client.publish_addresses(self.book.to_json())
         except RemoteError as error:
-            log.warning("the edge did not take the address book (%r); it keeps what it had", str(error)[:300])
+            log.warning("the edge %s did not take the address book (%r); it keeps what it had", link.name,
+                        str(error)[:300])
             return
-        self._published = self.book
-        log.info("address book published to the edge")
+        link.published = self.book
+        log.info("address book published to the edge %s", link.name)
 
     async def _housekeeping(self) -> None:
-        """DSNs out to home's MTA; the ledger's old acknowledged rows pruned (hourly)."""
-        if self.outbox is not None and self.outbox.waiting():
-            await asyncio.get_running_loop().run_in_executor(None, self.outbox.send_all)
-        if time.time() - self._pruned > 3600:
-            self._pruned = time.time()
-            self.ledger.forget_acked_before(KEEP_ACKED)
+        """DSNs out to home's MTA; the ledger's old acknowledged rows pruned (hourly). One edge's loop at a
+        time: the others skip it (it is done for all)."""
+        if self._housekeeping_lock.locked():
+            return
+        async with self._housekeeping_lock:
+            if self.outbox is not None and self.outbox.waiting():
+                await asyncio.get_running_loop().run_in_executor(None, self.outbox.send_all)
+            if time.time() - self._pruned > 3600:
+                self._pruned = time.time()
+                self.ledger.forget_acked_before(KEEP_ACKED)
 
-    def _schedule_retry(self, entry: Entry) -> None:
+    def _schedule_retry(self, link: EdgeLink, entry: Entry) -> None:
         # Each failed round (LMTP 4xx, Dovecot unreachable, doveadm unreachable) waits longer.
-        self.failures[entry.spool_id] = failures = self.failures.get(entry.spool_id, 0) + 1
-        backoff = self.config.retry[min(failures, len(self.config.retry)) - 1]
-        entry.next_attempt = time.time() + backoff
-        self.ledger.save(entry)
-        self.retry_at[entry.spool_id] = entry.next_attempt
-        self.stats.retried += 1
+        entry.next_attempt = self._try_later(link, entry.spool_id)
+        link.ledger.save(entry)
 
-    def _quarantine(self, spool_id: str, sealed: bytes, error: Exception) -> None:
-        path = self.config.quarantine / f"{validate_id(spool_id)}.sealed"   # an id names no other path
+    def _quarantine(self, link: EdgeLink, spool_id: str, sealed: bytes, error: Exception) -> None:
+        # One directory per edge (a name checked by the config); an id names no other path.
+        path = self.config.quarantine / link.name / f"{validate_id(spool_id)}.sealed"
+        path.parent.mkdir(exist_ok=True, mode=0o700)
         write_atomically(path, sealed)
-        self.ledger.save(Entry(spool_id, QUARANTINED))
+        link.ledger.save(Entry(spool_id, QUARANTINED))
         self.stats.quarantined += 1
         log.error("%s: QUARANTINED, not delivered: %s; the sealed file is kept at %s", spool_id, error, path)
 
     # --- status -----------------------------------------------------------------
 
-    def _contact(self, edge_stats: dict) -> None:
-        self.stats.last_contact = time.time()
-        self.stats.edge_depth = edge_stats.get("depth")   # numbers only (SpoolClient.stats)
-        self.stats.edge_oldest_age = edge_stats.get("oldest_age")
+    def _contact(self, link: EdgeLink, edge_stats: dict) -> None:
+        link.last_contact = time.time()
+        link.depth = edge_stats.get("depth")   # numbers only (SpoolClient.stats)
+        link.oldest_age = edge_stats.get("oldest_age")
 
     def _write_status(self) -> None:
         """The status file `yestls status` reads: what the intake knows, as of now."""
         self._status_written = time.time()
         status = {"updated": self._status_written, **vars(self.stats), "ledger": self.ledger.counts(),
-                  "retrying": len(self.retry_at), "outbox": len(self.outbox.waiting()) if self.outbox else 0}
+                  "edges": {name: link.status() for name, link in self.links.items()},
+                  "retrying": sum(len(link.retry_at) for link in self.links.values()),
+                  "outbox": len(self.outbox.waiting()) if self.outbox else 0}
         if self.tls_reports is not None:
             status["tls_reports"] = self.tls_reports.to_json()
         write_atomically(self.config.status_file, json.dumps(status).encode())
@@ -645,7 +691,8 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
 async def serve(config: intake_config.IntakeConfig) -> None:
     intake = Intake(config)
     stop = daemon.stop_event()
-    log.info("intake pulling from %s:%d, delivering to %s", *config.edge, config.lmtp)
+    log.info("intake pulling from %s, delivering to %s",
+             ", ".join(f"{edge.name} ({edge.spool[0]}:{edge.spool[1]})" for edge in config.edges), config.lmtp)
     try:
         await intake.run(stop)
     finally:

@@ -1,6 +1,9 @@
 """The intake's ledger: what happened to each sealed message, so a crash loses or repeats nothing.
 
-One row per spool id. A message is `delivering` until every recipient has a
+One row per (edge, spool id): each edge names its own messages, and an edge
+may be compromised, so one edge's ids never touch another's rows — an edge
+that reuses an id it saw (in a forwarded message's X-YesTLS-Spool-Id) cannot
+make the intake take another edge's message for one already done. A message is `delivering` until every recipient has a
 final answer, then `done` (or `quarantined`); only then is it acknowledged to
 the edge, which deletes it. Before the message goes to Dovecot the recipients
 about to be tried are marked `in_doubt`: if the intake dies before recording
@@ -42,19 +45,63 @@ class Entry:
         return not self.pending()
 
 
+_COLUMNS = ("state TEXT NOT NULL, recipients TEXT NOT NULL, next_attempt REAL NOT NULL, acked INTEGER NOT NULL, "
+            "updated REAL NOT NULL")
+
+
 class Ledger:
-    def __init__(self, path: Path):
+    """The ledger file; `edge(name)` is one edge's part of it."""
+
+    def __init__(self, path: Path, *, first_edge: str | None = None):
+        """`first_edge`: the edge a ledger from before edges had names belongs to (the one edge it served):
+        its rows are moved to that name, once, in one transaction."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS messages (spool_id TEXT PRIMARY KEY, state TEXT NOT NULL, "
-            "recipients TEXT NOT NULL, next_attempt REAL NOT NULL, acked INTEGER NOT NULL, updated REAL NOT NULL)")
+        columns = [row[1] for row in self.db.execute("PRAGMA table_info(messages)")]
+        if columns and "edge" not in columns:
+            self._name_the_edge(first_edge)
+        self.db.execute(f"CREATE TABLE IF NOT EXISTS messages (edge TEXT NOT NULL, spool_id TEXT NOT NULL, "
+                        f"{_COLUMNS}, PRIMARY KEY (edge, spool_id))")
+
+    def _name_the_edge(self, first_edge: str | None) -> None:
+        if first_edge is None:
+            raise ValueError("this ledger is from before edges had names: open it with the edge it served "
+                             "(the intake does: the first of [edges] in intake.toml)")
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("ALTER TABLE messages RENAME TO messages_unnamed")
+            self.db.execute(f"CREATE TABLE messages (edge TEXT NOT NULL, spool_id TEXT NOT NULL, {_COLUMNS}, "
+                            "PRIMARY KEY (edge, spool_id))")
+            self.db.execute("INSERT INTO messages SELECT ?, spool_id, state, recipients, next_attempt, acked, updated "
+                            "FROM messages_unnamed ORDER BY rowid", (first_edge,))
+            self.db.execute("DROP TABLE messages_unnamed")
+
+    def edge(self, name: str) -> "EdgeLedger":
+        return EdgeLedger(self.db, name)
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
+
+    def forget_acked_before(self, seconds: float) -> None:
+        """Rows of acknowledged messages are kept a while (a late duplicate is recognised), then pruned."""
+        self.db.execute("DELETE FROM messages WHERE acked = 1 AND updated < ?", (time.time() - seconds,))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class EdgeLedger:
+    """One edge's messages in the ledger, by their spool ids."""
+
+    def __init__(self, db: sqlite3.Connection, name: str):
+        self.db = db
+        self.name = name
 
     def get(self, spool_id: str) -> Entry | None:
-        row = self.db.execute("SELECT state, recipients, next_attempt, acked FROM messages WHERE spool_id = ?",
-                              (spool_id,)).fetchone()
+        row = self.db.execute("SELECT state, recipients, next_attempt, acked FROM messages "
+                              "WHERE edge = ? AND spool_id = ?", (self.name, spool_id)).fetchone()
         if row is None:
             return None
         recipients = {r: Recipient(**info) for r, info in json.loads(row[1]).items()}
@@ -63,10 +110,10 @@ class Ledger:
     def save(self, entry: Entry) -> None:
         recipients = json.dumps({r: vars(info) for r, info in entry.recipients.items()})
         self.db.execute(
-            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(spool_id) DO UPDATE SET "
+            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(edge, spool_id) DO UPDATE SET "
             "state = excluded.state, recipients = excluded.recipients, next_attempt = excluded.next_attempt, "
             "acked = excluded.acked, updated = excluded.updated",
-            (entry.spool_id, entry.state, recipients, entry.next_attempt, int(entry.acked), time.time()))
+            (self.name, entry.spool_id, entry.state, recipients, entry.next_attempt, int(entry.acked), time.time()))
 
     def start(self, spool_id: str, recipients: list[str]) -> Entry:
         """The message's entry; a new one is first written with its in-doubt marks (one commit, not two)."""
@@ -80,7 +127,8 @@ class Ledger:
 
         Read once at start, so a restarted intake keeps its backoff instead of trying them all at once."""
         rows = self.db.execute("SELECT spool_id, recipients, next_attempt FROM messages "
-                               "WHERE state = ? AND acked = 0 AND next_attempt > 0", (DELIVERING,)).fetchall()
+                               "WHERE edge = ? AND state = ? AND acked = 0 AND next_attempt > 0",
+                               (self.name, DELIVERING)).fetchall()
         return {spool_id: (next_attempt, max((r["attempts"] for r in json.loads(recipients).values()), default=1))
                 for spool_id, recipients, next_attempt in rows}
 
@@ -88,15 +136,5 @@ class Ledger:
         """The edge deleted these: one commit for a whole batch."""
         with self.db:
             self.db.execute("BEGIN")
-            self.db.executemany("UPDATE messages SET acked = 1, updated = ? WHERE spool_id = ?",
-                                [(time.time(), spool_id) for spool_id in spool_ids])
-
-    def counts(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
-
-    def forget_acked_before(self, seconds: float) -> None:
-        """Rows of acknowledged messages are kept a while (a late duplicate is recognised), then pruned."""
-        self.db.execute("DELETE FROM messages WHERE acked = 1 AND updated < ?", (time.time() - seconds,))
-
-    def close(self) -> None:
-        self.db.close()
+            self.db.executemany("UPDATE messages SET acked = 1, updated = ? WHERE edge = ? AND spool_id = ?",
+                                [(time.time(), self.name, spool_id) for spool_id in spool_ids])

@@ -95,9 +95,10 @@ def home(tmp_path):
     os.chmod(host / "var/lib/yestls-signer/keystore", 0o700)
     (host / "etc/yestls/current").symlink_to("intake.toml")
     ledger = Ledger(host / "var/lib/yestls-intake/ledger.sqlite")
+    edge = ledger.edge("edge")
     for n in range(3):
-        ledger.save(ledger.start(f"{n:032x}", ["user@example.org"]))
-    ledger.mark_acked([f"{0:032x}"])
+        edge.save(edge.start(f"{n:032x}", ["user@example.org"]))
+    edge.mark_acked([f"{0:032x}"])
     ledger.close()
     _write(host / "var/lib/yestls-intake/status.json", b"{}", 0o644)
     fake = FakeHost(host)
@@ -277,9 +278,10 @@ def test_the_ledger_copy_is_consistent_while_a_writer_commits(home):
 
     def write():
         ledger = Ledger(config.ledger)
+        edge = ledger.edge("edge")
         n = 100
         while not stop.is_set():
-            ledger.save(ledger.start(f"{n:032x}", ["user@example.org"]))
+            edge.save(edge.start(f"{n:032x}", ["user@example.org"]))
             n += 1
         ledger.close()
 

@@ -30,7 +30,7 @@ import pytest
 from relay.home.ledger import DONE, Ledger
 
 from ..edge_site import make_edge_site
-from ..home_site import start_intake
+from ..home_site import EDGE, start_intake
 from ..intake_mail import SENDER, USER, header_value, mail_world, message, spool_id_of, wait_for
 
 MESSAGES = 300
@@ -117,7 +117,8 @@ def ledger_rows(world) -> dict[str, tuple]:
     ledger = Ledger(world.intake.ledger)
     try:
         return {row[0]: row for row in ledger.db.execute(
-            "SELECT spool_id, state, recipients, next_attempt, acked, updated FROM messages")}
+            "SELECT spool_id, state, recipients, next_attempt, acked, updated FROM messages WHERE edge = ?",
+            (EDGE,))}
     finally:
         ledger.close()
 

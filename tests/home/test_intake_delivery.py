@@ -25,6 +25,7 @@ from relay.spool.keys import DEFAULT_SUITE, load_spool_private_key, parse_spool_
 from relay.spool.sealed import DEFAULT_CHUNK_SIZE
 
 from ..edge_site import make_edge_site
+from ..home_site import EDGE
 from ..intake_mail import (
     MX_NAME,
     SENDER,
@@ -173,12 +174,13 @@ def test_mail_queued_while_home_was_away_is_delivered_in_order_and_unchanged(wor
                 current = json.loads(world.intake.status_file.read_text())
             except (FileNotFoundError, ValueError):
                 return None
-            return current if current["delivered"] == len(cases) + 2 and current["edge_depth"] == 0 else None
+            return current if current["delivered"] == len(cases) + 2 and current["edges"][EDGE]["depth"] == 0 else None
 
         reported = wait_for(status, "the status file to report every delivery and an empty edge spool",
                             details=lambda: world.intake.status_file.read_text())
         assert reported["pulled"] == len(cases) + 1
         assert reported["quarantined"] == 0 and reported["failed"] == 0
-        assert started <= reported["last_contact"] <= time.time()
+        assert started <= reported["edges"][EDGE]["last_contact"] <= time.time()
+        assert reported["edges"][EDGE]["connected"] is True
         assert reported["ledger"] == {DONE: len(cases) + 1}
         assert "ERROR" not in intake.log() and "Traceback" not in intake.log()

@@ -23,7 +23,7 @@ from relay.home.ledger import QUARANTINED, Ledger
 
 from ..dovecot import run_dovecot
 from ..fake_rspamd import run_fake_rspamd
-from ..home_site import make_intake, run_intake
+from ..home_site import EDGE, make_intake, run_intake
 from ..hostile_edge import EDGE_RECEIVED, hostile_edge
 from ..intake_mail import MX_NAME, SENDER, header_fields, header_value, message, split_trace, spool_id_of, wait_for
 from ..smuggling import smuggling_cases
@@ -148,7 +148,7 @@ def world(tmp_path_factory):
 def ledger_state(world, spool_id: str) -> str | None:
     ledger = Ledger(world.intake.ledger)
     try:
-        entry = ledger.get(spool_id)
+        entry = ledger.edge(EDGE).get(spool_id)
         return entry.state if entry else None
     finally:
         ledger.close()
@@ -167,7 +167,7 @@ def test_smuggled_lmtp_commands_stay_in_the_one_message_body(world, name):
 @pytest.mark.parametrize("name", ENVELOPE_INJECTION)
 def test_an_envelope_unfit_for_lmtp_is_quarantined_and_delivered_to_nobody(world, name):
     case = world.cases[name]
-    assert (world.intake.quarantine / f"{case.spool_id}.sealed").read_bytes() == case.sealed
+    assert (world.intake.quarantine / EDGE / f"{case.spool_id}.sealed").read_bytes() == case.sealed
     assert ledger_state(world, case.spool_id) == QUARANTINED
     (line,) = [line for line in world.log.splitlines() if case.spool_id in line and "QUARANTINED" in line]
     assert " ERROR " in line and "not delivered" in line

@@ -41,7 +41,7 @@ def world(tmp_path_factory):
     directory = tmp_path_factory.mktemp("lying-edge")
     with run_fake_rspamd() as rspamd, hostile_edge(directory / "edge") as edge, run_dovecot((USER,)) as dovecot:
         intake = make_intake(edge, dovecot, rspamd=rspamd.url)
-        escape = intake.quarantine.parent / "escape.sealed"
+        escape = intake.quarantine / "escape.sealed"   # where "../escape" would land from the edge's directory
         absolute = directory / "absolute.sealed"
         bad_ids = ["../escape", str(directory / "absolute"), "AB" * 16, 42]
         oversized = "f" * 32
@@ -116,7 +116,7 @@ def test_lies_are_logged_counted_and_skipped_and_the_honest_mail_flows(world):
         assert len(inbox) == 3 and by_id == {ids[name]: body for name, body in sent.items()}
         wait_for(lambda: status()["delivered"] == 3, "the status file to count three deliveries", details=details)
         assert status()["protocol_errors"] == lies, "a lie repeated every round is counted once"
-        shown = {row.item: row for row in intake_rows(intake.config, time.time(), edge_spool_known=False)}
+        shown = {row.item: row for row in intake_rows(intake.config, time.time())}
         assert shown["edge protocol errors"].value == lies, "yestls status shows them"
 
 

@@ -20,6 +20,7 @@ import pytest
 from relay.home.ledger import QUARANTINED
 from relay.spool.sealed import HEADER, KEY_BLOCK_PLAINTEXT, SealedError, key_block_length, read_header, unseal
 
+from ..home_site import EDGE
 from ..intake_mail import (
     SENDER,
     USER,
@@ -117,7 +118,8 @@ def test_tampered_files_are_quarantined_sealed_and_the_queue_flows(world):
         assert split_trace(delivered[first_id])[1] == first and split_trace(delivered[last_id])[1] == last
 
         # Every altered file is at home, still sealed, exactly as it was on the edge.
-        quarantine = world.intake.quarantine
+        assert [p.name for p in world.intake.quarantine.iterdir()] == [EDGE], "a directory per edge"
+        quarantine = world.intake.quarantine / EDGE
         assert sorted(p.name for p in quarantine.iterdir()) == sorted(f"{i}.sealed" for i in on_the_edge)
         for spool_id, sealed in on_the_edge.items():
             assert (quarantine / f"{spool_id}.sealed").read_bytes() == sealed, spool_id

@@ -22,6 +22,7 @@ from relay.home.intake import Intake
 from relay.home.ledger import DELIVERED, DELIVERING, DONE, FAILED, IN_DOUBT, PENDING, Entry, Ledger, Recipient
 from relay.spool.sealed import unseal
 
+from ..home_site import EDGE
 from ..intake_mail import SENDER, USER, mail_world, message, split_trace, spool_id_of, wait_for
 
 FULL = "full@example.org"        # a 1 KiB quota until a test raises it
@@ -183,8 +184,8 @@ def test_a_delivery_hidden_by_a_crash_is_found_not_repeated(world):
     ledger = Ledger(world.intake.ledger)
     try:
         for spool_id in (delivered_id, missing_id):
-            ledger.save(Entry(spool_id, DELIVERING, {USER: Recipient(IN_DOUBT, 1)}))
-        ledger.save(Entry(done_id, DONE, {USER: Recipient(DELIVERED, 1, "250 2.0.0 Saved")}))
+            ledger.edge(EDGE).save(Entry(spool_id, DELIVERING, {USER: Recipient(IN_DOUBT, 1)}))
+        ledger.edge(EDGE).save(Entry(done_id, DONE, {USER: Recipient(DELIVERED, 1, "250 2.0.0 Saved")}))
     finally:
         ledger.close()
 
@@ -211,17 +212,19 @@ def test_the_retry_schedule_survives_a_restart(world):
     (and its step) instead of trying every one at once; finished and acknowledged ones are not waiting."""
     later = time.time() + 3600
     ledger = Ledger(world.intake.ledger)
+    edge = ledger.edge(EDGE)
     try:
-        ledger.save(Entry("a1" * 16, DELIVERING, {USER: Recipient(PENDING, attempts=3)}, next_attempt=later))
-        ledger.save(Entry("b2" * 16, DELIVERING, {USER: Recipient(PENDING, attempts=1)}))   # never failed
-        ledger.save(Entry("c3" * 16, DONE, {USER: Recipient(DELIVERED, attempts=2)}, next_attempt=later))
-        ledger.save(Entry("d4" * 16, DELIVERING, {USER: Recipient(PENDING, attempts=2)}, next_attempt=later,
+        edge.save(Entry("a1" * 16, DELIVERING, {USER: Recipient(PENDING, attempts=3)}, next_attempt=later))
+        edge.save(Entry("b2" * 16, DELIVERING, {USER: Recipient(PENDING, attempts=1)}))   # never failed
+        edge.save(Entry("c3" * 16, DONE, {USER: Recipient(DELIVERED, attempts=2)}, next_attempt=later))
+        edge.save(Entry("d4" * 16, DELIVERING, {USER: Recipient(PENDING, attempts=2)}, next_attempt=later,
                           acked=True))
     finally:
         ledger.close()
     intake = Intake(intake_config.load(world.intake.config))
     try:
-        assert intake.retry_at.get("a1" * 16) == later and intake.failures.get("a1" * 16) == 3
-        assert not {"b2" * 16, "c3" * 16, "d4" * 16} & set(intake.retry_at)
+        link = intake.links[EDGE]
+        assert link.retry_at.get("a1" * 16) == later and link.failures.get("a1" * 16) == 3
+        assert not {"b2" * 16, "c3" * 16, "d4" * 16} & set(link.retry_at)
     finally:
         intake.ledger.close()

@@ -49,7 +49,7 @@ def status(intake) -> dict:
 
 def shown(intake):
     """`yestls status`'s spam filter row."""
-    return {row.item: row for row in intake_rows(intake.config, time.time(), edge_spool_known=False)}["spam filter"]
+    return {row.item: row for row in intake_rows(intake.config, time.time())}["spam filter"]
 
 
 def test_spam_and_ham_are_marked_and_both_delivered_and_spam_is_never_bounced(world):

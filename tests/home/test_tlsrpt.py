@@ -185,7 +185,7 @@ def test_the_intake_reads_reports_and_still_delivers_them(tmp_path_factory, pki)
             world.wait_for_acknowledged(again, process=intake)
             state = _status_when(world, lambda s: s["tls_reports"]["reports"] == 2, intake)
         assert state["tls_reports"]["result_types"]["certificate-expired"] == 200
-        rows = {row.item: row.text for row in status.intake_rows(world.intake.config, time.time(), True)}
+        rows = {row.item: row.text for row in status.intake_rows(world.intake.config, time.time())}
         assert "2 report(s)" in rows["TLS reports"] and "certificate-expired 200" in rows["TLS failures"]
 
 

@@ -85,9 +85,9 @@ def test_a_key_others_can_read_is_refused(tmp_path, mode):
 
 def test_a_read_only_key_loads(tmp_path):
     path = tmp_path / "identity.pem"
-    generate_identity(path)
+    public = generate_identity(path)
     path.chmod(0o400)
-    load_identity(path)
+    assert public_key_text(load_identity(path).public_key()) == public
 
 
 def test_a_key_owned_by_another_user_is_refused(tmp_path):

@@ -300,8 +300,9 @@ def test_the_key_path_defaults_to_the_intake_configs_spool_key(tmp_path, capsys,
     etc.mkdir()
     monkeypatch.setattr(keys_cli, "INTAKE_CONFIG_DIRECTORY", etc)
     spool_key = tmp_path / "spool.key"
-    (etc / "intake.toml").write_text(f'edge = "10.77.0.1:7444"\nidentity_key = "{tmp_path / "identity.key"}"\n'
-                                     f'spool_key = "{spool_key}"\nauthserv_id = "mx.example.org"\n')
+    (etc / "intake.toml").write_text(f'identity_key = "{tmp_path / "identity.key"}"\n'
+                                     f'spool_key = "{spool_key}"\nauthserv_id = "mx.example.org"\n'
+                                     '[edges]\nedge = "10.77.0.1:7444"\n')
     public_line = generate_spool_key(tmp_path / "original.key", "x25519")
     typing(monkeypatch, paper_text(load_spool_private_key(tmp_path / "original.key")))
     assert main(["keys", "import-spool"]) == 0
@@ -313,7 +314,7 @@ def test_the_key_path_defaults_to_the_intake_configs_spool_key(tmp_path, capsys,
 
 def test_a_broken_intake_config_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(keys_cli, "INTAKE_CONFIG_DIRECTORY", tmp_path)
-    (tmp_path / "intake.toml").write_text('edge = "10.77.0.1:7444"\n')
+    (tmp_path / "intake.toml").write_text('[edges]\nedge = "10.77.0.1:7444"\n')
     assert main(["keys", "export-spool", "--paper"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "intake.toml") in err and "fix it, or pass --key FILE" in err

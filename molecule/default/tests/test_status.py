@@ -44,7 +44,9 @@ def test_status_at_home_shows_oracle_intake_and_certificate_expiry():
     home = status("home")
     assert home["oracle"]["service"]["up"] is True
     assert isinstance(home["intake"]["progress"]["delivered"], int)
-    assert home["intake"]["last contact"] is not None and "unknown" not in home["intake"]["last contact"]
+    (edge,) = home["edges"].values()   # the one edge, by its inventory name
+    assert edge["connected"] is True and edge["last_contact"] is not None, edge
+    assert edge["spool"] == f"{site()['site_tunnel_edge_address']}:7444"
     (certificate,) = [v for v in home["certificates"].values() if isinstance(v, dict) and "names" in v]
     assert site()["site_mx_name"] in certificate["names"]
     assert certificate["days_left"] > 0

@@ -26,7 +26,7 @@ value is public: no key, no password.
     challenge = "http-01"                        # http-01 (through the edge) | dns-01 (RFC 2136)
     ca_bundle = "/etc/yestls/acme-ca.pem"        # optional: trust for the ACME server (tests: Pebble)
     state_dir = "/var/lib/yestls-acme"           # the account key, the renewal state
-    edge = "10.77.0.1:7444"                      # the edge's tunnel service (HTTP-01 tokens go there)
+    edges = ["10.77.0.1:7444"]                   # every edge's tunnel service (HTTP-01 tokens go to each)
     identity_key = "/var/lib/yestls-acme/identity.key"   # home's identity key towards the edge
     [acme.dns01]                                 # with challenge = "dns-01"
     server = "192.0.2.53:53"
@@ -74,7 +74,7 @@ class Acme:
     challenge: Challenge
     ca_bundle: Path | None
     state_dir: Path
-    edge: tuple[str, int] | None
+    edges: tuple[tuple[str, int], ...]
     identity_key: Path | None
     dns01: Dns01 | None
 
@@ -160,10 +160,13 @@ def _acme(table: Table) -> Acme:
     challenge = _enum(table, "challenge", Challenge, Challenge.HTTP_01)
     bundle = table.get("ca_bundle", str, default=None)
     state = Path(table.get("state_dir", str, default="/var/lib/yestls-acme"))
-    edge = table.address("edge", default=None, hint='the edge\'s tunnel service, "HOST:PORT"')
+    if "edge" in table.data:
+        raise table.error("edge", f"every edge takes the HTTP-01 tokens now, in a list: edges = "
+                                  f"[{table.data['edge']!r}]")
+    edges = table.addresses("edges", default=[], hint='every edge\'s tunnel service, ["HOST:PORT", ...]')
     identity = table.get("identity_key", str, default=None)
-    if challenge is Challenge.HTTP_01 and (edge is None or identity is None):
-        raise table.error("challenge", "http-01 needs edge and identity_key in [acme] (the edge answers the CA)")
+    if challenge is Challenge.HTTP_01 and (not edges or identity is None):
+        raise table.error("challenge", "http-01 needs edges and identity_key in [acme] (the edges answer the CA)")
     dns01 = None
     if challenge is Challenge.DNS_01:
         section = table.table("dns01")
@@ -180,7 +183,7 @@ def _acme(table: Table) -> Acme:
     elif "dns01" in table.data:
         raise table.error("dns01", 'set only with challenge = "dns-01"')
     table.done()
-    return Acme(directory, email, challenge, Path(bundle) if bundle else None, state, edge,
+    return Acme(directory, email, challenge, Path(bundle) if bundle else None, state, edges,
                 Path(identity) if identity else None, dns01)
 
 

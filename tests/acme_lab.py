@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from relay.audit import AuditLog
 from relay.edge.acme import AcmeChallenges
-from relay.identity import generate_identity, parse_public_key_text
+from relay.identity import generate_identity, load_identity, parse_public_key_text
 from relay.spool.metrics import SpoolServiceMetrics
 from relay.spool.protocol import ACME_METHODS, MAX_FRAME, SERVICE
 from relay.tunnel import Peer, TunnelService
@@ -57,10 +57,13 @@ class AcmeLab:
     processes: list = field(default_factory=list)
 
     def site_toml(self, path: Path, state_dir: Path, *, edge: "StandInEdge | None" = None,
-                  identity_key: Path | None = None, directory_url: str | None = None) -> Path:
-        """site.toml with [acme]: HTTP-01 through `edge`, or DNS-01 to Knot without one."""
+                  identity_key: Path | None = None, directory_url: str | None = None,
+                  more_edges: tuple[int, ...] = ()) -> Path:
+        """site.toml with [acme]: HTTP-01 through `edge` (and the tunnel service ports `more_edges`, after it),
+        or DNS-01 to Knot without one."""
         if edge is not None:
-            challenge = (f'challenge = "http-01"\nedge = "127.0.0.1:{edge.port}"\n'
+            edges = ", ".join(f'"127.0.0.1:{port}"' for port in (edge.port, *more_edges))
+            challenge = (f'challenge = "http-01"\nedges = [{edges}]\n'
                          f'identity_key = "{identity_key or edge.identity_path}"\n')
         else:
             challenge = (f'challenge = "dns-01"\n[acme.dns01]\nserver = "127.0.0.1:{self.dns_port}"\n'
@@ -156,22 +159,38 @@ def acme_lab(directory: Path, names: tuple[str, ...]):
 class StandInEdge:
     """The edge's HTTP-01 side, minimal: relay/edge/acme.py's store behind the tunnel gate (service "spool",
     home's ACME identity allowlisted for the two methods), and GET /.well-known/acme-challenge/<token> on
-    `http_port`. `fetched` lists the tokens the CA asked for; `broken` makes every answer a 404."""
+    `http_port`. `fetched` lists the tokens the CA asked for; `broken` makes every answer a 404; `calls` the
+    tunnel methods home called, with their token. `home`: another edge whose ACME identity this one allowlists
+    (one home, several edges); else a new identity in `directory`."""
 
-    def __init__(self, directory: Path, http_port: int):
-        self.identity_path = directory / "home-acme-identity.key"
-        identity = parse_public_key_text(generate_identity(self.identity_path))
+    def __init__(self, directory: Path, http_port: int, *, home: "StandInEdge | None" = None):
+        if home is None:
+            self.identity_path = directory / "home-acme-identity.key"
+            identity = parse_public_key_text(generate_identity(self.identity_path))
+        else:
+            self.identity_path = home.identity_path
+            identity = load_identity(self.identity_path).public_key()
         self.challenges = AcmeChallenges()
+        self.calls: list[tuple[str, str]] = []
         peer = Peer(name="home-acme", addresses=frozenset({"127.0.0.1"}), identity=identity, max_connections=4,
                     max_in_flight=8, rate=50.0, burst=100, methods=ACME_METHODS)
         self.audit = AuditLog(directory / "edge-audit.jsonl")
-        self.service = TunnelService(SERVICE, (peer,), self.challenges.methods(), self.audit,
+        self.service = TunnelService(SERVICE, (peer,), self._recorded(self.challenges.methods()), self.audit,
                                      SpoolServiceMetrics(CollectorRegistry()), max_frame=MAX_FRAME)
         self.http_port = http_port
         self.fetched: list[str] = []
         self.broken = False
         self.loop = asyncio.new_event_loop()
         self.port = 0
+
+    def _recorded(self, methods: dict) -> dict:
+        def recording(name, handler):
+            async def call(connection, frame):
+                self.calls.append((name, frame.meta.get("token")))
+                return await handler(connection, frame)
+            return call
+
+        return {name: recording(name, handler) for name, handler in methods.items()}
 
     def held(self) -> int:
         """How many challenges the store holds now."""

@@ -172,7 +172,7 @@ def _solver(acme: Acme):
         return Dns01Solver(acme.dns01)
     from relay.certs.http01 import Http01Solver
 
-    return Http01Solver(acme.edge, acme.identity_key)
+    return Http01Solver(acme.edges, acme.identity_key)
 
 
 def _failed(directory: CertificateDir, state: CertificateState, error: str, now: datetime.datetime) -> None:

@@ -1,8 +1,12 @@
-"""The HTTP-01 solver: key authorizations placed on the edge over the tunnel, for its port 80 to answer.
+"""The HTTP-01 solver: key authorizations placed on every edge over the tunnel, for their port 80 to answer.
 
 The CA fetches http://<name>/.well-known/acme-challenge/<token> from the
-edge (the name's A record). Home connects to the edge's spool service (site.toml
-[acme] edge), proves its ACME identity key (relay.tunnel.authenticate; the edge
+edge the name's A record points to; with several edges that is any of them
+(an MX name of its own, or a name such as mta-sts.<domain> with an A record
+for each edge), so every token goes to every edge, and an edge that cannot
+take it fails the order at once, naming the edge, rather than leave the CA a
+chance to ask there. Home connects to each edge's spool service (site.toml
+[acme] edges), proves its ACME identity key (relay.tunnel.authenticate; the edge
 allowlists it as a [[spool_service.peer]] whose `methods` are the two below, so
 the key can do nothing else), and calls the methods relay/edge/acme.py serves:
 
@@ -42,16 +46,12 @@ TIMEOUT = 10.0   # seconds to connect, authenticate, and for each call
 class Http01Solver:
     challenge_type = challenges.HTTP01
 
-    def __init__(self, edge: tuple[str, int], identity_key: Path):
-        self.edge = edge
+    def __init__(self, edges: tuple[tuple[str, int], ...], identity_key: Path):
+        self.edges = edges
         self.identity_key = Path(identity_key)
         self.loop = asyncio.new_event_loop()
-        self.connection: RpcConnection | None = None
-        self.tokens: list[str] = []
-
-    @property
-    def where(self) -> str:
-        return f"the edge's tunnel service {self.edge[0]}:{self.edge[1]}"
+        self.connections: dict[tuple[str, int], RpcConnection] = {}
+        self.tokens: dict[tuple[str, int], list[str]] = {edge: [] for edge in edges}   # placed, per edge
 
     def present(self, domain: str, token: str, validation: str) -> None:
         if not is_token(token):
@@ -60,57 +60,64 @@ class Http01Solver:
         if len(validation) > MAX_KEY_AUTHORIZATION:
             raise CertificateError(f"the key authorization for {domain} is longer than {MAX_KEY_AUTHORIZATION} "
                                    f"characters; the edge would refuse it")
-        self.loop.run_until_complete(self._put(token, validation))
-        self.tokens.append(token)
-        log.info("HTTP-01 token for %s placed on %s", domain, self.where)
+        for edge in self.edges:
+            self.loop.run_until_complete(self._put(edge, token, validation))
+            self.tokens[edge].append(token)
+        log.info("HTTP-01 token for %s placed on %s", domain, ", ".join(_where(edge) for edge in self.edges))
 
-    async def _put(self, token: str, validation: str) -> None:
-        if self.connection is None:
-            self.connection = await self._connect()
-        await self._call(PUT, {"token": token, "key_authorization": validation, "ttl": TTL})
+    async def _put(self, edge: tuple[str, int], token: str, validation: str) -> None:
+        if edge not in self.connections:
+            self.connections[edge] = await self._connect(edge)
+        await self._call(edge, PUT, {"token": token, "key_authorization": validation, "ttl": TTL})
 
-    async def _connect(self) -> RpcConnection:
+    async def _connect(self, edge: tuple[str, int]) -> RpcConnection:
         try:
             identity = load_identity(self.identity_key)
         except IdentityError as error:
             raise CertificateError(f"home's ACME identity key: {error}") from None
         try:
             _, connection = await asyncio.wait_for(self.loop.create_connection(
-                lambda: RpcConnection(max_frame=MAX_FRAME), *self.edge), TIMEOUT)
+                lambda: RpcConnection(max_frame=MAX_FRAME), *edge), TIMEOUT)
         except (OSError, asyncio.TimeoutError) as error:
-            raise CertificateError(f"cannot reach {self.where} ({error.__class__.__name__}: {error}); is the "
-                                   f"tunnel up and the edge running?") from None
+            raise CertificateError(f"cannot reach {_where(edge)} ({error.__class__.__name__}: {error}); is the "
+                                   f"tunnel up and the edge running? (every edge of [acme] edges takes the "
+                                   f"tokens: the CA may ask any of them)") from None
         try:
             await tunnel.authenticate(connection, SERVICE, identity, TIMEOUT)
         except (RemoteError, ConnectionError, asyncio.TimeoutError) as error:
             connection.close()
-            raise CertificateError(f"{self.where} did not accept home's ACME identity key {self.identity_key} "
+            raise CertificateError(f"{_where(edge)} did not accept home's ACME identity key {self.identity_key} "
                                    f"({error}); allowlist its public key on the edge as a [[spool_service.peer]] "
                                    f'with methods = ["{PUT}", "{DELETE}"]') from None
         return connection
 
-    async def _call(self, method: str, params: dict) -> None:
+    async def _call(self, edge: tuple[str, int], method: str, params: dict) -> None:
         try:
-            await self.connection.call(method, params, timeout=TIMEOUT)
+            await self.connections[edge].call(method, params, timeout=TIMEOUT)
         except RemoteError as error:
-            raise CertificateError(f"{self.where} refused {method} ({error.code}: {error.message})") from None
+            raise CertificateError(f"{_where(edge)} refused {method} ({error.code}: {error.message})") from None
         except (ConnectionError, asyncio.TimeoutError) as error:
-            raise CertificateError(f"{self.where} did not answer {method} ({error.__class__.__name__})") from None
+            raise CertificateError(f"{_where(edge)} did not answer {method} ({error.__class__.__name__})") from None
 
     def cleanup(self) -> None:
+        """Every token placed is deleted from its edge (those an order that failed half-way placed too)."""
         try:
-            if self.connection is not None:
-                self.loop.run_until_complete(self._delete_all())
+            for edge in list(self.connections):
+                self.loop.run_until_complete(self._delete_all(edge))
         finally:
             self.loop.close()
 
-    async def _delete_all(self) -> None:
-        for token in self.tokens:
+    async def _delete_all(self, edge: tuple[str, int]) -> None:
+        for token in self.tokens[edge]:
             try:
-                await self._call(DELETE, {"token": token})
+                await self._call(edge, DELETE, {"token": token})
             except CertificateError as error:
                 log.warning("could not delete an HTTP-01 token (it expires on the edge in %d s): %s", TTL, error)
-        self.tokens.clear()
-        self.connection.close()
-        await asyncio.wait([self.connection.closed], timeout=TIMEOUT)
-        self.connection = None
+        self.tokens[edge].clear()
+        connection = self.connections.pop(edge)
+        connection.close()
+        await asyncio.wait([connection.closed], timeout=TIMEOUT)
+
+
+def _where(edge: tuple[str, int]) -> str:
+    return f"the edge's tunnel service {edge[0]}:{edge[1]}"

@@ -125,6 +125,36 @@ def test_a_failed_challenge_is_recorded_with_the_cas_problem_and_chain_kept(tmp_
     assert edge.held() == 0                # deleted after a failed order too
 
 
+def test_with_two_edges_every_token_is_placed_on_both_and_deleted_from_both(tmp_path, lab, edge):
+    """The CA asks one of them (here the first: Pebble's port 80); the other, which the CA could as well have
+    asked for a name with both addresses, had every token too."""
+    keystore, key_id, certificate = home(tmp_path)
+    with StandInEdge(tmp_path / "second", free_port(), home=edge) as second:
+        site = lab.site_toml(tmp_path / "site.toml", tmp_path / "state", edge=edge, more_edges=(second.port,))
+        assert renew(site) == 0
+        assert spki(leaf_of(certificate).public_key()) == spki(keystore.public_key(key_id))
+        placed = [token for method, token in edge.calls if method == "acme_challenge_put"]
+        assert len(placed) == len(NAMES) and set(edge.fetched) == set(placed)
+        for stand_in in (edge, second):
+            assert sorted(stand_in.calls) == sorted([("acme_challenge_put", t) for t in placed]
+                                                    + [("acme_challenge_delete", t) for t in placed])
+            assert stand_in.held() == 0
+        assert second.fetched == []
+
+
+def test_an_edge_that_cannot_take_the_tokens_fails_the_order_naming_it(tmp_path, lab, edge):
+    _, _, certificate = home(tmp_path)
+    dead = free_port()
+    site = lab.site_toml(tmp_path / "site.toml", tmp_path / "state", edge=edge, more_edges=(dead,))
+    assert renew(site) == 1
+    assert not certificate.chain_path.exists()
+    error = json.loads(certificate.state_path.read_text())["last_error"]
+    assert f"cannot reach the edge's tunnel service 127.0.0.1:{dead}" in error and "[acme] edges" in error
+    assert edge.held() == 0, "the token the first edge took is deleted"
+    assert [method for method, _ in edge.calls] == ["acme_challenge_put", "acme_challenge_delete"]
+    assert edge.fetched == [], "the CA was never asked to validate"
+
+
 def test_home_identity_not_allowlisted_by_the_edge_says_so(tmp_path, lab, edge):
     _, _, certificate = home(tmp_path)
     stranger = tmp_path / "stranger.key"
@@ -208,3 +238,20 @@ def test_bad_labels_and_sites_are_refused_with_the_fix(tmp_path, lab, capsys):
     no_acme.write_text('domains = ["example.org"]\nmx_names = ["mx.example.org"]\nedge_addresses = ["192.0.2.1"]\n')
     assert yestls(["cert", "renew", "--site", str(no_acme)]) == 2
     assert "has no [acme] table" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("acme", "expected"), [
+    ('challenge = "http-01"\nidentity_key = "/k"\n', "http-01 needs edges and identity_key"),
+    ('challenge = "http-01"\nedges = []\nidentity_key = "/k"\n', "http-01 needs edges and identity_key"),
+    ('edge = "10.77.0.1:7444"\nidentity_key = "/k"\n', "acme.edge: every edge takes the HTTP-01 tokens now, in a "
+                                                        "list: edges = ['10.77.0.1:7444']"),
+    ('edges = ["10.77.0.1"]\nidentity_key = "/k"\n', "acme.edges: '10.77.0.1' is not HOST:PORT"),
+    ('edges = "10.77.0.1:7444"\nidentity_key = "/k"\n', "acme.edges: '10.77.0.1:7444' is not valid"),
+])
+def test_acme_edges_are_checked_with_the_fix(tmp_path, acme, expected):
+    path = tmp_path / "site.toml"
+    path.write_text('domains = ["example.org"]\nmx_names = ["mx.example.org"]\nedge_addresses = ["192.0.2.1"]\n'
+                    f"[acme]\n{acme}")
+    with pytest.raises(site_toml.ConfigError) as refused:
+        site_toml.load(path)
+    assert expected in str(refused.value)

@@ -230,7 +230,7 @@ def test_dns_prints_a_valid_zone_with_every_record(setup):
 def test_dns_says_where_dkim_records_will_appear_and_ca_unknown(setup, tmp_path, capsys):
     text = setup.site_path.read_text().replace(str(setup.site.dkim_records), str(tmp_path / "none.txt"))
     (tmp_path / "site.toml").write_text(text + '[acme]\ndirectory = "https://ca.example/dir"\n'
-                                        'challenge = "http-01"\nedge = "10.77.0.1:7444"\nidentity_key = "/k"\n')
+                                        'challenge = "http-01"\nedges = ["10.77.0.1:7444"]\nidentity_key = "/k"\n')
     assert main(["dns", "--site", str(tmp_path / "site.toml")]) == 0
     out = capsys.readouterr().out
     assert f"{tmp_path / 'none.txt'} is not there yet" in out
@@ -240,7 +240,7 @@ def test_dns_says_where_dkim_records_will_appear_and_ca_unknown(setup, tmp_path,
 
 
 def test_dns_caa_for_lets_encrypt(setup, tmp_path, capsys):
-    (tmp_path / "site.toml").write_text(setup.site_path.read_text() + '[acme]\nedge = "10.77.0.1:7444"\n'
+    (tmp_path / "site.toml").write_text(setup.site_path.read_text() + '[acme]\nedges = ["10.77.0.1:7444"]\n'
                                         'identity_key = "/k"\n')
     assert main(["dns", "--site", str(tmp_path / "site.toml")]) == 0
     assert 'example.org.' in capsys.readouterr().out.split('CAA   0 issue "letsencrypt.org"')[0].splitlines()[-1]

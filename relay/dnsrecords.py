@@ -7,8 +7,9 @@ What is published, and from where (docs/dns.md explains each record):
                       records file, copied verbatim), _mta-sts TXT (relay/mtasts: the id of the policy the
                       edge serves) and the A of mta-sts.<domain>, _smtp._tls TXT (TLS-RPT, when a rua is
                       set), CAA (the ACME CA's issuer domain, when it is known)
-    per edge name     A of each MX name, of the HELO name and of the clients' name (edge_addresses; no
-                      AAAA: the edge's mail paths are IPv4 only); SPF of the HELO name (`v=spf1 a -all`,
+    per edge name     A of each MX name (its own edge's address when there are as many as edges), of
+                      the HELO name (every edge) and of the clients' name (the primary edge's: only it
+                      forwards the clients' ports; no AAAA: the edge's mail paths are IPv4 only); SPF of the HELO name (`v=spf1 a -all`,
                       for bounces, whose envelope sender is empty); TLSA 3 1 1 at _25._tcp.<MX name> for
                       each key the oracle serves and each key made for the next certificate
     at the provider   PTR of each edge address (a comment: set where the address is rented)
@@ -57,6 +58,12 @@ def mx_addresses(site: Site) -> dict[str, tuple[str, ...]]:
     if len(site.mx_names) == len(site.edge_addresses) > 1:
         return {name: (address,) for name, address in zip(site.mx_names, site.edge_addresses)}
     return {name: site.edge_addresses for name in site.mx_names}
+
+
+def client_addresses(site: Site) -> tuple[str, ...]:
+    """The clients' name's A records: the primary edge's (the first MX name's): only it forwards the clients'
+    ports to home (home's replies route through it)."""
+    return mx_addresses(site)[site.mx_names[0]]
 
 
 def spf_record(site: Site) -> str:
@@ -238,7 +245,7 @@ def _edge_records(zone: Zone, site: Site) -> None:
     named: dict[str, tuple[str, ...]] = dict(addresses)
     named.setdefault(site.helo_name, site.edge_addresses)
     if site.client_name:
-        named.setdefault(site.client_name, site.edge_addresses)
+        named.setdefault(site.client_name, client_addresses(site))
     for name, edge in named.items():
         why = ("MX" if name in addresses else "") or ("HELO name" if name == site.helo_name else "clients' name")
         for address in edge:

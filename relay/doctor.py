@@ -673,7 +673,7 @@ class Doctor:
         addresses = dnsrecords.mx_addresses(self.site)
         names = dict(addresses)
         if self.site.client_name:
-            names.setdefault(self.site.client_name, self.site.edge_addresses)
+            names.setdefault(self.site.client_name, dnsrecords.client_addresses(self.site))
         for name, expected in names.items():
             results += self.check_addresses(name, expected)
         for address in self.site.edge_addresses:

@@ -8,6 +8,7 @@ that line fails or warns, with its fix.
 import base64
 import datetime
 import http.server
+import ipaddress
 import json
 import socketserver
 import ssl
@@ -225,6 +226,29 @@ def test_dns_prints_a_valid_zone_with_every_record(setup):
     tlsa = {r.cert.hex() for r in zone.get_rdataset(f"_25._tcp.{MX}.", "TLSA")}
     assert tlsa == {setup.served_digest, setup.next_digest}
     assert "1.0.0.127.in-addr.arpa. IN PTR mx.example.org." in setup.zone   # the advice, a comment
+
+
+def test_dns_with_two_edges_pairs_names_and_addresses_and_sends_clients_to_the_primary(setup, tmp_path):
+    second = "192.0.2.20"
+    text = (setup.site_path.read_text().replace(f'mx_names = ["{MX}"]', f'mx_names = ["{MX}", "mx2.example.org"]')
+            .replace(f'edge_addresses = ["{EDGE}"]', f'edge_addresses = ["{EDGE}", "{second}"]'))
+    (tmp_path / "site.toml").write_text(text)
+    out = dnsrecords.zone_text(site_module.load(tmp_path / "site.toml"))
+    zone = dns.zone.from_text("$TTL 300\n" + out, origin=dns.name.root, relativize=False, check_origin=False)
+
+    def addresses(name):
+        return sorted(r.address for r in zone.get_rdataset(name + ".", "A"))
+
+    for domain in DOMAINS:
+        assert sorted((r.preference, r.exchange.to_text()) for r in zone.get_rdataset(domain + ".", "MX")) == [
+            (10, MX + "."), (20, "mx2.example.org.")]
+        spf = [b"".join(r.strings).decode() for r in zone.get_rdataset(domain + ".", "TXT")]
+        assert f"v=spf1 ip4:{EDGE} ip4:{second} -all" in spf
+        assert addresses(f"mta-sts.{domain}") == sorted([EDGE, second])   # every edge serves the policy
+    assert addresses(MX) == [EDGE] and addresses("mx2.example.org") == [second]
+    assert addresses("mail.example.org") == [EDGE], "only the primary forwards the clients' ports"
+    for address in (EDGE, second):   # every edge's PTR names the one HELO name
+        assert f"{ipaddress.ip_address(address).reverse_pointer}. IN PTR {MX}." in out
 
 
 def test_dns_says_where_dkim_records_will_appear_and_ca_unknown(setup, tmp_path, capsys):

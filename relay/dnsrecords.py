@@ -66,6 +66,14 @@ def client_addresses(site: Site) -> tuple[str, ...]:
     return mx_addresses(site)[site.mx_names[0]]
 
 
+def ptr_name(site: Site, address: str) -> str:
+    """The name an edge address's PTR should give: the HELO name for the primary edge's (home's mail leaves
+    from it), each other edge's own MX name (its A record points back)."""
+    if address in client_addresses(site):
+        return site.helo_name
+    return next(name for name, addresses in mx_addresses(site).items() if address in addresses)
+
+
 def spf_record(site: Site) -> str:
     return "v=spf1 " + " ".join(f"ip4:{address}" for address in site.edge_addresses) + " -all"
 
@@ -243,7 +251,7 @@ def _edge_records(zone: Zone, site: Site) -> None:
     zone.comment("==== the edge's names ====")
     addresses = mx_addresses(site)
     named: dict[str, tuple[str, ...]] = dict(addresses)
-    named.setdefault(site.helo_name, site.edge_addresses)
+    named.setdefault(site.helo_name, client_addresses(site))   # the primary's: where home's mail leaves from
     if site.client_name:
         named.setdefault(site.client_name, client_addresses(site))
     for name, edge in named.items():
@@ -255,11 +263,12 @@ def _edge_records(zone: Zone, site: Site) -> None:
     zone.record(site.helo_name, "TXT", _txt(HELO_SPF), "SPF of the HELO name: bounces have an empty sender")
     _tlsa(zone, site)
     zone.blank()
-    zone.comment("PTR: set at the provider of each edge address (not in your zone); the name must be the HELO "
-                 "name,\nwhose A record above points back (forward-confirmed reverse DNS):")
+    zone.comment("PTR: set at the provider of each edge address (not in your zone); the primary edge's must be "
+                 "the HELO name,\nanother edge's its MX name, whose A record above points back (forward-confirmed "
+                 "reverse DNS):")
     for address in site.edge_addresses:
         reverse = ipaddress.ip_address(address).reverse_pointer
-        zone.comment(f"  {reverse}. IN PTR {site.helo_name}.")
+        zone.comment(f"  {reverse}. IN PTR {ptr_name(site, address)}.")
 
 
 def _tlsa(zone: Zone, site: Site) -> None:

@@ -515,7 +515,7 @@ class Doctor:
         return [a]
 
     def check_ptr(self, address: str) -> Result:
-        helo = self.site.helo_name
+        helo = dnsrecords.ptr_name(self.site, address)   # the HELO name, or a secondary edge's MX name
         fix = (f"ask the provider of {address} to set its reverse DNS (PTR) to {helo}; publish A {address} "
                f"at {helo}")
         lookup = self.dns.lookup(dns.reversename.from_address(address).to_text(), "PTR")
@@ -524,7 +524,8 @@ class Doctor:
             return Result(Check.PTR, address, Verdict.FAIL, result.message, fix if lookup.missing else result.fix)
         names = [r.target.to_text(omit_final_dot=True).lower() for r in lookup.records]
         if helo not in names:
-            return failed(Check.PTR, address, f"PTR {', '.join(names)}, not the HELO name {helo} (receivers "
+            what = "the HELO name" if helo == self.site.helo_name else "the edge's MX name"
+            return failed(Check.PTR, address, f"PTR {', '.join(names)}, not {what} {helo} (receivers "
                           "distrust mail whose HELO and reverse DNS differ)", fix)
         forward = self.dns.lookup(helo, "A")
         if not forward.found or address not in {r.address for r in forward.records}:
@@ -677,7 +678,9 @@ class Doctor:
         for name, expected in names.items():
             results += self.check_addresses(name, expected)
         for address in self.site.edge_addresses:
-            results += [self.check_ptr(address), self.check_helo_spf(address)]
+            results.append(self.check_ptr(address))
+        for address in dnsrecords.client_addresses(self.site):   # home's mail leaves from the primary edge
+            results.append(self.check_helo_spf(address))
         for name in self.site.mx_names:
             for address in self._mx_addresses(name) or addresses[name]:
                 results.append(self.check_certificate(name, address, now))

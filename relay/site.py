@@ -7,7 +7,7 @@ value is public: no key, no password.
     domains = ["example.org", "example.net"]     # the mail domains
     mx_names = ["mx.example.org"]                # the edges' names, MX preference order
     edge_addresses = ["203.0.113.10"]            # the edges' public IPv4 addresses (SPF, A, PTR)
-    helo_name = "mx.example.org"                 # the edge's PTR name, home's Postfix's HELO
+    helo_name = "mx.example.org"                 # the primary edge's PTR name, home's Postfix's HELO
     client_name = "mail.example.org"             # optional: the clients' name (IMAPS, submission)
     keystore = "/var/lib/yestls-oracle/keystore" # the oracle's keystore (public chains read only)
     dkim_records = "/etc/dkimkeys/yestls-dns-records.txt"   # optional: the DKIM TXT records home made

@@ -247,8 +247,10 @@ def test_dns_with_two_edges_pairs_names_and_addresses_and_sends_clients_to_the_p
         assert addresses(f"mta-sts.{domain}") == sorted([EDGE, second])   # every edge serves the policy
     assert addresses(MX) == [EDGE] and addresses("mx2.example.org") == [second]
     assert addresses("mail.example.org") == [EDGE], "only the primary forwards the clients' ports"
-    for address in (EDGE, second):   # every edge's PTR names the one HELO name
-        assert f"{ipaddress.ip_address(address).reverse_pointer}. IN PTR {MX}." in out
+    # the primary's PTR names the HELO name (home's mail leaves from it), the other's its own MX name
+    assert f"{ipaddress.ip_address(EDGE).reverse_pointer}. IN PTR {MX}." in out
+    assert f"{ipaddress.ip_address(second).reverse_pointer}. IN PTR mx2.example.org." in out
+    assert addresses(MX) == [EDGE], "the HELO name (here the MX name) points at the primary only"
 
 
 def test_dns_says_where_dkim_records_will_appear_and_ca_unknown(setup, tmp_path, capsys):

@@ -113,10 +113,10 @@ def flush_postfix_queue() -> None:
     container("internet").check_output("postqueue -f")
 
 
-def edge_session(spool_id: str) -> dict:
+def edge_session(spool_id: str, edge: str = "edge") -> dict:
     """The edge's TLS session that delivered spool_id, from its journal: the
     connection's "accepted <spool id>" line and its "TLS established" line."""
-    journal = container("edge").check_output("journalctl -u yestls-edge.service -o cat --no-pager")
+    journal = container(edge).check_output("journalctl -u yestls-edge.service -o cat --no-pager")
     accepted = re.search(rf"(\S+): accepted {spool_id} ", journal)
     assert accepted, f"the edge's journal has no 'accepted {spool_id}'"
     connection = re.escape(accepted.group(1))
@@ -143,5 +143,5 @@ def oracle_reachable_from_edge() -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def spool_files() -> list[str]:
-    return container("edge").check_output(f"find {SPOOL_QUEUE} -type f").split()
+def spool_files(edge: str = "edge") -> list[str]:
+    return container(edge).check_output(f"find {SPOOL_QUEUE} -type f").split()

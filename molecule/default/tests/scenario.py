@@ -50,6 +50,30 @@ def site() -> dict:
 
 
 @cache
+def host_settings(name: str) -> dict:
+    """A host's own variables in the scenario's inventory (molecule.yml's host_vars: the second edge's)."""
+    written = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / f"inventory/host_vars/{name}"
+    if written.exists():
+        return yaml.safe_load(written.read_text()) or {}
+    config = yaml.safe_load(os.path.expandvars((SCENARIO_DIR / "molecule.yml").read_text()))
+    return config["provisioner"]["inventory"].get("host_vars", {}).get(name, {})
+
+
+EDGES = ("edge", "edge2")   # the primary (MX 10) and the second edge (MX 20)
+
+
+def tunnel_address_of(name: str) -> str:
+    """A host's tunnel address: home's and the primary's from the site settings, another edge's its own."""
+    if name in ("home", "edge"):
+        return site()[f"site_tunnel_{name}_address"]
+    return host_settings(name)["edge_tunnel_address"]
+
+
+def mx_name_of(edge: str) -> str:
+    return site()["site_mx_name"] if edge == "edge" else host_settings(edge)["edge_mx_name"]
+
+
+@cache
 def container(name: str) -> testinfra.host.Host:
     return testinfra.get_host(f"docker://{name}")
 

@@ -18,10 +18,11 @@ import re
 from pathlib import Path
 
 from cryptography import x509
-from scenario import acme_root, address, client_name, container, site, wait_for
+from scenario import EDGES, acme_root, address, client_name, container, mx_name_of, site, wait_for
 
 MX = site()["site_mx_name"]
-EDGE_NAMES = {MX} | {f"mta-sts.{domain}" for domain in site()["site_domains"]}
+MX_NAMES = {mx_name_of(edge) for edge in EDGES}   # every edge's: one certificate for all
+EDGE_NAMES = MX_NAMES | {f"mta-sts.{domain}" for domain in site()["site_domains"]}
 PEBBLE_ROOT = "/etc/postfix/yestls-pebble-root.pem"  # on `internet` (internet.yml)
 RENEW_UNIT = "yestls-acme-renew.service"
 RENEW_TIMER = "yestls-acme-renew.timer"
@@ -30,19 +31,19 @@ SITE_TOML = "/etc/yestls/site.toml"
 PEM = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
-def handshake(name: str = MX, port: int = 25):
-    """STARTTLS (port 25) or TLS (443) to the edge from `internet`, for
+def handshake(name: str = MX, port: int = 25, edge: str = "edge"):
+    """STARTTLS (port 25) or TLS (443) to an edge from `internet`, for
     `name`, the chain verified against Pebble's root alone."""
     starttls = "-starttls smtp " if port == 25 else ""
     return container("internet").run(
-        f"openssl s_client -connect {address('edge')}:{port} {starttls}-servername {name} "
+        f"openssl s_client -connect {address(edge)}:{port} {starttls}-servername {name} "
         f"-verify_hostname {name} -verify_return_error -CAfile {PEBBLE_ROOT} -no-CApath -no-CAstore "
         "-showcerts </dev/null")
 
 
-def served_chain(name: str = MX, port: int = 25) -> list[x509.Certificate]:
-    """The chain the edge serves for `name`, as `internet` sees it."""
-    result = handshake(name, port)
+def served_chain(name: str = MX, port: int = 25, edge: str = "edge") -> list[x509.Certificate]:
+    """The chain an edge serves for `name`, as `internet` sees it."""
+    result = handshake(name, port, edge)
     assert result.rc == 0, result.stderr
     return [x509.load_pem_x509_certificate(block.encode()) for block in PEM.findall(result.stdout)]
 
@@ -67,17 +68,22 @@ def test_the_edge_serves_the_acme_servers_certificate_for_every_name():
     assert chain[0].issuer == chain[1].subject
     for name in EDGE_NAMES - {MX}:
         assert served_chain(name)[0] == chain[0]
-        assert served_chain(name, 443)[0] == chain[0]
+        assert served_chain(name, 443 if name not in MX_NAMES else 25)[0] == chain[0]
+    for name in EDGE_NAMES:   # the second edge serves the same chain, its own MX name included
+        assert served_chain(name, 25, "edge2")[0] == chain[0]
 
 
 def test_the_acme_server_checked_each_name_at_the_edge_by_http01():
     """Pebble's log: HTTP-01 requests to port 80 of every name (whose A record
-    is the edge's address), each for a token the edge's log says home's ACME
-    client placed over the tunnel and the edge answered for that name; and
-    the certificate served is one Pebble issued."""
+    is an edge's address), each for a token the edges' logs say home's ACME
+    client placed over the tunnel (on both: the CA may ask either) and an
+    edge answered for that name; and the certificate served is one Pebble
+    issued."""
     pebble = container("internet").check_output("journalctl --no-pager -o cat -u pebble")
-    edge = container("edge").check_output(f"journalctl --no-pager -o cat -u {EDGE_UNIT}")
-    placed = set(re.findall(r"ACME challenge placed by home-acme for token ([\w-]+)", edge))
+    logs = {e: container(e).check_output(f"journalctl --no-pager -o cat -u {EDGE_UNIT}") for e in EDGES}
+    edge = "".join(logs.values())
+    placed = set(re.findall(r"ACME challenge placed by home-acme for token ([\w-]+)", logs["edge"]))
+    assert placed == set(re.findall(r"ACME challenge placed by home-acme for token ([\w-]+)", logs["edge2"]))
     for name in EDGE_NAMES:
         tokens = set(re.findall(rf"Attempting to validate w/ HTTP: http://{re.escape(name)}:80"
                                 r"/\.well-known/acme-challenge/([\w-]+)", pebble))

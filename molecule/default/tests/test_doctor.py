@@ -13,7 +13,7 @@ import json
 import re
 
 import pytest
-from scenario import acme_root, address, container, site, wait_for
+from scenario import EDGES, acme_root, address, container, site, wait_for
 
 ZONES = "/etc/yestls-dns"  # on `internet` (internet/publish-zone.yml)
 CONVERTER = "/usr/local/sbin/yestls-zone-to-dnsmasq"
@@ -123,16 +123,17 @@ def test_a_broken_record_fails_exactly_its_check_with_a_fix(published, broken):
 
 
 def test_a_policy_whose_mx_is_not_the_dns_mx_fails_the_policy_check_only(published):
-    """The edge made to serve a policy naming another MX (an edge deployed
+    """The edges made to serve a policy naming another MX (edges deployed
     with other settings than home's): the policy check of each domain fails;
     the _mta-sts id (from site.toml) and the MX records still pass. Done at
-    the edge: in DNS the MX check would fail with it."""
-    edge = container("edge")
-    original = edge.file(EDGE_TOML).content_string
+    every edge (mta-sts.<domain> points at each): in DNS the MX check would
+    fail with it."""
+    originals = {edge: container(edge).file(EDGE_TOML).content_string for edge in EDGES}
     policy_mx = "mx.elsewhere.example"
-    assert re.search(r"^mx = ", original, re.M), "edge.toml's [mta_sts] names no mx"  # the role writes site.toml's
-    edge.check_output(f"sed -i 's/^mx = .*$/mx = [\"{policy_mx}\"]/' {EDGE_TOML}")
-    edge.check_output("systemctl restart yestls-edge")
+    for edge, original in originals.items():
+        assert re.search(r"^mx = ", original, re.M), f"{edge}: edge.toml's [mta_sts] names no mx"  # the role's
+        container(edge).check_output(f"sed -i 's/^mx = .*$/mx = [\"{policy_mx}\"]/' {EDGE_TOML}")
+        container(edge).check_output("systemctl restart yestls-edge")
     try:
         assert wait_for(lambda: policy_mx in container("internet").run(
             f"mta-sts-query {DOMAIN}").stdout, timeout=60, interval=2)
@@ -140,7 +141,8 @@ def test_a_policy_whose_mx_is_not_the_dns_mx_fails_the_policy_check_only(publish
         assert rc == 1
         assert failures(results) == {("MTA-STS policy", f"mta-sts.{d}") for d in site()["site_domains"]}
     finally:
-        edge.check_output(f"printf %s {quote(original)} > {EDGE_TOML}")
-        edge.check_output("systemctl restart yestls-edge")
+        for edge, original in originals.items():
+            container(edge).check_output(f"printf %s {quote(original)} > {EDGE_TOML}")
+            container(edge).check_output("systemctl restart yestls-edge")
         assert wait_for(lambda: f"'{MX}'" in container("internet").run(f"mta-sts-query {DOMAIN}").stdout,
                         timeout=60, interval=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from scenario import container, site, wait_for
+from scenario import EDGES, container, mx_name_of, site, tunnel_address_of, wait_for
 
 
 def status(name: str) -> dict:
@@ -17,10 +17,12 @@ def rows_of(section: dict, prefix: str) -> list:
     return [value for item, value in section.items() if item.startswith(prefix)]
 
 
-@pytest.mark.parametrize("name", ["edge", "home"])
+@pytest.mark.parametrize("name", [*EDGES, "home"])
 def test_status_shows_a_recent_tunnel_handshake(name):
-    (peer,) = rows_of(status(name)["tunnel"], "wg0 peer ")
-    assert peer["age_seconds"] is not None and peer["age_seconds"] < 180, peer
+    peers = rows_of(status(name)["tunnel"], "wg0 peer ")
+    assert len(peers) == (len(EDGES) if name == "home" else 1), peers   # home: one per edge
+    for peer in peers:
+        assert peer["age_seconds"] is not None and peer["age_seconds"] < 180, peer
 
 
 def test_status_on_the_edge_shows_oracle_policy_spool_and_certificate():
@@ -35,7 +37,7 @@ def test_status_on_the_edge_shows_oracle_policy_spool_and_certificate():
     assert wait_for(lambda: status("edge")["spool"]["depth"] == 0, timeout=60), status("edge")["spool"]
     assert isinstance(edge["spool"]["oldest"], (int, float))
     # one chain, for the MX name and mta-sts.<domain>; the edge names its row by one of its names
-    names = [site()["site_mx_name"]] + [f"mta-sts.{domain}" for domain in site()["site_domains"]]
+    names = [mx_name_of(e) for e in EDGES] + [f"mta-sts.{domain}" for domain in site()["site_domains"]]
     (served,) = [edge["certificates"][f"served {name}"] for name in names if f"served {name}" in edge["certificates"]]
     assert served["days_left"] > 0
 
@@ -44,9 +46,10 @@ def test_status_at_home_shows_oracle_intake_and_certificate_expiry():
     home = status("home")
     assert home["oracle"]["service"]["up"] is True
     assert isinstance(home["intake"]["progress"]["delivered"], int)
-    (edge,) = home["edges"].values()   # the one edge, by its inventory name
-    assert edge["connected"] is True and edge["last_contact"] is not None, edge
-    assert edge["spool"] == f"{site()['site_tunnel_edge_address']}:7444"
+    assert list(home["edges"]) == list(EDGES)   # every edge, by its inventory name, the primary first
+    for name, edge in home["edges"].items():
+        assert edge["connected"] is True and edge["last_contact"] is not None, edge
+        assert edge["spool"] == f"{tunnel_address_of(name)}:7444"
     (certificate,) = [v for v in home["certificates"].values() if isinstance(v, dict) and "names" in v]
     assert site()["site_mx_name"] in certificate["names"]
     assert certificate["days_left"] > 0

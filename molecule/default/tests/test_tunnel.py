@@ -1,4 +1,4 @@
-"""The WireGuard tunnel between the edge and home (roles/wireguard,
+"""The WireGuard tunnels between each edge and home (roles/wireguard,
 playbooks/tunnel.yml): up, carrying traffic both ways, and each host's
 private key only on that host."""
 
@@ -10,22 +10,38 @@ import re
 from pathlib import Path
 
 import pytest
-from scenario import container, find_in_directory, find_in_filesystem, read_secret, site, wait_for
+from scenario import (
+    EDGES,
+    container,
+    find_in_directory,
+    find_in_filesystem,
+    host_settings,
+    read_secret,
+    site,
+    tunnel_address_of,
+    wait_for,
+)
 
 INTERFACE = "wg0"
 KEY = f"/etc/wireguard/{INTERFACE}.key"
-HOSTS = ("edge", "home")
-PEER = {"edge": "home", "home": "edge"}
+HOSTS = (*EDGES, "home")
+PEERS = {"home": EDGES, **{edge: ("home",) for edge in EDGES}}
+tunnel_address = tunnel_address_of
 
 
-def tunnel_address(name: str) -> str:
-    return site()[f"site_tunnel_{name}_address"]
+def public_key(name: str) -> str:
+    return container(name).check_output(f"wg show {INTERFACE} public-key")
 
 
-def transfer(name: str) -> tuple[int, int]:
-    """Bytes received from and sent to the one peer, as wg counts them."""
-    line = container(name).check_output(f"wg show {INTERFACE} transfer")
-    _, rx, tx = line.split()
+def per_peer(name: str, what: str) -> dict[str, list[str]]:
+    """`wg show wg0 WHAT` on `name`, by peer public key."""
+    lines = container(name).check_output(f"wg show {INTERFACE} {what}").splitlines()
+    return {line.split()[0]: line.split()[1:] for line in lines}
+
+
+def transfer(name: str, peer: str) -> tuple[int, int]:
+    """Bytes received from and sent to `peer` (a host), as wg counts them."""
+    rx, tx = per_peer(name, "transfer")[public_key(peer)]
     return int(rx), int(tx)
 
 
@@ -39,42 +55,54 @@ def test_interface_is_up_with_the_site_address(name):
 
 
 @pytest.mark.parametrize("name", HOSTS)
-def test_each_host_has_the_others_public_key(name):
-    mine = container(name).check_output(f"wg show {INTERFACE} public-key")
-    theirs = container(PEER[name]).check_output(f"wg show {INTERFACE} peers")
-    assert theirs.split() == [mine]
+def test_each_host_has_its_peers_public_keys_and_no_other(name):
+    mine = public_key(name)
+    assert sorted(container(name).check_output(f"wg show {INTERFACE} peers").split()) == sorted(
+        public_key(peer) for peer in PEERS[name])
+    for peer in PEERS[name]:
+        assert mine in container(peer).check_output(f"wg show {INTERFACE} peers").split()
     # and the key in use is the one in the key file made on this host
     assert container(name).check_output(f"wg pubkey < {KEY}") == mine
 
 
 @pytest.mark.parametrize("name", HOSTS)
 def test_handshake_completed(name):
-    def latest_handshake() -> int:
-        out = container(name).check_output(f"wg show {INTERFACE} latest-handshakes")
-        return int(out.split()[1]) if out else 0
+    def every_peer_handshook() -> bool:
+        stamps = per_peer(name, "latest-handshakes")
+        return all(int(stamps.get(public_key(peer), ["0"])[0]) for peer in PEERS[name])
 
-    # home keeps the path open with keepalives, so a handshake comes without traffic
-    assert wait_for(latest_handshake, timeout=30), f"{name}: no WireGuard handshake with {PEER[name]}"
+    # home keeps the paths open with keepalives, so a handshake comes without traffic
+    assert wait_for(every_peer_handshook, timeout=30), f"{name}: no WireGuard handshake with {PEERS[name]}"
 
 
-@pytest.mark.parametrize(("source", "target"), [("home", "edge"), ("edge", "home")])
+@pytest.mark.parametrize(("source", "target"), [("home", "edge"), ("edge", "home"), ("home", "edge2"),
+                                                ("edge2", "home")])
 def test_ping_through_the_tunnel(source, target):
-    before = transfer(source)
+    before = transfer(source, target)
     assert container(source).run(f"ping -c 3 -W 2 {tunnel_address(target)}").rc == 0
     route = container(source).check_output(f"ip route get {tunnel_address(target)}")
     assert f" dev {INTERFACE} " in route
-    after = transfer(source)
+    after = transfer(source, target)
     # the replies came back through WireGuard, not some other path
     assert after[0] > before[0] and after[1] > before[1]
 
 
-def test_home_dials_the_edge_with_keepalive():
-    endpoint = site()["site_edge_endpoint"]
-    home = container("home")
-    assert home.check_output(f"wg show {INTERFACE} persistent-keepalive").split()[1] == "25"
+@pytest.mark.parametrize("edge", EDGES)
+def test_home_dials_each_edge_with_keepalive(edge):
+    endpoint = site()["site_edge_endpoint"] if edge == "edge" else host_settings(edge)["edge_endpoint"]
+    key = public_key(edge)
+    assert per_peer("home", "persistent-keepalive")[key] == ["25"]
     port = endpoint.rsplit(":", 1)[1]
-    assert home.check_output(f"wg show {INTERFACE} endpoints").split()[1].endswith(f":{port}")
-    assert container("edge").check_output(f"wg show {INTERFACE} listen-port") == port
+    assert per_peer("home", "endpoints")[key][0].endswith(f":{port}")
+    assert container(edge).check_output(f"wg show {INTERFACE} listen-port") == port
+
+
+def test_only_the_primary_edge_carries_homes_routes():
+    """Home's tunnel address routes through the primary (its outbound mail, the clients it forwards): its
+    peer holds 0.0.0.0/0; the second edge's only its own tunnel address (one peer may hold a route)."""
+    allowed = per_peer("home", "allowed-ips")
+    assert allowed[public_key("edge")] == ["0.0.0.0/0"]
+    assert allowed[public_key("edge2")] == [f"{tunnel_address('edge2')}/32"]
 
 
 @pytest.mark.parametrize("name", HOSTS)
@@ -111,7 +139,8 @@ def test_reload_applies_by_syncconf_and_keeps_the_key(name):
     host.check_output(f"systemctl reload wg-quick@{INTERFACE}")
     assert host.check_output(f"wg show {INTERFACE} public-key") == public
     assert host.check_output(started) == before  # not restarted
-    assert host.run(f"ping -c 1 -W 2 {tunnel_address(PEER[name])}").rc == 0
+    for peer in PEERS[name]:
+        assert host.run(f"ping -c 1 -W 2 {tunnel_address(peer)}").rc == 0
 
 
 def private_keys() -> dict[str, bytes]:
@@ -130,7 +159,7 @@ def test_private_key_is_not_on_the_other_host(name):
     found = find_in_filesystem(name, private_keys())
     # the search finds what is there: this host's own key, in its key file
     assert (KEY, f"{name} key (base64)") in found
-    assert [hit for hit in found if hit[1].startswith(PEER[name])] == []
+    assert [hit for hit in found if not hit[1].startswith(f"{name} key")] == []
 
 
 def test_no_private_key_in_any_task_result_or_on_the_controller():

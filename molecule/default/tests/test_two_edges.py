@@ -1,0 +1,113 @@
+"""Two edges (docs/deploy.md, "More than one edge"): `edge` is MX 10, `edge2`
+MX 20, found by Postfix on `internet` through DNS alone. With the primary's
+service stopped, and separately with its container paused (no answer at
+all), mail comes in through the second edge over verified TLS, signed at
+home for the second edge; home's intake drains both spools; every message is
+in the mailbox exactly once. Home's status shows both edges.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from contextlib import contextmanager
+
+from mailpath import (
+    DOMAIN,
+    audit_lines,
+    edge_session,
+    forget_tls_sessions,
+    signature_verified,
+    spool_files,
+    submit,
+    wait_until_sent,
+)
+from scenario import EDGES, OPEN, address, container, messages_with, mx_name_of, tcp_probe, wait_for
+
+EDGE_UNIT = "yestls-edge.service"
+
+
+def new_marker() -> str:
+    return f"yestls-2e-{uuid.uuid4().hex}"
+
+
+def delivered_once(marker: str) -> bytes:
+    found = wait_for(lambda: messages_with(marker), timeout=120, interval=2)
+    assert found, f"{marker} did not arrive in the mailbox at home"
+    assert wait_for(lambda: len(messages_with(marker)) > 1, timeout=5) is False, f"{marker} arrived twice"
+    return found[0]
+
+
+def through_the_second_edge(marker: str, timeout: float) -> None:
+    """Postfix sent `marker` to mx2 over verified TLS with a full handshake; home signed it for edge2, the
+    edge2 spool took it, and it arrived once."""
+    attempt = wait_until_sent(marker, timeout=timeout)
+    assert re.search(rf"Verified TLS connection established to {re.escape(mx_name_of('edge2'))}\[", attempt.tls), \
+        attempt.tls
+    assert signature_verified(attempt.tls), attempt.tls
+    session = edge_session(attempt.spool_id, "edge2")
+    (signed,) = audit_lines(session["client_random"])
+    assert signed["peer"] == "edge2" and signed["outcome"] == "signed", signed
+    message = delivered_once(marker)
+    assert f"by {mx_name_of('edge2')} (YesTLS)".encode() in message
+
+
+@contextmanager
+def primary(state: str):
+    """The primary edge `stopped` (its service: connections refused) or `paused` (the container frozen:
+    nothing answers) for the block."""
+    if state == "stopped":
+        container("edge").check_output(f"systemctl stop {EDGE_UNIT}")
+    else:
+        subprocess.run(["docker", "pause", "edge"], check=True, timeout=30)
+    try:
+        yield
+    finally:
+        if state == "stopped":
+            container("edge").check_output(f"systemctl start {EDGE_UNIT}")
+        else:
+            subprocess.run(["docker", "unpause", "edge"], check=True, timeout=30)
+        # back in service: its port answers again
+        target = (address("edge"), 25)
+        assert wait_for(lambda: tcp_probe("internet", [target])[target] == OPEN, timeout=60)
+
+
+def test_postfix_finds_both_edges_by_mx_in_preference_order():
+    """What Postfix on `internet` resolves (its resolver is the scenario's DNS)."""
+    out = container("internet").check_output(
+        "python3 -c %s %s", "import sys, dns.resolver; print('\\n'.join(f'{r.preference} {r.exchange}' for r in "
+        "dns.resolver.resolve(sys.argv[1], 'MX')))", DOMAIN)
+    records = sorted((int(p), name.rstrip(".")) for p, name in (line.split() for line in out.splitlines()))
+    assert records == [(10, mx_name_of("edge")), (20, mx_name_of("edge2"))]
+
+
+def test_with_the_primarys_service_stopped_mail_comes_in_through_the_second_edge():
+    forget_tls_sessions()   # a full handshake with mx2: a signature made at home for edge2
+    marker = new_marker()
+    with primary("stopped"):
+        submit(marker)
+        through_the_second_edge(marker, timeout=90)
+    assert wait_for(lambda: spool_files("edge2") == [], timeout=60), "the second edge's spool was not drained"
+
+
+def test_with_the_primary_paused_mail_comes_in_through_the_second_edge():
+    """Postfix waits out its connect timeout (30 s) on the silent primary, then tries MX 20."""
+    forget_tls_sessions()
+    marker = new_marker()
+    with primary("paused"):
+        submit(marker)
+        through_the_second_edge(marker, timeout=150)
+    assert wait_for(lambda: spool_files("edge2") == [] and spool_files("edge") == [], timeout=60)
+
+
+def test_home_sees_both_edges_and_both_spools_empty():
+    def edges() -> dict:
+        return json.loads(container("home").check_output("yestls status --json"))["edges"]
+
+    def settled() -> bool:
+        seen = edges()
+        return list(seen) == list(EDGES) and all(e["connected"] and e["depth"] == 0 for e in seen.values())
+
+    assert wait_for(settled, timeout=90), edges()

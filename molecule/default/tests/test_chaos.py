@@ -55,8 +55,9 @@ def test_a_full_spool_disk_defers_and_loses_nothing():
         chaos.log(start, faults.fill_edge_spool(room_kib=16))
         chaos.submit(message)
         report.sent.append(message)
-        deferred = wait_for(lambda: [reply for reply in chaos.postfix_outcomes(report.run)["deferred"]
-                                     if reply[:1].isdigit()], timeout=120, interval=2)
+        deferred = wait_for(lambda: chaos.flush_postfix() or [
+            reply for reply in chaos.postfix_outcomes(report.run)["deferred"] if reply[:1].isdigit()],
+            timeout=120, interval=5)
         FULL_DISK_REPLIES.extend(deferred)
         assert deferred, f"the edge did not answer Postfix with a deferral: {chaos.postfix_outcomes(report.run)}"
         assert not chaos.postfix_outcomes(report.run)["sent"], "the edge took a message it had no room for"

@@ -5,7 +5,7 @@
 
 Both run after `molecule converge` has deployed the scenario (molecule.yml)
 and leave it as they found it. `chaos` sends mail from Postfix on `internet`
-while faults chosen from the seed come and go (tests/chaos.py), then checks
+while faults chosen from the seed come and go (tests/chaos.py, tests/faults.py), then checks
 every message arrived exactly once and nothing is left on the way; it prints
 the seed first: the same seed replays the same messages and faults. `soak`
 sends steady mail for a while and prints how the memory and open files of
@@ -24,13 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
 import chaos  # noqa: E402 - the tests' helpers, found through the path set above
+import faults  # noqa: E402
 import soak  # noqa: E402
 
 
 def run_chaos(args) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     print(f"chaos seed {seed} (replay: make chaos SEED={seed} MESSAGES={args.messages})", flush=True)
-    report = chaos.run(seed, args.messages, args.faults or max(len(chaos.Fault), args.messages // 8),
+    report = chaos.run(seed, args.messages, args.faults or max(len(faults.Fault), args.messages // 8),
                        settle_timeout=args.settle)
     print(report.summary())
     return 1 if report.problems else 0
@@ -68,6 +69,7 @@ def run_soak(args) -> int:
     print(f"value burst_sessions_ehlo_ok {result.ehlo_ok}")
     print(f"value burst_sessions_refused {result.refused}")
     print(f"value burst_sessions_failed {result.failed}")
+    print(f"[soak] burst: refusals {dict(result.replies)}; failures {dict(result.failures)}")
     for name in sorted(set(burst_before) & set(burst_after) & set(peak)):
         print(f"value burst_peak_fds_{name} {peak[name].fds}")
         print(f"value burst_rss_growth_mib_{name} {(burst_after[name].rss_kib - burst_before[name].rss_kib) / 1024:.2f}")

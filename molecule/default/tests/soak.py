@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from scenario import address, container, wait_for
 
@@ -74,6 +75,8 @@ class BurstResult:
     refused: int = 0       # another reply at the banner or to EHLO (421, 554, ...)
     failed: int = 0        # no connection, a reset, a timeout
     ehlo_ok: int = 0
+    failures: Counter = field(default_factory=Counter)   # the failures' kinds
+    replies: Counter = field(default_factory=Counter)    # the refusals' first reply lines
 
 
 async def _session(host: str, hold: asyncio.Event, result: BurstResult, timeout: float) -> None:
@@ -83,6 +86,7 @@ async def _session(host: str, hold: asyncio.Event, result: BurstResult, timeout:
         banner = await asyncio.wait_for(reader.readline(), timeout)
         if not banner.startswith(b"220"):
             result.refused += 1
+            result.replies[banner[:60].decode(errors="replace").strip()] += 1
             return
         result.greeted += 1
         writer.write(b"EHLO burst.sender.test\r\n")
@@ -97,8 +101,9 @@ async def _session(host: str, hold: asyncio.Event, result: BurstResult, timeout:
         await hold.wait()
         writer.write(b"QUIT\r\n")
         await asyncio.wait_for(reader.readline(), timeout)
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
         result.failed += 1
+        result.failures[type(error).__name__] += 1
     finally:
         if writer is not None:
             writer.close()

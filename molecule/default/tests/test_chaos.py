@@ -1,8 +1,8 @@
-"""Whole-path faults, CI size (tests/chaos.py; `make chaos` is the full size).
+"""Whole-path faults, CI size (tests/chaos.py, tests/faults.py; `make chaos` is the full size).
 
 A few dozen messages from Postfix on `internet`, some of them to several
 mailboxes and some of a few hundred KB to 1.5 MB, while every kind of fault
-(chaos.Fault) hits once, in an order and for durations chosen from a seed:
+(faults.Fault) hits once, in an order and for durations chosen from a seed:
 YESTLS_CHAOS_SEED, or a new one, printed first. Then every message must be
 in each of its mailboxes exactly once, and nothing left anywhere on the way.
 
@@ -23,6 +23,7 @@ import time
 import uuid
 
 import chaos
+import faults
 import pytest
 from mailpath import wait_until_sent
 from scenario import wait_for
@@ -38,9 +39,9 @@ FULL_DISK_REPLIES: list[str] = []   # what Postfix was told while the edge's spo
 def test_mail_survives_every_kind_of_fault():
     seed = int(os.environ.get("YESTLS_CHAOS_SEED") or random.SystemRandom().randrange(2**32))
     print(f"chaos seed {seed} (replay: YESTLS_CHAOS_SEED={seed})", flush=True)
-    report = chaos.run(seed, MESSAGES, faults=len(chaos.Fault), max_size=MAX_SIZE, settle_timeout=SETTLE_TIMEOUT)
+    report = chaos.run(seed, MESSAGES, faults=len(faults.Fault), max_size=MAX_SIZE, settle_timeout=SETTLE_TIMEOUT)
     print(report.summary())
-    assert set(report.faults) == set(chaos.Fault), f"not every fault was injected: {report.faults}"
+    assert set(report.faults) == set(faults.Fault), f"not every fault was injected: {report.faults}"
     assert len(report.sent) == MESSAGES
     assert report.problems == [], report.summary()
     assert report.delivered == sum(len(m.mailboxes) for m in report.sent)
@@ -50,9 +51,9 @@ def test_a_full_spool_disk_defers_and_loses_nothing():
     start = time.monotonic()
     report = chaos.Report(0, f"disk-{uuid.uuid4().hex[:12]}")
     message = chaos.Message(report.run, 0, *chaos.recipient_choices()[0], size=200_000)
-    faults = chaos.Faults(random.Random(0), start)
+    injector = faults.Faults(random.Random(0), start)
     try:
-        chaos.log(start, faults.fill_edge_spool(room_kib=16))
+        faults.log(start, injector.fill_edge_spool(room_kib=16))
         chaos.submit(message)
         report.sent.append(message)
         deferred = wait_for(lambda: chaos.flush_postfix() or [
@@ -62,7 +63,7 @@ def test_a_full_spool_disk_defers_and_loses_nothing():
         assert deferred, f"the edge did not answer Postfix with a deferral: {chaos.postfix_outcomes(report.run)}"
         assert not chaos.postfix_outcomes(report.run)["sent"], "the edge took a message it had no room for"
     finally:
-        faults.restore()
+        injector.restore()
     chaos.flush_postfix()
     chaos.settle(start, report, timeout=180)
     chaos.check(start, report)
@@ -82,9 +83,9 @@ def test_a_full_mail_store_at_home_is_retried_and_acknowledged_only_after():
     start = time.monotonic()
     report = chaos.Report(0, f"store-{uuid.uuid4().hex[:12]}")
     message = chaos.Message(report.run, 0, *chaos.recipient_choices()[0], size=200_000)
-    faults = chaos.Faults(random.Random(0), start)
+    injector = faults.Faults(random.Random(0), start)
     try:
-        chaos.log(start, faults.fill_mail_store(room_kib=16))
+        faults.log(start, injector.fill_mail_store(room_kib=16))
         chaos.submit(message)
         report.sent.append(message)
         spool_id = wait_until_sent(message.marker, timeout=120).spool_id
@@ -95,7 +96,7 @@ def test_a_full_mail_store_at_home_is_retried_and_acknowledged_only_after():
         assert any(spool_id in path for path in chaos.spool_contents()), "acknowledged before it was delivered"
         assert chaos.ledger_states().get("delivering"), "no ledger row waits for the retry"
     finally:
-        faults.restore()
+        injector.restore()
     chaos.settle(start, report, timeout=240)
     chaos.check(start, report)
     print(report.summary())

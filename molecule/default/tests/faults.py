@@ -195,16 +195,18 @@ class Faults:
         its contents, owner and mode kept; `unit` stopped meanwhile, and back
         (the edge: answering STARTTLS) when this returns."""
         c = container(host)
-        owner_mode = c.check_output(f"stat -c '%u:%g %a' {directory}")
-        owner, mode = owner_mode.split()
-        used_kib = int(c.check_output(f"du -sk {directory}").split()[0])
-        size_kib = used_kib + room_kib
+        owner, mode = c.check_output(f"stat -c '%u:%g %a' {directory}").split()
+        # room enough for the contents first (du on the container's filesystem need not be what
+        # tmpfs takes), then shrunk to what they take there plus room_kib
+        room_for_all = int(c.check_output(f"du -sk {directory}").split()[0]) * 2 + 1024
         stash = f"/root/yestls-chaos-{directory.strip('/').replace('/', '-')}.tar"
         c.check_output(f"systemctl stop {unit} && tar -C {directory} -cpf {stash} . "
                        f"&& find {directory} -mindepth 1 -delete "
-                       f"&& mount -t tmpfs -o size={size_kib}k,mode={mode} yestls-chaos {directory} "
-                       f"&& chown {owner} {directory} && tar -C {directory} -xpf {stash} && rm {stash} "
-                       f"&& systemctl start {unit}")
+                       f"&& mount -t tmpfs -o size={room_for_all}k,mode={mode} yestls-chaos {directory} "
+                       f"&& chown {owner} {directory} && tar -C {directory} -xpf {stash} && rm {stash}")
+        used_kib = int(c.check_output(f"df -k --output=used {directory} | tail -1").strip())
+        size_kib = used_kib + room_kib
+        c.check_output(f"mount -o remount,size={size_kib}k {directory} && systemctl start {unit}")
         if unit == EDGE_UNIT:
             wait_for_smtp()
             wait_for_recovery(self.start, f"{unit} started on the small filesystem")

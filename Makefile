@@ -28,7 +28,7 @@ test: packages venv
 demo: packages venv
 	./scripts/ensure-docker
 	./scripts/build-base-image
-	@echo "Deploying edge, home and internet with the playbooks (molecule converge, a few minutes; log: $(DEMO_LOG))"
+	@echo "Deploying the edges, home and internet with the playbooks (molecule converge, a few minutes; log: $(DEMO_LOG))"
 	@$(IN_VENV) molecule converge --scenario-name default >$(DEMO_LOG) 2>&1 || \
 	  { tail -n 40 $(DEMO_LOG); echo "molecule converge failed; the whole log: $(DEMO_LOG)"; exit 1; }
 	$(PY) molecule/default/demo.py
@@ -55,10 +55,10 @@ soak: scenario-up
 scenario-up: packages venv
 	./scripts/ensure-docker
 	./scripts/build-base-image
-	@if docker inspect edge edge2 home internet >/dev/null 2>	@if docker inspect edge home internet >/dev/null 2>&1; then \1; then \
+	@if docker inspect edge edge2 home internet >/dev/null 2>&1; then \
 	  echo "Reusing the running scenario (make demo-down removes it)"; \
 	else \
-	  echo "Deploying edge, home and internet with the playbooks (molecule converge; log: $(DEMO_LOG))"; \
+	  echo "Deploying the edges, home and internet with the playbooks (molecule converge; log: $(DEMO_LOG))"; \
 	  $(IN_VENV) molecule converge --scenario-name default >$(DEMO_LOG) 2>&1 || \
 	    { tail -n 40 $(DEMO_LOG); echo "molecule converge failed; the whole log: $(DEMO_LOG)"; exit 1; }; \
 	fi

@@ -279,7 +279,8 @@ class Intake:
         return False
 
     def _take_listing(self, link: EdgeLink, listing: Listing) -> None:
-        """Report what the client left out of the listing; forget retry times of messages no longer listed."""
+        """Report what the client left out of the listing; forget retry times of messages no longer listed;
+        a finished message the edge no longer lists is acknowledged (its answer to our ack was lost)."""
         for problem in listing.refused:
             self._protocol_error(link, problem)
         if listing.complete:
@@ -287,6 +288,14 @@ class Intake:
             for spool_id in [i for i in link.retry_at if i not in listed]:
                 del link.retry_at[spool_id]
                 link.failures.pop(spool_id, None)
+            if not listing.refused:
+                # Else the row would never be pruned. A lying edge gains nothing: a message it lists again is
+                # still done in the ledger, and acknowledged rows are kept KEEP_ACKED either way.
+                gone = [i for i in link.ledger.finished_unacked() if i not in listed]
+                if gone:
+                    link.ledger.mark_acked(gone)
+                    log.info("edge %s: %d finished message(s) no longer listed: taken as acknowledged (the "
+                             "answer to the ack was lost)", link.name, len(gone))
 
     def _protocol_error(self, link: EdgeLink, problem: str) -> None:
         if (link.name, problem) in self._reported:

@@ -132,6 +132,12 @@ class EdgeLedger:
         return {spool_id: (next_attempt, max((r["attempts"] for r in json.loads(recipients).values()), default=1))
                 for spool_id, recipients, next_attempt in rows}
 
+    def finished_unacked(self) -> list[str]:
+        """Messages done or quarantined whose acknowledgement the edge has not confirmed (yet)."""
+        return [row[0] for row in self.db.execute(
+            "SELECT spool_id FROM messages WHERE edge = ? AND acked = 0 AND state IN (?, ?)",
+            (self.name, DONE, QUARANTINED))]
+
     def mark_acked(self, spool_ids: list[str]) -> None:
         """The edge deleted these: one commit for a whole batch."""
         with self.db:

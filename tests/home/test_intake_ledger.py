@@ -119,3 +119,17 @@ def test_an_unnamed_ledger_is_not_opened_without_its_edge(tmp_path):
     check = sqlite3.connect(path)
     assert check.execute("SELECT COUNT(*) FROM messages").fetchone() == (3,), "left as it was"
     check.close()
+
+
+def test_finished_unacked_are_the_done_and_quarantined_ones_of_that_edge_not_acknowledged(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    edge, other = ledger.edge("edge"), ledger.edge("other")
+    edge.save(entry("done"))
+    edge.save(Entry("quarantined", QUARANTINED))
+    edge.save(entry("delivering", DELIVERING))
+    edge.save(entry("acked"))
+    edge.mark_acked(["acked"])
+    other.save(entry("others"))
+    assert sorted(edge.finished_unacked()) == ["done", "quarantined"]
+    assert other.finished_unacked() == ["others"]
+    ledger.close()

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.chaos
 MESSAGES = 36
 MAX_SIZE = 1_500_000
 SETTLE_TIMEOUT = 360   # seconds: the intake retries a deferred LMTP delivery after 60 s, then 300 s
-FULL_DISK_REPLIES: list[str] = []   # what Postfix was told while the edge's spool disk was full
+FULL_DISK_LOG: list[str] = []   # the primary edge's journal while its spool disk was full
 
 
 def test_mail_survives_every_kind_of_fault():
@@ -53,20 +53,25 @@ def test_a_full_spool_disk_defers_and_loses_nothing():
     report = chaos.Report(0, f"disk-{uuid.uuid4().hex[:12]}")
     message = chaos.Message(report.run, 0, *chaos.recipient_choices()[0], size=200_000)
     injector = faults.Faults(random.Random(0), start)
+    # The second edge stopped: the message has nowhere else to go while the primary is full. Postfix logs only
+    # the last MX's error (mx2's refusal), so the primary's answer is read from the primary's own journal.
     second = container("edge2")
-    second.check_output(f"systemctl stop {faults.EDGE_UNIT}")   # the primary alone answers: its reply is seen
+    second.check_output(f"systemctl stop {faults.EDGE_UNIT}")
+    since = int(time.time())
     try:
         faults.log(start, injector.fill_edge_spool(room_kib=16))
         chaos.submit(message)
         report.sent.append(message)
-        # the edge's answer to the message (a mail-system 4.3.x after DATA), not a refusal at the greeting
-        # (421: the oracle away, or `internet` asked to come back after an earlier failed handshake)
-        deferred = wait_for(lambda: chaos.flush_postfix() or [
-            reply for reply in chaos.postfix_outcomes(report.run)["deferred"]
-            if reply[:1] == "4" and not reply.startswith("421") and " 4.3." in reply],
-            timeout=180, interval=5)
-        FULL_DISK_REPLIES.extend(deferred)
-        assert deferred, f"the edge did not defer the message for want of room: {chaos.postfix_outcomes(report.run)}"
+
+        def refused_for_room() -> list[str]:
+            chaos.flush_postfix()
+            journal = container("edge").check_output(
+                f"journalctl -u {faults.EDGE_UNIT} -o cat --no-pager --since @{since}").splitlines()
+            return journal if any("spool full (disk)" in line for line in journal) else []
+
+        journal = wait_for(refused_for_room, timeout=180, interval=5)
+        FULL_DISK_LOG.extend(journal or [])
+        assert journal, f"the edge did not refuse the message for want of room: {chaos.postfix_outcomes(report.run)}"
         assert not chaos.postfix_outcomes(report.run)["sent"], "the edge took a message it had no room for"
     finally:
         injector.restore()
@@ -79,9 +84,12 @@ def test_a_full_spool_disk_defers_and_loses_nothing():
     assert report.delivered == 1
 
 
-def test_a_full_spool_disk_is_answered_insufficient_storage():
-    assert FULL_DISK_REPLIES, "test_a_full_spool_disk_defers_and_loses_nothing saw no deferral"
-    assert all(reply.startswith("452 4.3.") for reply in FULL_DISK_REPLIES), FULL_DISK_REPLIES
+def test_a_full_spool_disk_is_a_full_spool_not_an_internal_error():
+    """SpoolFull("disk"), answered 452 4.3.1 (the reply itself: tests/spool/test_spool_disk_full.py), not the
+    451 4.3.0 of a sealing failure, which logs "cannot start sealing" or "sealing failed"."""
+    assert FULL_DISK_LOG, "test_a_full_spool_disk_defers_and_loses_nothing saw no refusal"
+    assert [line for line in FULL_DISK_LOG if "spool full (disk)" in line]
+    assert [line for line in FULL_DISK_LOG if "sealing failed" in line or "cannot start sealing" in line] == []
 
 
 def test_a_full_mail_store_at_home_is_retried_and_acknowledged_only_after():

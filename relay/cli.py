@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     intake_serve = intake_commands.add_parser("serve", help="run the intake")
     intake_serve.add_argument("--config", type=Path, required=True, help="intake.toml")
 
+    egress = commands.add_parser("egress", help="home: which edge home's own mail leaves through, moved when "
+                                                "it stops answering")
+    egress_commands = egress.add_subparsers(dest="egress_command", required=True)
+    egress_serve = egress_commands.add_parser("serve", help="probe the edges, keep the route and Postfix's HELO "
+                                                            "on one that answers")
+    egress_serve.add_argument("--config", type=Path, required=True, help="egress.toml")
+
     status = commands.add_parser("status", help="tunnel, oracle, policy, spool, intake, certificate expiry "
                                                 "and backups, as this host sees them")
     for name in ("edge", "oracle", "intake", "site", "backup"):
@@ -114,6 +121,10 @@ def main(argv=None) -> int:
         from relay.home import intake
 
         return intake.run(args)
+    if args.command == "egress":
+        from relay.home import egress
+
+        return egress.run(args)
     if args.command == "status":
         from relay import status
 

@@ -260,7 +260,9 @@ def _edge_records(zone: Zone, site: Site) -> None:
             zone.record(name, "A", address, why)
     zone.comment("No AAAA for these names: the edge's mail paths are IPv4 only (an AAAA would send mail where "
                  "nothing answers).")
-    zone.record(site.helo_name, "TXT", _txt(HELO_SPF), "SPF of the HELO name: bounces have an empty sender")
+    for helo in dict.fromkeys(ptr_name(site, address) for address in site.edge_addresses):
+        zone.record(helo, "TXT", _txt(HELO_SPF), "SPF of a HELO name (home's mail leaves through that edge when "
+                                                 "the ones before it do not answer): bounces have an empty sender")
     _tlsa(zone, site)
     zone.blank()
     zone.comment("PTR: set at the provider of each edge address (not in your zone); the primary edge's must be "

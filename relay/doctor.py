@@ -350,25 +350,27 @@ class Doctor:
     def check_spf(self, domain: str) -> Result:
         fix = f'publish TXT "{dnsrecords.spf_record(self.site)}" at {domain}'
         for address in self.site.edge_addresses:
-            result, explanation = self._spf(address, f"postmaster@{domain}")
+            result, explanation = self._spf(address, f"postmaster@{domain}", dnsrecords.ptr_name(self.site, address))
             if result != "pass":
                 return failed(Check.SPF, domain, f"SPF evaluates to {result} for the edge {address}"
                               + (f" ({explanation})" if explanation else ""), fix)
         return passed(Check.SPF, domain, f"pass for {', '.join(self.site.edge_addresses)}")
 
     def check_helo_spf(self, address: str) -> Result:
-        helo = self.site.helo_name
-        result, explanation = self._spf(address, "")
+        """Bounces (empty sender) are judged by the HELO name's SPF: each edge's own (home's mail leaves through
+        another edge when the primary does not answer, saying that edge's name)."""
+        helo = dnsrecords.ptr_name(self.site, address)
+        result, explanation = self._spf(address, "", helo)
         if result != "pass":
             return failed(Check.HELO_SPF, helo, f"SPF of the HELO name evaluates to {result} for {address}"
                           + (f" ({explanation})" if explanation else ""),
                           f'publish TXT "{dnsrecords.HELO_SPF}" at {helo}, and its A record')
         return passed(Check.HELO_SPF, helo, f"pass for {address} (bounces)")
 
-    def _spf(self, address: str, sender: str) -> tuple[str, str]:
+    def _spf(self, address: str, sender: str, helo: str) -> tuple[str, str]:
         with self.dns.as_default():
             try:
-                return spf.check2(i=address, s=sender, h=self.site.helo_name, querytime=self.dns.resolver.lifetime * 4)
+                return spf.check2(i=address, s=sender, h=helo, querytime=self.dns.resolver.lifetime * 4)
             except Exception as error:  # noqa: BLE001 - pyspf raises its own on broken DNS; a result, not a crash
                 return "temperror", _first_line(error)
 
@@ -679,7 +681,7 @@ class Doctor:
             results += self.check_addresses(name, expected)
         for address in self.site.edge_addresses:
             results.append(self.check_ptr(address))
-        for address in dnsrecords.client_addresses(self.site):   # home's mail leaves from the primary edge
+        for address in self.site.edge_addresses:   # home's mail leaves from the primary, or another when it is down
             results.append(self.check_helo_spf(address))
         for name in self.site.mx_names:
             for address in self._mx_addresses(name) or addresses[name]:

@@ -32,11 +32,13 @@ def create_private_file(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (owner-only): temp file, fsync, rename, fsync the directory."""
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` (owner-only unless `mode` says otherwise): temp file, fsync, rename, fsync the
+    directory."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
+            os.fchmod(fd, mode)
             file.write(data)
             file.flush()
             os.fsync(file.fileno())

@@ -115,7 +115,7 @@ def load(path: Path) -> IntakeConfig:
         raise table.error("edge", f'one edge is now written in the [edges] table, with its name: '
                                   f'[edges] edge = {table.data["edge"]!r}')
     config = IntakeConfig(
-        edges=_edges(table.table("edges")),
+        edges=edges_table(table.table("edges")),
         identity_key=Path(table.get("identity_key", str, hint="made by `yestls keys identity-new`")),
         spool_key=Path(table.get("spool_key", str, hint="made by `yestls keys spool-new`")),
         lmtp=lmtp,
@@ -151,7 +151,9 @@ def load(path: Path) -> IntakeConfig:
     return config
 
 
-def _edges(table: Table) -> tuple[Edge, ...]:
+def edges_table(table: Table) -> tuple[Edge, ...]:
+    """An [edges] table, NAME = "HOST:PORT" of its spool service, in the order written (the first the
+    primary)."""
     names = list(table.data)
     if not names:
         raise table.error("", 'missing; name every edge and its spool service: [edges] edge = "10.77.0.1:7444"')
@@ -193,4 +195,4 @@ def _optional_path(text: str | None) -> Path | None:
     return None if text is None else Path(text)
 
 
-__all__ = ["ConfigError", "Edge", "IntakeConfig", "load"]
+__all__ = ["ConfigError", "Edge", "IntakeConfig", "edges_table", "load"]

@@ -251,6 +251,9 @@ def test_dns_with_two_edges_pairs_names_and_addresses_and_sends_clients_to_the_p
     assert f"{ipaddress.ip_address(EDGE).reverse_pointer}. IN PTR {MX}." in out
     assert f"{ipaddress.ip_address(second).reverse_pointer}. IN PTR mx2.example.org." in out
     assert addresses(MX) == [EDGE], "the HELO name (here the MX name) points at the primary only"
+    # each edge's HELO name has its SPF: home's mail leaves through the second when the primary is down
+    for helo in (MX, "mx2.example.org"):
+        assert [b"".join(r.strings).decode() for r in zone.get_rdataset(helo + ".", "TXT")] == ["v=spf1 a -all"]
 
 
 def test_dns_says_where_dkim_records_will_appear_and_ca_unknown(setup, tmp_path, capsys):

@@ -103,7 +103,8 @@ def listeners(name: str, protocol: str = "t") -> dict[tuple[str, int], str]:
     return found
 
 
-@pytest.mark.parametrize(("name", "unit"), YESTLS_UNITS + [("home", "dovecot.service")], ids=lambda v: v.split(".")[0])
+@pytest.mark.parametrize(("name", "unit"), YESTLS_UNITS + [("home", "dovecot.service"), ("home", "yestls-egress.service")],
+                         ids=lambda v: v.split(".")[0])
 def test_service_runs_now_and_at_boot(name, unit):
     service = container(name).service(unit)
     assert service.is_running

@@ -99,9 +99,10 @@ def test_home_dials_each_edge_with_keepalive(edge):
 
 def test_only_the_primary_edge_carries_homes_routes():
     """Home's tunnel address routes through the primary (its outbound mail, the clients it forwards): its
-    peer holds 0.0.0.0/0; the second edge's only its own tunnel address (one peer may hold a route)."""
+    peer holds 0.0.0.0/0 besides its own tunnel address (by which the egress service finds it); the second
+    edge's only its own tunnel address (one peer may hold a route)."""
     allowed = per_peer("home", "allowed-ips")
-    assert allowed[public_key("edge")] == ["0.0.0.0/0"]
+    assert sorted(allowed[public_key("edge")]) == sorted(["0.0.0.0/0", f"{tunnel_address('edge')}/32"])
     assert allowed[public_key("edge2")] == [f"{tunnel_address('edge2')}/32"]
 
 

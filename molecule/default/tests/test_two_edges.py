@@ -3,7 +3,10 @@ MX 20, found by Postfix on `internet` through DNS alone. With the primary's
 service stopped, and separately with its container paused (no answer at
 all), mail comes in through the second edge over verified TLS, signed at
 home for the second edge; home's intake drains both spools; every message is
-in the mailbox exactly once. Home's status shows both edges.
+in the mailbox exactly once. Home's status shows both edges. With the
+primary paused, home's own mail leaves through the second edge (its route,
+its address, its HELO name: relay/home/egress.py), and the route comes back
+to the primary once it answers again.
 """
 
 from __future__ import annotations
@@ -24,7 +27,19 @@ from mailpath import (
     submit,
     wait_until_sent,
 )
-from scenario import EDGES, OPEN, address, container, messages_with, mx_name_of, tcp_probe, wait_for
+from scenario import (
+    EDGES,
+    OPEN,
+    address,
+    container,
+    mailbox,
+    messages_with,
+    mx_name_of,
+    tcp_probe,
+    tunnel_address_of,
+    wait_for,
+)
+from submission import CORRESPONDENT, authentication_on_internet, internet_postfix_log, received_at_correspondent
 
 EDGE_UNIT = "yestls-edge.service"
 
@@ -116,3 +131,57 @@ def test_home_sees_both_edges_and_both_spools_empty():
         return list(seen) == list(EDGES) and all(e["connected"] and e["depth"] == 0 for e in seen.values())
 
     assert wait_for(settled, timeout=90), edges()
+
+
+# --- home's mail out through the second edge -----------------------------------------------------------------
+
+EGRESS_UNIT = "yestls-egress.service"
+_SEND_FROM_HOME = r"""
+import smtplib, sys
+with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:
+    smtp.sendmail(sys.argv[1], [sys.argv[2]], sys.argv[3].encode())
+"""
+
+
+def egress_edge() -> str | None:
+    """The edge whose WireGuard peer at home holds 0.0.0.0/0: where home's mail leaves."""
+    lines = container("home").check_output("wg show wg0 allowed-ips").splitlines()
+    holders = [line.split()[1:] for line in lines if "0.0.0.0/0" in line.split()[1:]]
+    return next((edge for edge in EDGES for networks in holders if f"{tunnel_address_of(edge)}/32" in networks),
+                None)
+
+
+def egress_journal() -> str:
+    return container("home").check_output(f"journalctl --no-pager -o cat -u {EGRESS_UNIT}")
+
+
+def test_with_the_primary_paused_homes_mail_leaves_through_the_second_edge_and_comes_back():
+    """Home's loopback listener (its own processes: DKIM-signed like submission) sends to the correspondent on
+    `internet`. The egress service moves the route after 3 silent rounds of 10 s; the correspondent's Postfix
+    sees edge2's address saying HELO mx2.example.org, and SPF (that address) and DKIM pass."""
+    # the paused primary of the test before may have moved the route for a while: back after 6 answered rounds
+    assert wait_for(lambda: egress_edge() == "edge", timeout=150, interval=3), egress_journal()
+    sender, second = mailbox(), mx_name_of("edge2")
+    marker = f"yestls-egress-{uuid.uuid4().hex}"
+    body = (f"From: <{sender}>\r\nTo: <{CORRESPONDENT}>\r\nSubject: YesTLS egress {marker}\r\n"
+            f"Message-ID: <{marker}@yestls.test>\r\nDate: Sun, 06 Dec 2026 12:00:00 +0000\r\n\r\n{marker}\r\n")
+    with primary("paused"):
+        assert wait_for(lambda: egress_edge() == "edge2", timeout=120, interval=3), egress_journal()
+        container("home").check_output("python3 -c %s %s %s %s", _SEND_FROM_HOME, sender, CORRESPONDENT, body)
+        received = wait_for(lambda: received_at_correspondent(marker), timeout=120, interval=2)
+        assert received, f"{marker} did not reach {CORRESPONDENT}"
+    edge2 = address("edge2")
+    internet_id = re.search(rb"by mta\.sender\.test \(Postfix\) with ESMTPS id ([0-9A-F]+)", received).group(1)
+    assert re.search(rf" {internet_id.decode()}: client=\S*\[{re.escape(edge2)}\]$",
+                     "\n".join(internet_postfix_log()), re.M), f"no client=[{edge2}] for {internet_id}"
+    assert re.search(rb"^Received: from " + re.escape(second).encode() + rb" \(\S+ \[" + re.escape(edge2).encode()
+                     + rb"\]\)", received, re.M), received[:600]
+    checked = authentication_on_internet(received, edge2, sender, second)
+    assert checked["spf"] == "pass" and checked["dkim"] and all(sig["ok"] for sig in checked["dkim"]), checked
+    # the primary answers again: after 6 answered rounds the route is back (and Postfix's HELO with it)
+    assert wait_for(lambda: egress_edge() == "edge", timeout=150, interval=3), egress_journal()
+    journal = egress_journal()
+    assert "home's mail now leaves through edge2 (was edge: silent 3 rounds in a row)" in journal, journal
+    assert "home's mail now leaves through edge (was edge2: a more preferred edge answers again)" in journal, journal
+    table = container("home").file("/etc/postfix/yestls/egress").content_string
+    assert table.splitlines()[-1] == "/^/ out-edge", table

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="tunnel, oracle, policy, spool, intake, certificate expiry "
                                                 "and backups, as this host sees them")
-    for name in ("edge", "oracle", "intake", "site", "backup"):
+    for name in ("edge", "oracle", "intake", "site", "backup", "egress"):
         status.add_argument(f"--{name}-config", type=Path, metavar="PATH",
                             help=f"{name}.toml (default /etc/yestls/{name}.toml when present)")
     status.add_argument("--json", action="store_true", help="JSON for scripts instead of the table")

@@ -13,6 +13,7 @@ One table (or `--json`) on either host, read-only, each part optional:
     spool         on the edge: its sealed spool's depth and oldest age (the edge's metrics)
     edges         at home: each edge the intake pulls from (intake.toml's [edges]): connected or not,
                   last contact, and its spool's depth and oldest age as the edge last told the intake
+    egress        at home with several edges (egress.toml): the edge home's mail leaves through
     intake        the intake's status file: pulled, delivered, retried,
                   failed, bounced, quarantined, the ledger's counts, DSNs waiting, the edge's protocol
                   errors if any; senders' TLS reports (sessions failed, by result type) when read
@@ -21,7 +22,7 @@ One table (or `--json`) on either host, read-only, each part optional:
                   with site.toml's [acme], each ACME certificate's expiry, next renewal and last
                   error (its state.json, relay/certs/store.py)
 
-Configs default to /etc/yestls/{edge,oracle,intake,site}.toml where present. A part
+Configs default to /etc/yestls/{edge,oracle,intake,site,backup,egress}.toml where present. A part
 that cannot be read shows "unknown (why)"; `yestls status` itself does not fail.
 """
 
@@ -41,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_DIRECTORY = Path("/etc/yestls")
-CONFIGS = ("edge", "oracle", "intake", "site", "backup")   # each NAME.toml, --NAME-config
-SECTIONS = ("tunnel", "oracle", "policy", "door", "verdict", "spool", "edges", "intake", "certificates", "backup")
+CONFIGS = ("edge", "oracle", "intake", "site", "backup", "egress")   # each NAME.toml, --NAME-config
+SECTIONS = ("tunnel", "oracle", "policy", "door", "verdict", "spool", "edges", "egress", "intake", "certificates", "backup")
 TIMEOUT = 2.0   # seconds for each endpoint asked
 POLICY_MEANING = {
     "tempfail": "new connections get 421 until an oracle answers; senders retry",
@@ -543,6 +544,26 @@ def edge_row(name: str, seen, now: float) -> Row:
     return Row("edges", name, value, f"{link}; last contact {ago(now - contact)} ago; {waiting}")
 
 
+def egress_rows(path: Path | None) -> list[Row]:
+    """Which edge home's mail leaves through (relay/home/egress.py): the one Postfix's egress table names."""
+    if path is None:
+        return []
+    from relay.home import egress
+
+    try:
+        config = egress.load(path)
+        in_use = egress.edge_in_use(config.transport_map)
+    except Exception as error:  # noqa: BLE001 - any unreadable config is shown, not raised
+        return [unknown("egress", "edge", f"{path}: {error}")]
+    primary = config.edges[0].name
+    if in_use is None:
+        return [unknown("egress", "edge", f"{config.transport_map} names no edge (`yestls egress serve` writes it)")]
+    text = (f"home's mail leaves through {in_use}, the primary" if in_use == primary else
+            f"home's mail leaves through {in_use}: the primary {primary} did not answer "
+            f"(journalctl -u yestls-egress)")
+    return [Row("egress", "edge", {"edge": in_use, "primary": primary}, text)]
+
+
 def spam_row(status: dict) -> Row:
     """What the spam filter did at home: messages judged, verdicts from before the 250 kept, junked, unjudged."""
     counts = {key: status.get(key) if isinstance(status.get(key), int) else 0
@@ -584,16 +605,18 @@ def default_config(name: str, directory: Path = CONFIG_DIRECTORY) -> Path | None
 
 
 def collect(edge: Path | None, oracle: Path | None, intake: Path | None, *, site: Path | None = None,
-            backup: Path | None = None, now: float | None = None, run: Callable = subprocess.run) -> Status:
+            backup: Path | None = None, egress: Path | None = None, now: float | None = None,
+            run: Callable = subprocess.run) -> Status:
     now = time.time() if now is None else now
     status = Status(socket.gethostname(), now,
                     {"edge": str(edge) if edge else None, "oracle": str(oracle) if oracle else None,
                      "intake": str(intake) if intake else None, "site": str(site) if site else None,
-                     "backup": str(backup) if backup else None})
+                     "backup": str(backup) if backup else None, "egress": str(egress) if egress else None})
     status.add(*tunnel_rows(now, run))
     status.add(*edge_rows(edge, now))
     status.add(*oracle_rows(oracle, now))
     status.add(*intake_rows(intake, now))
+    status.add(*egress_rows(egress))
     status.add(*acme_rows(site, now))
     status.add(*backup_rows(backup, now, home=intake is not None))
     present = {row.section for row in status.rows}
@@ -620,7 +643,7 @@ def run(args) -> int:
         given = getattr(args, f"{name}_config")
         configs[name] = given if given is not None else default_config(name)
     status = collect(configs["edge"], configs["oracle"], configs["intake"], site=configs["site"],
-                     backup=configs["backup"])
+                     backup=configs["backup"], egress=configs["egress"])
     if args.json:
         json.dump(status.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -212,6 +212,14 @@ def transport_map_text(edge: str) -> bytes:
             f"/^/ {TRANSPORT_PREFIX}{edge}\n").encode()
 
 
+def edge_in_use(path: Path) -> str | None:
+    """The edge the table names (what `yestls status` shows)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("/^/ " + TRANSPORT_PREFIX):
+            return line.removeprefix("/^/ " + TRANSPORT_PREFIX).strip()
+    return None
+
+
 def point_postfix(path: Path, edge: str) -> bool:
     """Make the table name `edge`'s service; True when it changed (Postfix must reload)."""
     text = transport_map_text(edge)

@@ -281,3 +281,27 @@ def test_a_bad_configuration_says_what_to_fix(tmp_path, text, says):
     with pytest.raises(ConfigError, match=None) as raised:
         egress.load(write(tmp_path, text))
     assert says in str(raised.value)
+
+
+# --- yestls status ----------------------------------------------------------------------------------------------
+
+def test_status_says_which_edge_homes_mail_leaves_through(tmp_path):
+    from relay.status import egress_rows
+
+    table = tmp_path / "egress"
+    config = write(tmp_path, f"""\
+        transport_map = "{table}"
+        [edges]
+        edge = "10.77.0.2:7444"
+        edge2 = "10.77.0.3:7444"
+        """)
+    assert egress_rows(None) == []
+    (row,) = egress_rows(config)
+    assert row.value is None and "No such file" in row.unknown   # unknown, with why
+    egress.point_postfix(table, "edge")
+    (row,) = egress_rows(config)
+    assert row.value == {"edge": "edge", "primary": "edge"} and row.text.endswith("through edge, the primary")
+    egress.point_postfix(table, "edge2")
+    (row,) = egress_rows(config)
+    assert row.value == {"edge": "edge2", "primary": "edge"}
+    assert "the primary edge did not answer" in row.text

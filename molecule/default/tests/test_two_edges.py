@@ -167,6 +167,8 @@ def test_with_the_primary_paused_homes_mail_leaves_through_the_second_edge_and_c
             f"Message-ID: <{marker}@yestls.test>\r\nDate: Sun, 06 Dec 2026 12:00:00 +0000\r\n\r\n{marker}\r\n")
     with primary("paused"):
         assert wait_for(lambda: egress_edge() == "edge2", timeout=120, interval=3), egress_journal()
+        shown = json.loads(container("home").check_output("yestls status --json"))["egress"]
+        assert shown == {"edge": {"edge": "edge2", "primary": "edge"}}, shown
         container("home").check_output("python3 -c %s %s %s %s", _SEND_FROM_HOME, sender, CORRESPONDENT, body)
         received = wait_for(lambda: received_at_correspondent(marker), timeout=120, interval=2)
         assert received, f"{marker} did not reach {CORRESPONDENT}"

@@ -72,7 +72,7 @@ from relay.home.ledger import (
     Entry,
     Ledger,
 )
-from relay.home.lmtp import LmtpError, deliver
+from relay.home.lmtp import LmtpError, LmtpSession
 from relay.home.outbox import Outbox
 from relay.home.spam import (
     OUR_FIELDS,
@@ -144,6 +144,7 @@ class EdgeLink:
 
     edge: intake_config.Edge
     ledger: EdgeLedger
+    lmtp: LmtpSession                      # its messages go to Dovecot over one connection per batch
     retry_at: dict[str, float] = field(default_factory=dict)  # spool id -> when a 4xx'd message may be retried
     failures: dict[str, int] = field(default_factory=dict)    # spool id -> failed rounds so far (the backoff step)
     published: AddressBook | None = None   # the address book this edge has from us
@@ -174,7 +175,9 @@ class Intake:
                      if config.spam is not None else None)
         self.verdict_key = load_verdict_key(config.spam.verdict_key) if config.spam is not None else None
         self.stats = IntakeStats()
-        self.links = {edge.name: EdgeLink(edge, self.ledger.edge(edge.name)) for edge in config.edges}
+        self.links = {edge.name: EdgeLink(edge, self.ledger.edge(edge.name),
+                                          LmtpSession(config.lmtp, lhlo=config.authserv_id))
+                      for edge in config.edges}
         for link in self.links.values():
             for spool_id, (when, tries) in link.ledger.waiting_retries().items():   # the schedule survives restarts
                 link.retry_at[spool_id], link.failures[spool_id] = when, max(tries, 1)
@@ -342,6 +345,7 @@ class Intake:
         finally:
             for _, fetch in fetching:
                 fetch.cancel()
+            await link.lmtp.close()   # no connection held while the edge is idle; the next batch opens one
             results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
             # Unacknowledged ones are listed again next time; done in the ledger, they are not redelivered.
             link.ledger.mark_acked([i for (i, _), r in zip(acks, results) if not isinstance(r, BaseException)])
@@ -502,8 +506,7 @@ class Intake:
             entry.recipients[recipient].attempts += 1
         link.ledger.save(entry)  # committed before Dovecot can have the message
         try:
-            replies = await deliver(self.config.lmtp, mail_from, recipients, message,
-                                    lhlo=self.config.authserv_id, smtputf8=smtputf8)
+            replies = await link.lmtp.deliver(mail_from, recipients, message, smtputf8=smtputf8)
         except LmtpError as error:
             # Nothing reached Dovecot for sure? A dropped connection after DATA
             # could have; the in-doubt marks make the next try ask first.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from relay.home.lmtp import LmtpError, data_body, deliver
+from relay.home.lmtp import LmtpError, LmtpSession, data_body, deliver
 
 from ..smuggling import smuggling_cases
 
@@ -38,9 +38,16 @@ class LenientServer:
     chunking: bool
     transactions: list[Transaction] = field(default_factory=list)
     commands: list[bytes] = field(default_factory=list)
+    refused: frozenset[str] = frozenset()      # RCPT TO:<these> gets 550
+    refuse_sender: bool = False                # every MAIL gets 451
+    hang_up_after: int | None = None           # close each connection after this many transactions
+    connections: int = 0
+    reads: list[bytes] = field(default_factory=list)   # what each read() returned: pipelined commands come together
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buffer = bytearray()
+        self.connections += 1
+        done_here = 0
 
         async def line() -> bytes | None:
             """The next line, ended by CRLF, CR or LF (a CR at the end of what came so far waits for more)."""
@@ -53,6 +60,7 @@ class LenientServer:
                 more = await reader.read(65536)
                 if not more:
                     return None
+                self.reads.append(more)
                 buffer.extend(more)
 
         async def exactly(count: int) -> bytes:
@@ -75,13 +83,23 @@ class LenientServer:
             verb = command[:4].upper()
             if verb == b"LHLO":
                 reply("250-lenient" + ("\r\n250-CHUNKING" if self.chunking else "") + "\r\n250 PIPELINING")
+            elif verb == b"RSET":
+                current = None
+                reply("250 2.0.0 OK")
+            elif verb == b"MAIL" and self.refuse_sender:
+                reply("451 4.3.0 not now")
             elif verb == b"MAIL":
                 current = Transaction(command.decode(errors="replace"))
                 self.transactions.append(current)
                 reply("250 2.1.0 OK")
             elif verb == b"RCPT" and current is not None:
-                current.recipients.append(command.decode(errors="replace"))
-                reply("250 2.1.5 OK")
+                if command.decode(errors="replace")[9:-1] in self.refused:
+                    reply("550 5.1.1 no such user")
+                else:
+                    current.recipients.append(command.decode(errors="replace"))
+                    reply("250 2.1.5 OK")
+            elif verb == b"RCPT":
+                reply("503 5.5.1 MAIL first")
             elif verb == b"DATA" and current is not None:
                 reply("354 go ahead")
                 lines = []
@@ -90,17 +108,21 @@ class LenientServer:
                 current.message = b"".join(text + b"\r\n" for text in lines)
                 for _ in current.recipients:
                     reply("250 2.0.0 saved")
+                current, done_here = None, done_here + 1
             elif verb == b"BDAT" and current is not None:
                 size = int(command.split()[1])
                 current.message = await exactly(size)
                 for _ in current.recipients:
                     reply("250 2.0.0 saved")
+                current, done_here = None, done_here + 1
             elif verb == b"QUIT":
                 reply("221 bye")
                 break
             else:
                 reply("500 5.5.1 what")
             await writer.drain()
+            if self.hang_up_after is not None and done_here >= self.hang_up_after:
+                break
         writer.close()
 
 
@@ -172,3 +194,114 @@ def test_a_command_with_a_line_break_or_nul_is_never_written(mail_from, recipien
     assert isinstance(result, LmtpError) and "refusing to send" in str(result)
     assert not any(VICTIM.encode() in c for c in server.commands)
     assert all(t.message is None for t in server.transactions), "no message went"
+
+
+# --- one session, many messages ----------------------------------------------------------------------------
+
+async def with_lenient_server(server: LenientServer, work):
+    listening = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    try:
+        return await work(("127.0.0.1", listening.sockets[0].getsockname()[1]))
+    finally:
+        listening.close()
+        await listening.wait_closed()
+
+
+def message_number(n: int) -> bytes:
+    return f"Subject: {n}\r\n\r\nmessage {n}\r\n".encode()
+
+
+@pytest.mark.parametrize("chunking", [True, False])
+def test_a_session_delivers_a_run_of_messages_on_one_connection_with_rset_between(chunking):
+    server = LenientServer(chunking)
+
+    async def work(address):
+        async with LmtpSession(address, timeout=TIMEOUT) as session:
+            return [await session.deliver("alice@example.net", [RCPT], message_number(n)) for n in range(5)]
+
+    results = run(with_lenient_server(server, work))
+    assert [{r: reply.code for r, reply in replies.items()} for replies in results] == [{RCPT: 250}] * 5
+    assert server.connections == 1
+    assert [t.message for t in server.transactions] == [message_number(n) for n in range(5)]
+    assert [c for c in server.commands if c.upper() in (b"RSET", b"QUIT")] == [b"RSET"] * 4 + [b"QUIT"]
+
+
+def test_rset_mail_and_every_rcpt_go_in_one_write_and_each_recipient_keeps_its_own_answer():
+    server = LenientServer(chunking=True, refused=frozenset({"nobody@example.org"}))
+    recipients = [RCPT, "nobody@example.org", VICTIM]
+
+    async def work(address):
+        async with LmtpSession(address, timeout=TIMEOUT) as session:
+            first = await session.deliver("alice@example.net", recipients, message_number(1))
+            server.reads.clear()
+            second = await session.deliver("alice@example.net", recipients, message_number(2))
+            return first, second
+
+    first, second = run(with_lenient_server(server, work))
+    for replies in (first, second):
+        assert {r: reply.code for r, reply in replies.items()} == {RCPT: 250, "nobody@example.org": 550, VICTIM: 250}
+    envelope = server.reads[0]
+    assert envelope.startswith(b"RSET\r\nMAIL FROM:") and envelope.count(b"RCPT TO:") == 3, envelope
+    assert [t.recipients for t in server.transactions] == [[f"RCPT TO:<{RCPT}>", f"RCPT TO:<{VICTIM}>"]] * 2
+
+
+def test_a_refused_sender_reads_every_pipelined_reply_so_the_next_message_is_not_out_of_step():
+    server = LenientServer(chunking=True, refuse_sender=True)
+
+    async def work(address):
+        async with LmtpSession(address, timeout=TIMEOUT) as session:
+            refused = await session.deliver("alice@example.net", [RCPT, VICTIM], message_number(1))
+            server.refuse_sender = False
+            taken = await session.deliver("alice@example.net", [RCPT], message_number(2))
+            return refused, taken
+
+    refused, taken = run(with_lenient_server(server, work))
+    assert {r: reply.code for r, reply in refused.items()} == {RCPT: 451, VICTIM: 451}
+    assert {r: reply.code for r, reply in taken.items()} == {RCPT: 250}
+    assert server.connections == 1 and [t.message for t in server.transactions] == [message_number(2)]
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_and_the_message_goes_once():
+    server = LenientServer(chunking=True, hang_up_after=1)
+
+    async def work(address):
+        async with LmtpSession(address, timeout=TIMEOUT) as session:
+            return [await session.deliver("alice@example.net", [RCPT], message_number(n)) for n in range(3)]
+
+    results = run(with_lenient_server(server, work))
+    assert all(replies[RCPT].code == 250 for replies in results)
+    assert server.connections == 3
+    assert [t.message for t in server.transactions] == [message_number(n) for n in range(3)]   # each once
+
+
+def test_a_new_connection_that_fails_is_an_error_not_a_retry():
+    async def work(address):
+        async with LmtpSession(address, timeout=TIMEOUT) as session:
+            return await session.deliver("alice@example.net", [RCPT], message_number(1))
+
+    async def slam(reader, writer):
+        writer.close()
+
+    async def scenario():
+        listening = await asyncio.start_server(slam, "127.0.0.1", 0)
+        try:
+            return await work(("127.0.0.1", listening.sockets[0].getsockname()[1]))
+        finally:
+            listening.close()
+
+    with pytest.raises(LmtpError, match="LMTP server sent b''"):
+        run(scenario())
+
+
+def test_a_session_against_dovecot_delivers_each_message_once():
+    from ..dovecot import run_dovecot
+
+    with run_dovecot((RCPT,)) as dovecot:
+        async def work():
+            async with LmtpSession(("127.0.0.1", dovecot.lmtp_port), timeout=TIMEOUT) as session:
+                return [await session.deliver("alice@example.net", [RCPT], message_number(n)) for n in range(20)]
+
+        results = run(work())
+        assert all(replies[RCPT].code == 250 for replies in results), results
+        found = dovecot.doveadm("search", "-u", RCPT, "mailbox", "INBOX", "all").split()
+        assert len(found) == 2 * 20   # a mailbox GUID and a UID per message

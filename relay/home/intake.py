@@ -72,7 +72,7 @@ from relay.home.ledger import (
     Entry,
     Ledger,
 )
-from relay.home.lmtp import LmtpError, LmtpSession
+from relay.home.lmtp import LmtpMessage, LmtpSession
 from relay.home.outbox import Outbox
 from relay.home.spam import (
     OUR_FIELDS,
@@ -114,6 +114,15 @@ class Prepared:
     arrival: float = 0.0             # when the edge accepted it (its clock)
     addressed: dict[str, str] = field(default_factory=dict)   # mailbox -> the address the sender used
     junk: bool = False               # the spam filter's verdict: delivered with X-Spam: Yes (to Junk)
+
+
+@dataclass
+class Delivery:
+    """A message about to go to Dovecot: its ledger entry and the recipients tried now."""
+
+    entry: Entry
+    prepared: Prepared
+    recipients: list[str]
 
 
 @dataclass(frozen=True)
@@ -328,18 +337,23 @@ class Intake:
                 fetching.append((message, asyncio.ensure_future(fetch_and_prepare(message))))
 
         top_up()
-        acks: list[tuple[str, asyncio.Future]] = []  # in flight while the next message is delivered
+        acks: list[tuple[str, asyncio.Future]] = []  # in flight while the next messages are delivered
         try:
             while fetching:
-                message, fetch = fetching.popleft()
+                # A run: the next message (waited for) and those behind it already fetched, in order: one
+                # LMTP batch and two ledger commits for all of them (_process_run).
+                run: list[tuple[str, bytes, Prepared | Deferred | Exception]] = []
+                while fetching and (not run or fetching[0][1].done()):
+                    message, fetch = fetching.popleft()
+                    sealed, prepared = await fetch
+                    if sealed is None:
+                        self._fetch_failed(link, message.id, prepared)
+                    else:
+                        self.stats.pulled += 1
+                        run.append((message.id, sealed, prepared))
                 top_up()
-                sealed, prepared = await fetch
-                if sealed is None:
-                    self._fetch_failed(link, message.id, prepared)
-                    continue
-                self.stats.pulled += 1
-                if await self.process(link, message.id, sealed, prepared):
-                    acks.append((message.id, asyncio.ensure_future(client.ack(message.id))))
+                for spool_id in await self._process_run(link, run):
+                    acks.append((spool_id, asyncio.ensure_future(client.ack(spool_id))))
                 if time.time() - self._status_written > 2:
                     self._write_status()  # a long backlog shows its progress
         finally:
@@ -435,14 +449,52 @@ class Intake:
                 addressed.setdefault(mailbox, recipient)
         return addressed
 
-    async def process(self, link: EdgeLink, spool_id: str, sealed: bytes,
-                      prepared: "Prepared | Deferred | Exception | None" = None) -> bool:
-        """Deliver one sealed message from this edge as far as possible; True when it may be acknowledged."""
+    async def _process_run(self, link: EdgeLink, run: list[tuple[str, bytes, "Prepared | Deferred | Exception"]]
+                           ) -> list[str]:
+        """Deliver a run of this edge's messages as far as possible, in order; the ids that may be
+        acknowledged. Two ledger commits for the whole run: the in-doubt marks before Dovecot can have any of
+        them, the answers after; between them one pipelined LMTP batch. No await inside a commit: the edges'
+        loops share the ledger's connection."""
+        finished: list[str] = []
+        ready: list[Delivery] = []
+        for spool_id, sealed, prepared in run:
+            step = await self._before_delivery(link, spool_id, sealed, prepared)
+            if isinstance(step, Delivery):
+                ready.append(step)
+            elif step:
+                finished.append(spool_id)
+        if not ready:
+            return finished
+        with link.ledger.commit():
+            for delivery in ready:
+                for recipient in delivery.recipients:
+                    delivery.entry.recipients[recipient].status = IN_DOUBT
+                    delivery.entry.recipients[recipient].attempts += 1
+                link.ledger.save(delivery.entry)   # durable before Dovecot can have the message
+        outcome = await link.lmtp.deliver_batch([
+            LmtpMessage(d.prepared.mail_from, tuple(d.recipients), d.prepared.message, d.prepared.smtputf8)
+            for d in ready])
+        with link.ledger.commit():
+            for index, delivery in enumerate(ready):
+                if index < len(outcome.replies):
+                    self._record(link, delivery.entry, outcome.replies[index])
+                else:
+                    # Nothing reached Dovecot for sure? A dropped connection after the content could have;
+                    # the in-doubt marks make the next try ask first.
+                    log.warning("%s: LMTP failed (%s); will retry", delivery.entry.spool_id, outcome.error)
+                    self._schedule_retry(link, delivery.entry)
+                if self._after_delivery(link, delivery):
+                    finished.append(delivery.entry.spool_id)
+        return finished
+
+    async def _before_delivery(self, link: EdgeLink, spool_id: str, sealed: bytes,
+                               prepared: "Prepared | Deferred | Exception") -> "Delivery | bool":
+        """What this message needs: a Delivery of its pending recipients, or True when it may be acknowledged
+        (finished before, quarantined now), False when it waits (deferred, or a doubt Dovecot cannot settle
+        now)."""
         entry = link.ledger.get(spool_id)
         if entry is not None and entry.state in (DONE, QUARANTINED):
             return True  # finished before a crash, not yet acknowledged: do not deliver again
-        if prepared is None:
-            prepared = await self.prepare(spool_id, sealed)
         if isinstance(prepared, Deferred):
             log.warning("%s: not delivered yet: %s; will retry", spool_id, prepared.reason)
             self._try_later(link, spool_id)
@@ -456,24 +508,29 @@ class Intake:
         if not await self._settle_in_doubt(link.ledger, entry):
             self._schedule_retry(link, entry)
             return False
-        pending = entry.pending()
-        if pending:
-            await self._deliver(link, entry, prepared.mail_from, pending, prepared.message, prepared.smtputf8)
+        delivery = Delivery(entry, prepared, entry.pending())
+        if delivery.recipients:
+            return delivery
+        return self._after_delivery(link, delivery)   # every answer known already (a crash before DONE)
+
+    def _after_delivery(self, link: EdgeLink, delivery: "Delivery") -> bool:
+        """Give up on, bounce and finish the message as its answers say; True when it may be acknowledged."""
+        entry, prepared = delivery.entry, delivery.prepared
         if not entry.final() and time.time() - prepared.arrival > self.config.give_up_after:
             self._give_up(link.ledger, entry)
-        if entry.final():
-            if entry.state != DONE:
-                self._bounce(entry, prepared)   # before DONE: a crash in between bounces on the next try
-                entry.state = DONE
-                link.ledger.save(entry)
-            link.retry_at.pop(spool_id, None)
-            link.failures.pop(spool_id, None)
-            self._read_tls_report(spool_id, prepared)
-            self.stats.junked += prepared.junk
-            delivered = sum(r.status == DELIVERED for r in entry.recipients.values())
-            log.info("%s: delivered to %d of %d recipient(s)", spool_id, delivered, len(entry.recipients))
-            return True
-        return False
+        if not entry.final():
+            return False
+        if entry.state != DONE:
+            self._bounce(entry, prepared)   # before DONE: a crash in between bounces on the next try
+            entry.state = DONE
+            link.ledger.save(entry)
+        link.retry_at.pop(entry.spool_id, None)
+        link.failures.pop(entry.spool_id, None)
+        self._read_tls_report(entry.spool_id, prepared)
+        self.stats.junked += prepared.junk
+        delivered = sum(r.status == DELIVERED for r in entry.recipients.values())
+        log.info("%s: delivered to %d of %d recipient(s)", entry.spool_id, delivered, len(entry.recipients))
+        return True
 
     async def _settle_in_doubt(self, ledger: EdgeLedger, entry: Entry) -> bool:
         """Recipients whose delivery may have happened before a crash: ask Dovecot, don't guess.
@@ -499,20 +556,8 @@ class Intake:
             ledger.save(entry)
         return True
 
-    async def _deliver(self, link: EdgeLink, entry: Entry, mail_from: str, recipients: list[str], message: bytes,
-                       smtputf8: bool) -> None:
-        for recipient in recipients:
-            entry.recipients[recipient].status = IN_DOUBT
-            entry.recipients[recipient].attempts += 1
-        link.ledger.save(entry)  # committed before Dovecot can have the message
-        try:
-            replies = await link.lmtp.deliver(mail_from, recipients, message, smtputf8=smtputf8)
-        except LmtpError as error:
-            # Nothing reached Dovecot for sure? A dropped connection after DATA
-            # could have; the in-doubt marks make the next try ask first.
-            log.warning("%s: LMTP failed (%s); will retry", entry.spool_id, error)
-            self._schedule_retry(link, entry)
-            return
+    def _record(self, link: EdgeLink, entry: Entry, replies: dict) -> None:
+        """Dovecot's answer for each recipient, into the entry (saved; a retry scheduled while some wait)."""
         for recipient, reply in replies.items():
             info = entry.recipients[recipient]
             info.reply = str(reply)[:500]
@@ -527,7 +572,7 @@ class Intake:
                 info.status = PENDING
                 log.info("%s: %s deferred: %s", entry.spool_id, recipient, reply)
         if entry.final() and not any(info.status == FAILED for info in entry.recipients.values()):
-            entry.state = DONE  # recorded with the replies: one commit (a failure is bounced first: process)
+            entry.state = DONE  # recorded with the replies: one commit (a failure is bounced first: _after_delivery)
         link.ledger.save(entry)
         if not entry.final():
             self._schedule_retry(link, entry)

@@ -16,6 +16,8 @@ SQLite in WAL mode with synchronous=FULL: a committed step survives a crash.
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +108,14 @@ class EdgeLedger:
             return None
         recipients = {r: Recipient(**info) for r, info in json.loads(row[1]).items()}
         return Entry(spool_id, row[0], recipients, row[2], bool(row[3]))
+
+    @contextmanager
+    def commit(self) -> Iterator[None]:
+        """Every save inside in one transaction: one fsync for a run of messages. Nothing inside may await:
+        the edges' loops share the connection."""
+        with self.db:
+            self.db.execute("BEGIN")
+            yield
 
     def save(self, entry: Entry) -> None:
         recipients = json.dumps({r: vars(info) for r, info in entry.recipients.items()})

@@ -31,7 +31,7 @@ is still refused here, before it is written, if it holds a CR, LF or NUL.
 
 import asyncio
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class LmtpError(Exception):
@@ -101,19 +101,54 @@ async def deliver(address: str | tuple[str, int], mail_from: str, recipients: li
         return await session.deliver(mail_from, recipients, message, smtputf8=smtputf8)
 
 
+@dataclass(frozen=True)
+class LmtpMessage:
+    mail_from: str                 # "" for the null sender
+    recipients: tuple[str, ...]
+    content: bytes
+    smtputf8: bool = False
+
+
+@dataclass
+class BatchOutcome:
+    """The answers to the first len(replies) messages of a batch, in order; for the others, why there are
+    none: their fate is unknown (they may or may not be in the mailbox)."""
+
+    replies: list[dict[str, Reply]] = field(default_factory=list)
+    error: LmtpError | None = None
+
+
+@dataclass
+class _Accepted:
+    """A message whose envelope the server accepted for some recipients: its content goes next."""
+
+    message: LmtpMessage
+    accepted: list[str]
+    refused: dict[str, Reply]
+
+
 class _NothingSent(Exception):
-    """A reused connection failed before any of the message was written: safe to try again on a new one."""
+    """A reused connection failed before any message's content was written: safe to try again on a new one."""
 
 
 class LmtpSession:
     """One LMTP connection for a run of messages (RFC 2033 4.1: a transaction ends with the last recipient's
     reply; an RSET opens the next). Opened at the first message, LHLO once.
 
-    With PIPELINING (Dovecot offers it) RSET, MAIL and every RCPT go in one write and their replies are read
-    in order; the message follows once some recipient is accepted, so nothing is ever sent for a transaction
-    the server refused. A connection the server closed while idle shows at the RSET: before any byte of the
-    message, so the message goes again on a new connection, once. A failure after that is an LmtpError: the
-    caller's in-doubt record decides what happened (relay/home/intake.py).
+    **Pipelined** when the server offers PIPELINING and CHUNKING (Dovecot
+    does): one write carries the previous message's content (`BDAT n LAST`)
+    and the next message's RSET, MAIL and RCPTs; their replies are read in
+    order. A message's content is written only after the server has
+    accepted one of its recipients, so no byte of it is ever sent into a
+    transaction the server refused (where a server that failed to read it as
+    a chunk would read it as commands). The server works through the messages
+    back to back; the client waits one round trip per message, not four.
+    Without those extensions, one command at a time.
+
+    A connection the server closed while idle shows at the first RSET, before
+    any byte of a message: the batch goes again on a new connection, once. A
+    failure after that ends the batch: the messages without answers are the
+    caller's to settle (relay/home/intake.py marks them in doubt before).
     """
 
     def __init__(self, address: str | tuple[str, int], *, lhlo: str = "localhost", timeout: float = 60.0):
@@ -133,24 +168,33 @@ class LmtpSession:
 
     async def deliver(self, mail_from: str, recipients: list[str], message: bytes, *,
                       smtputf8: bool = False) -> dict[str, Reply]:
-        """One message's transaction; the reply for each recipient (a RCPT refusal counts as its reply)."""
+        """One message; the reply for each recipient (a RCPT refusal counts as its reply), or LmtpError."""
+        outcome = await self.deliver_batch([LmtpMessage(mail_from, tuple(recipients), message, smtputf8)])
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.replies[0]
+
+    async def deliver_batch(self, messages: list[LmtpMessage]) -> BatchOutcome:
+        """Several messages, in order, on this connection."""
+        outcome = BatchOutcome()
         reused = self._writer is not None
         try:
-            return await asyncio.wait_for(self._deliver(mail_from, recipients, message, smtputf8), self.timeout)
+            await asyncio.wait_for(self._batch(messages, outcome.replies), self.timeout * max(1, len(messages)))
         except _NothingSent:
             await self.close()
-            if not reused:
-                raise LmtpError(f"LMTP at {self.address} closed the connection before the message") from None
+            if reused:
+                return await self.deliver_batch(messages)   # on a new connection
+            outcome.error = LmtpError(f"LMTP at {self.address} closed the connection before the message")
         except asyncio.TimeoutError:
             await self.close()
-            raise LmtpError(f"LMTP at {self.address} timed out") from None
+            outcome.error = LmtpError(f"LMTP at {self.address} timed out")
         except (ConnectionError, asyncio.IncompleteReadError) as error:
             await self.close()
-            raise LmtpError(f"LMTP connection to {self.address} failed: {error}") from None
-        except LmtpError:
+            outcome.error = LmtpError(f"LMTP connection to {self.address} failed: {error}")
+        except LmtpError as error:
             await self.close()
-            raise
-        return await self.deliver(mail_from, recipients, message, smtputf8=smtputf8)   # on a new connection
+            outcome.error = error
+        return outcome
 
     async def close(self) -> None:
         writer, self._reader, self._writer, self._used = self._writer, None, None, False
@@ -181,62 +225,104 @@ class LmtpSession:
             raise LmtpError(f"LHLO refused: {hello}")
         self._keywords = _keywords(hello)
 
-    async def _deliver(self, mail_from: str, recipients: list[str], message: bytes, smtputf8: bool) -> dict[str, Reply]:
+    def _envelope(self, message: LmtpMessage) -> list[bytes]:
+        """MAIL and RCPT lines, each checked (no CR, LF or NUL) before any is written."""
+        options = " SMTPUTF8" if message.smtputf8 and "SMTPUTF8" in self._keywords else ""
+        return [_line(f"MAIL FROM:<{message.mail_from}>{options}"),
+                *(_line(f"RCPT TO:<{recipient}>") for recipient in message.recipients)]
+
+    async def _batch(self, messages: list[LmtpMessage], replies: list[dict[str, Reply]]) -> None:
         if self._writer is None:
             await self._open()
+        envelopes = [self._envelope(message) for message in messages]   # a bad line: nothing of the batch sent
+        if {"PIPELINING", "CHUNKING"} <= self._keywords:
+            await self._pipelined(messages, envelopes, replies)
+        else:
+            for index, (message, envelope) in enumerate(zip(messages, envelopes, strict=True)):
+                replies.append(await self._one(message, envelope, first=index == 0))
+
+    async def _pipelined(self, messages, envelopes, replies) -> None:
         reader, writer = self._reader, self._writer
-        options = " SMTPUTF8" if smtputf8 and "SMTPUTF8" in self._keywords else ""
-        envelope = [f"MAIL FROM:<{mail_from}>{options}", *(f"RCPT TO:<{r}>" for r in recipients)]
-        lines = [_line(command) for command in envelope]   # every line checked before one is written
-        resetting = self._used
-        self._used = True
-        try:
-            if resetting:
-                writer.write(b"RSET\r\n")
-                if "PIPELINING" not in self._keywords:
-                    await writer.drain()
+        waiting: _Accepted | None = None   # its content goes out with the next write
+        for index, (message, envelope) in enumerate(zip(messages, envelopes, strict=True)):
+            resetting, self._used = self._used, True
+            out = ([_chunk(waiting.message.content)] if waiting else []) + ([b"RSET\r\n"] if resetting else [])
+            try:
+                writer.write(b"".join(out + envelope))
+                await writer.drain()
+                if waiting is not None:
+                    replies.append(await _content_replies(reader, waiting))
+                if resetting:
                     await _reset_reply(reader)
-            answers = await self._envelope(reader, writer, lines, resetting)
-        except (ConnectionError, asyncio.IncompleteReadError, LmtpError):
-            if resetting:
-                raise _NothingSent() from None
-            raise
-        sender, *answered = answers
-        if sender.code != 250:
-            # The sender is refused for everyone: every recipient gets that answer.
-            return {r: sender for r in recipients}
-        replies = {r: reply for r, reply in zip(recipients, answered, strict=True) if reply.code != 250}
-        accepted = [r for r, reply in zip(recipients, answered, strict=True) if reply.code == 250]
-        if not accepted:
-            return replies
+                answers = [await _read_reply(reader) for _ in envelope]
+            except (ConnectionError, asyncio.IncompleteReadError, LmtpError):
+                if resetting and index == 0:   # nothing of any message written yet
+                    raise _NothingSent() from None
+                raise
+            waiting = _answered(message, answers[0], answers[1:])
+            if isinstance(waiting, dict):
+                replies.append(waiting)
+                waiting = None
+        if waiting is not None:
+            writer.write(_chunk(waiting.message.content))
+            await writer.drain()
+            replies.append(await _content_replies(reader, waiting))
+
+    async def _one(self, message: LmtpMessage, envelope: list[bytes], *, first: bool) -> dict[str, Reply]:
+        """One transaction, one command at a time (a server without PIPELINING or CHUNKING)."""
+        reader, writer = self._reader, self._writer
+        resetting, self._used = self._used, True
+        if resetting:
+            try:
+                writer.write(b"RSET\r\n")
+                await writer.drain()
+                await _reset_reply(reader)
+            except (ConnectionError, asyncio.IncompleteReadError, LmtpError):
+                if first:
+                    raise _NothingSent() from None
+                raise
+        answers = []
+        for line in envelope:
+            writer.write(line)
+            await writer.drain()
+            answers.append(await _read_reply(reader))
+            if answers[0].code != 250:
+                break   # the sender is refused: no recipient is asked
+        accepted = _answered(message, answers[0], answers[1:])
+        if isinstance(accepted, dict):
+            return accepted
         if "CHUNKING" in self._keywords:
-            writer.write(b"BDAT %d LAST\r\n" % len(message))
-            writer.write(message)
+            writer.write(_chunk(message.content))
         else:
             writer.write(b"DATA\r\n")
             start = await _read_reply(reader)
             if start.code != 354:
-                return {**replies, **{r: start for r in accepted}}
-            writer.write(data_body(message) + b".\r\n")
+                return {**accepted.refused, **{r: start for r in accepted.accepted}}
+            writer.write(data_body(message.content) + b".\r\n")
         await writer.drain()
-        for recipient in accepted:  # one reply per accepted recipient, in order
-            replies[recipient] = await _read_reply(reader)
-        return replies
+        return await _content_replies(reader, accepted)
 
-    async def _envelope(self, reader, writer, lines: list[bytes], resetting: bool) -> list[Reply]:
-        """MAIL and RCPT (after a pipelined RSET), pipelined when the server allows; their replies in order."""
-        if "PIPELINING" in self._keywords:
-            writer.write(b"".join(lines))
-            await writer.drain()
-            if resetting:
-                await _reset_reply(reader)
-            return [await _read_reply(reader) for _ in lines]
-        answers = []
-        for line in lines:
-            writer.write(line)
-            await writer.drain()
-            answers.append(await _read_reply(reader))
-        return answers
+
+def _answered(message: LmtpMessage, sender: Reply, answers: list[Reply]) -> "_Accepted | dict[str, Reply]":
+    """After the envelope's replies: the final replies when no recipient was accepted, else what waits for
+    the content."""
+    if sender.code != 250:
+        return {r: sender for r in message.recipients}   # the sender is refused for everyone
+    refused = {r: reply for r, reply in zip(message.recipients, answers, strict=True) if reply.code != 250}
+    accepted = [r for r, reply in zip(message.recipients, answers, strict=True) if reply.code == 250]
+    return _Accepted(message, accepted, refused) if accepted else refused
+
+
+async def _content_replies(reader: asyncio.StreamReader, accepted: _Accepted) -> dict[str, Reply]:
+    """After the content: one reply per accepted recipient, in RCPT order (RFC 2033 4.2)."""
+    replies = dict(accepted.refused)
+    for recipient in accepted.accepted:
+        replies[recipient] = await _read_reply(reader)
+    return replies
+
+
+def _chunk(content: bytes) -> bytes:
+    return b"BDAT %d LAST\r\n" % len(content) + content
 
 
 async def _reset_reply(reader: asyncio.StreamReader) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from relay.home.lmtp import LmtpError, LmtpSession, data_body, deliver
+from relay.home.lmtp import LmtpError, LmtpMessage, LmtpSession, data_body, deliver
 
 from ..smuggling import smuggling_cases
 
@@ -305,3 +305,94 @@ def test_a_session_against_dovecot_delivers_each_message_once():
         assert all(replies[RCPT].code == 250 for replies in results), results
         found = dovecot.doveadm("search", "-u", RCPT, "mailbox", "INBOX", "all").split()
         assert len(found) == 2 * 20   # a mailbox GUID and a UID per message
+
+
+# --- batches: the next message's envelope rides with the previous one's content -----------------------------
+
+NOBODY = "nobody@example.org"
+
+
+def batch_of(*recipient_lists) -> list[LmtpMessage]:
+    return [LmtpMessage("alice@example.net", tuple(recipients), message_number(n))
+            for n, recipients in enumerate(recipient_lists)]
+
+
+def test_a_batch_answers_each_message_and_never_sends_content_the_server_did_not_accept():
+    """Message 2 has one refused recipient, message 3 only refused ones: its content is never written (this
+    server would read it as commands: it does not skip a chunk it refused)."""
+    server = LenientServer(chunking=True, refused=frozenset({NOBODY}))
+    batch = batch_of([RCPT], [RCPT, NOBODY], [NOBODY], [VICTIM])
+
+    async def work(address):
+        async with LmtpSession(address, timeout=TIMEOUT) as session:
+            return await session.deliver_batch(batch)
+
+    outcome = run(with_lenient_server(server, work))
+    assert outcome.error is None
+    assert [{r: reply.code for r, reply in replies.items()} for replies in outcome.replies] == [
+        {RCPT: 250}, {RCPT: 250, NOBODY: 550}, {NOBODY: 550}, {VICTIM: 250}]
+    assert [t.message for t in server.transactions if t.message] == [message_number(n) for n in (0, 1, 3)]
+    assert b"message 2" not in b"".join(server.reads)
+    assert not any(c.startswith(b"500") for c in server.commands) and b"what" not in b"".join(server.commands)
+    # pipelined: a message's content and the next one's envelope come in one write (one read on loopback)
+    assert any(b"BDAT" in read and b"RSET\r\nMAIL FROM:" in read for read in server.reads), server.reads
+
+
+def test_a_refused_sender_in_a_batch_sends_no_content_and_the_rest_go_on():
+    server = LenientServer(chunking=True)
+
+    async def work(address):
+        async with LmtpSession(address, timeout=TIMEOUT) as session:
+            first = await session.deliver_batch(batch_of([RCPT]))
+            server.refuse_sender = True
+            refused = await session.deliver_batch(batch_of([RCPT, VICTIM]))
+            server.refuse_sender = False
+            return first, refused, await session.deliver_batch(batch_of([RCPT], [VICTIM]))
+
+    first, refused, rest = run(with_lenient_server(server, work))
+    assert {r: reply.code for r, reply in refused.replies[0].items()} == {RCPT: 451, VICTIM: 451}
+    assert [[reply.code for reply in replies.values()] for replies in rest.replies] == [[250], [250]]
+    assert server.connections == 1 and len([t for t in server.transactions if t.message]) == 3
+
+
+def test_a_connection_lost_inside_a_batch_answers_the_messages_before_it_and_says_why_for_the_rest():
+    server = LenientServer(chunking=True, hang_up_after=2)
+
+    async def work(address):
+        async with LmtpSession(address, timeout=TIMEOUT) as session:
+            return await session.deliver_batch(batch_of([RCPT], [RCPT], [RCPT], [RCPT]))
+
+    outcome = run(with_lenient_server(server, work))
+    assert len(outcome.replies) == 2 and isinstance(outcome.error, LmtpError)
+    assert len(server.transactions) == 2   # the others never reached a server: the intake settles them
+
+
+def test_a_batch_on_a_connection_closed_while_idle_goes_whole_on_a_new_one():
+    server = LenientServer(chunking=True, hang_up_after=1)
+
+    async def work(address):
+        async with LmtpSession(address, timeout=TIMEOUT) as session:
+            first = await session.deliver_batch(batch_of([RCPT]))
+            server.hang_up_after = None
+            return first, await session.deliver_batch(batch_of([RCPT], [VICTIM], [RCPT]))
+
+    first, second = run(with_lenient_server(server, work))
+    assert second.error is None and len(second.replies) == 3
+    assert server.connections == 2
+    assert [t.message for t in server.transactions] == [message_number(0)] + [message_number(n) for n in range(3)]
+
+
+def test_a_batch_against_dovecot_with_an_unknown_user_in_the_middle():
+    from ..dovecot import run_dovecot
+
+    with run_dovecot((RCPT,)) as dovecot:
+        async def work():
+            async with LmtpSession(("127.0.0.1", dovecot.lmtp_port), timeout=TIMEOUT) as session:
+                return await session.deliver_batch(batch_of([RCPT], [RCPT], [NOBODY], [NOBODY, RCPT], [RCPT]))
+
+        outcome = run(work())
+        assert outcome.error is None, outcome.error
+        codes = [{r: reply.code // 100 for r, reply in replies.items()} for replies in outcome.replies]
+        assert codes == [{RCPT: 2}, {RCPT: 2}, {NOBODY: 5}, {NOBODY: 5, RCPT: 2}, {RCPT: 2}], outcome.replies
+        found = dovecot.doveadm("search", "-u", RCPT, "mailbox", "INBOX", "all").split()
+        assert len(found) == 2 * 4

@@ -21,3 +21,7 @@ class TokenBucket:
             return False
         self.tokens -= 1
         return True
+
+    def refund(self) -> None:
+        """Give back a token taken for something that turned out not to cost it."""
+        self.tokens = min(float(self.burst), self.tokens + 1)

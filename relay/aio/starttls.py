@@ -464,6 +464,8 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
             raise
         except Exception as error:  # the handshake failed: aiosmtpd closes the connection
             raise TLSSetupException() from error
+        if self._admission is not None:
+            self._admission.tls_established(self.peer)
         _log_tls(self.session.peer, tls.engine.session)
         return True
 
@@ -515,3 +517,6 @@ class Admission(Protocol):
 
     def starttls(self, peer) -> str | None:
         """At a STARTTLS command: None to go on, or the refusal (454 ...)."""
+
+    def tls_established(self, peer) -> None:
+        """That STARTTLS's handshake completed."""

@@ -37,7 +37,7 @@ from relay.edge.connections import client_ip as _ip
 from relay.edge.door import Door
 from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
 from relay.edge.recipients import RecipientPolicy
-from relay.edge.tls_budget import Refusal, TlsBudget
+from relay.edge.tls_budget import Refusal, TlsBudget, Waiting
 from relay.edge.verdict import VerdictDesk
 from relay.edge.web import HTTP_1_1, MTA_STS_PREFIX, WebSite, start_web
 from relay.identity import IdentityError, load_identity
@@ -80,6 +80,12 @@ class EdgeMetrics:
         self._refused.labels(reason).inc()
 
 
+# Connections the kernel completes before the edge accepts them (asyncio's default is 100). A burst beyond
+# it is dropped unanswered (the sender's SYN retried after a second or more); within it, each is accepted
+# and, over max_connections, told 421 at once. Linux caps it at net.core.somaxconn (4096 by default).
+SMTP_BACKLOG = 1024
+
+
 class Admission:
     """Who may connect and start TLS now: connection caps, the TLS budget, and the tempfail policy's refusals."""
 
@@ -99,9 +105,10 @@ class Admission:
             if not self.edge.oracle_available():
                 self.edge.metrics.refused("oracle_down")
                 return f"421 4.3.0 {self.edge.config.hostname} Service temporarily unavailable, please retry later"
-            if self.edge.budget.retry_later(ip):
+            waiting = self.edge.budget.retry_later(ip)
+            if waiting is not None:
                 self.edge.metrics.refused("tls_failed_retry_later")
-                return f"421 4.7.0 {self.edge.config.hostname} {RETRY_LATER}"
+                return f"421 4.7.0 {self.edge.config.hostname} {waiting.reply_text()}"
         if self.edge.door is not None and not self.edge.door.connection_allowed(ip):
             self.edge.metrics.refused("rate")
             return "421 4.7.0 Too many connections from your address in the last minute, please retry later"
@@ -116,11 +123,10 @@ class Admission:
         if refusal is None:
             return None
         self.edge.budget_refused(peer, refusal)
-        return "454 4.7.0 Too many TLS attempts from your address; please retry later"
+        return f"454 4.7.0 {Waiting.OVER_BUDGET.reply_text()}"
 
-
-# What a client is told when the edge could not finish its TLS a moment ago (tls_budget.py).
-RETRY_LATER = "Our TLS with you failed a moment ago; please retry later (not in cleartext)"
+    def tls_established(self, peer) -> None:
+        self.edge.budget.starttls_completed(_ip(peer))
 
 
 class BudgetedSigner:
@@ -195,8 +201,9 @@ class Edge:
             return None  # the operator chose cleartext over waiting
         if policy == "resume-only" and not self.oracle_available():
             return "451 4.7.0 TLS is required while our key service is away; please retry later"
-        if self.budget.retry_later(_ip(smtp.peer)):
-            return f"451 4.7.0 {RETRY_LATER}"
+        waiting = self.budget.retry_later(_ip(smtp.peer))
+        if waiting is not None:
+            return f"451 4.7.0 {waiting.reply_text()}"
         return None
 
     def recipient_policy(self) -> RecipientPolicy:
@@ -288,12 +295,12 @@ async def serve(config: edge_config.EdgeConfig) -> None:
 
     servers = []
     for host, port in config.smtp.listen:
-        servers.append(await loop.create_server(edge.smtp_factory, host, port))
+        servers.append(await loop.create_server(edge.smtp_factory, host, port, backlog=SMTP_BACKLOG))
     for host, port in config.smtp.implicit_tls_listen:
         factory = tls_listener(edge.tls_setup, lambda: edge.smtp_factory(implicit_tls=True),
                                admit=lambda peer: edge.admission.admit(peer, implicit_tls=True) is None,
                                release=edge.admission.release, handshake_timeout=config.smtp.handshake_timeout)
-        servers.append(await loop.create_server(factory, host, port))
+        servers.append(await loop.create_server(factory, host, port, backlog=SMTP_BACKLOG))
     if config.web is not None:
         site = WebSite(edge.challenges, config.domains, config.mta_sts.policy())
         servers += await start_web(config.web, site, lambda: edge.web_tls_config,

@@ -10,14 +10,17 @@ before the oracle is asked:
   for IPv6: one host's addresses), each a token bucket; resumed handshakes
   need no signature and cost nothing;
 - STARTTLS commands per client address (a client that starts and abandons
-  handshakes is limited even before it reaches the signature).
+  handshakes is limited even before it reaches the signature). A STARTTLS
+  whose handshake completes, full or resumed, is given back: a sender
+  draining its queue after an outage, one connection per message, is not
+  paced by it (its full handshakes still count above).
 
 When the edge cannot complete a client's TLS (over budget, or the oracle
-refused or did not answer), it remembers that address for `retry_after`
-seconds, so the sender is not pushed into cleartext silently: its
-cleartext transactions get `451 4.7.0` (and, under the `tempfail` policy,
-its new connections `421 4.7.0` at the greeting), and it retries later,
-over TLS. Under the opt-in `plaintext` policy nothing is remembered: the
+refused or did not answer), it remembers that address and why (`Waiting`)
+for `retry_after` seconds, so the sender is not pushed into cleartext
+silently: its cleartext transactions get `451 4.7.0` (and, under the
+`tempfail` policy, its new connections `421 4.7.0` at the greeting), with
+the reason, and it retries later, over TLS. Under the opt-in `plaintext` policy nothing is remembered: the
 operator chose cleartext over waiting. The trade-off: a client sharing a
 /24 with a flood is delayed too (never refused for good, and never
 downgraded), which is why the per-network budget is several times the
@@ -49,6 +52,16 @@ class TlsLimits:
     starttls_burst: int = 20
     retry_after: float = 60.0                    # seconds a client whose TLS failed is asked to come back
     max_tracked: int = 65536
+
+
+class Waiting(Enum):
+    """Why a client is asked to come back later (the text its 421 or 451 says)."""
+
+    TLS_FAILED = "Our TLS with you failed a moment ago"
+    OVER_BUDGET = "Too many TLS attempts from your address"
+
+    def reply_text(self) -> str:
+        return f"{self.value}; please retry later (not in cleartext)"
 
 
 class Refusal(Enum):
@@ -84,6 +97,11 @@ class KeyedBuckets:
             self._buckets.popitem(last=False)
         return bucket.take(now)
 
+    def refund(self, key: str) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.refund()
+
     def __len__(self) -> int:
         return len(self._buckets)
 
@@ -96,14 +114,18 @@ class TlsBudget:
         self._networks = KeyedBuckets(limits.network_handshakes_per_minute, limits.network_handshake_burst,
                                   limits.max_tracked)
         self._starttls = KeyedBuckets(limits.starttls_per_minute, limits.starttls_burst, limits.max_tracked)
-        self._failed: OrderedDict[str, float] = OrderedDict()   # address -> until when it is asked to wait
+        self._failed: OrderedDict[str, tuple[float, Waiting]] = OrderedDict()   # address -> until when, and why
 
     def starttls(self, address: str) -> Refusal | None:
         """A STARTTLS command from `address`: None to go on, or why not (the address is then remembered)."""
         if self._starttls.take(address, self.clock()):
             return None
-        self.tls_failed(address)
+        self.tls_failed(address, Waiting.OVER_BUDGET)
         return Refusal.STARTTLS
+
+    def starttls_completed(self, address: str) -> None:
+        """The handshake of a STARTTLS from `address` completed: that command costs it nothing."""
+        self._starttls.refund(address)
 
     def handshake(self, address: str) -> Refusal | None:
         """A full handshake (a signature) for `address`: None to ask the oracle, or why not (remembered)."""
@@ -114,25 +136,26 @@ class TlsBudget:
         elif not self._networks.take(network_of(address), now):
             refusal = Refusal.NETWORK
         if refusal is not None:
-            self.tls_failed(address)
+            self.tls_failed(address, Waiting.OVER_BUDGET)
         return refusal
 
-    def tls_failed(self, address: str) -> None:
+    def tls_failed(self, address: str, why: Waiting = Waiting.TLS_FAILED) -> None:
         """The edge could not finish `address`'s TLS: it is asked to come back later for `retry_after` seconds."""
         self._failed.pop(address, None)
-        self._failed[address] = self.clock() + self.limits.retry_after
+        self._failed[address] = (self.clock() + self.limits.retry_after, why)
         while len(self._failed) > self.limits.max_tracked:
             self._failed.popitem(last=False)
 
-    def retry_later(self, address: str) -> bool:
-        """True while `address` is asked to come back later rather than send in cleartext."""
-        until = self._failed.get(address)
-        if until is None:
-            return False
+    def retry_later(self, address: str) -> Waiting | None:
+        """Why `address` is asked to come back later rather than send in cleartext, while it is; else None."""
+        found = self._failed.get(address)
+        if found is None:
+            return None
+        until, why = found
         if self.clock() < until:
-            return True
+            return why
         del self._failed[address]
-        return False
+        return None
 
     def tracked(self) -> int:
         """Entries held (for the memory bound)."""

@@ -28,6 +28,7 @@ import re
 import smtplib
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -331,3 +332,15 @@ def test_nothing_but_sealed_files_in_the_spool(edge):
         edge.unseal(path.name.rsplit("-", 1)[1])
     assert edge.tmp_files() == []
 
+
+
+def test_the_smtp_listeners_queue_a_burst_of_connections(edge):
+    """A listening socket's Send-Q in `ss` is its accept backlog: SMTP_BACKLOG on both SMTP ports (asyncio's
+    default of 100 dropped a burst's SYNs unanswered)."""
+    from relay.edge.server import SMTP_BACKLOG
+
+    ports = {edge.site.smtp_port, edge.site.implicit_tls_port}
+    listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    backlogs = {int(fields[3].rsplit(":", 1)[1]): int(fields[2]) for fields in map(str.split, listening)
+                if int(fields[3].rsplit(":", 1)[1]) in ports}
+    assert backlogs == dict.fromkeys(ports, min(SMTP_BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text())))

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from relay.edge.tls_budget import Refusal, TlsBudget, TlsLimits, network_of
+from relay.edge.tls_budget import Refusal, TlsBudget, TlsLimits, Waiting, network_of
 
 from ..edge_smtp import CLIENT_NAME, ConnectionClosed, SmtpClient, queued_id, running_edge, tls_context, wait_until
 
@@ -88,8 +88,32 @@ def test_a_refusal_asks_the_address_to_retry_later_for_a_while():
 def test_starttls_commands_have_their_own_budget():
     b, _ = budget(starttls_per_minute=1, starttls_burst=2)
     assert [b.starttls("192.0.2.1") for _ in range(3)] == [None, None, Refusal.STARTTLS]
-    assert b.retry_later("192.0.2.1")
+    assert b.retry_later("192.0.2.1") is Waiting.OVER_BUDGET
     assert b.handshake("192.0.2.1") is None  # full handshakes are counted apart
+
+
+def test_a_starttls_whose_handshake_completes_is_given_back():
+    """A sender draining a backlog, a connection per message, each STARTTLS completed: never refused. One
+    that abandons its handshakes is, after the burst."""
+    b, _ = budget(starttls_per_minute=1, starttls_burst=2)
+    for _ in range(50):
+        assert b.starttls("192.0.2.1") is None
+        b.starttls_completed("192.0.2.1")
+    assert [b.starttls("192.0.2.2") for _ in range(3)] == [None, None, Refusal.STARTTLS]
+    b.starttls_completed("192.0.2.3")   # never seen: nothing to give back, nothing made up
+    assert [b.starttls("192.0.2.3") for _ in range(3)] == [None, None, Refusal.STARTTLS]
+
+
+def test_the_reason_to_come_back_later_is_the_right_one():
+    b, _ = budget(handshakes_per_minute=1, handshake_burst=1)
+    b.tls_failed("192.0.2.1")                      # the oracle refused or did not answer
+    b.handshake("192.0.2.2")
+    b.handshake("192.0.2.2")                       # over its budget
+    assert b.retry_later("192.0.2.1") is Waiting.TLS_FAILED
+    assert b.retry_later("192.0.2.2") is Waiting.OVER_BUDGET
+    assert "failed a moment ago" in Waiting.TLS_FAILED.reply_text()
+    assert "Too many TLS attempts" in Waiting.OVER_BUDGET.reply_text()
+    assert all(w.reply_text().endswith("(not in cleartext)") for w in Waiting)
 
 
 def test_memory_is_bounded_by_max_tracked():
@@ -181,6 +205,24 @@ def test_too_many_starttls_is_refused_and_cleartext_is_not_the_way_out(edge, pki
         assert (reply.code, reply.enhanced) == (454, "4.7.0"), reply
         reply = client.command(f"MAIL FROM:<{SENDER}>")
         assert (reply.code, reply.enhanced) == (451, "4.7.0"), reply
+        assert "Too many TLS attempts" in reply.text, reply   # the budget, not a failed TLS
+
+
+def test_completed_starttls_handshakes_do_not_spend_the_starttls_budget(edge, pki):
+    """Twice the STARTTLS burst (4), each resumed and completed: none refused."""
+    source = "127.0.11.2"
+    context = tls_context(pki)
+    with full_handshake(edge, pki, source, context) as client:
+        session = client.sock.session
+        client.expect("QUIT", 221)
+    for _ in range(8):
+        with SmtpClient.connect(edge.site.smtp_port, source=source) as client:
+            client.ehlo()
+            client.starttls(context, session=session)
+            assert client.sock.session_reused
+            client.ehlo()
+            session = client.sock.session
+            client.expect("QUIT", 221)
 
 
 def test_resumption_costs_no_budget(edge, pki):

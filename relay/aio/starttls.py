@@ -26,7 +26,10 @@ fails loudly if any changes):
 - `command_size_limit` (a command line longer than this is refused without
   being run, so no input is held after it), `check_helo_needed`,
   `check_auth_needed`, `_set_post_data_state`, `envelope` (what aiosmtpd's
-  own DATA command does before and after the content, which we replace).
+  own DATA command does before and after the content, which we replace),
+- `_getaddr` and `local_part_limit` (a fast path for the plain `<local@domain>`
+  most senders write; anything else goes to aiosmtpd's parser, and
+  tests/aio/test_starttls_adapter.py checks that both agree).
 It also adds what an MX needs that aiosmtpd lacks: enhanced status codes on
 every reply (RFC 2034), a data timeout that restarts with each chunk, a cap on
 errors per session, a refusal at greeting, and no AUTH or VRFY.
@@ -60,6 +63,11 @@ AIOSMTPD_VERSION = "1.4.6"
 if aiosmtpd.__version__ != AIOSMTPD_VERSION:  # the internals above are this version's
     raise ImportError(f"relay.aio.starttls is written for aiosmtpd {AIOSMTPD_VERSION}, found {aiosmtpd.__version__}")
 
+# `<dot-atom@domain>` then nothing, or a space and parameters: what the email parser (aiosmtpd's, ~0.6 ms a
+# command) would return unchanged. Quoted local parts, comments, routes, literals, non-ASCII: the parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PLAIN_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>(?:$| +(?=[^ (\t\r\n])([^\t\r\n(]*)$)")
 _HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 # RFC 2034 3 / RFC 3463: the class digit follows the reply; the rest by reply
 # code, as Postfix sends them. The greeting, EHLO/HELO lines, 354 and 334 carry none.
@@ -468,6 +476,17 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
             self._admission.tls_established(self.peer)
         _log_tls(self.session.peer, tls.engine.session)
         return True
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """MAIL's and RCPT's path and the rest: `<local@domain>` by a regular expression, else aiosmtpd's
+        parser (the same answer, tested)."""
+        plain = _PLAIN_PATH.fullmatch(arg)
+        if plain is None:
+            return super()._getaddr(arg)
+        address = plain.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, plain.group(2) or ""
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push("502 5.5.1 AUTH is not offered: this is an MX, not a submission server")

@@ -145,7 +145,21 @@ def the_data_command_prelude(smtp, name):
     getattr(SMTP, name)  # and the name itself is there
 
 
+def getaddr_method(smtp, name):
+    # MAIL and RCPT parse their path through it; the adapter's fast path overrides it.
+    plain_method("arg")(smtp, name)
+    for command in (SMTP.smtp_MAIL, SMTP.smtp_RCPT):
+        assert "self._getaddr(" in inspect.getsource(command), f"{command.__name__} no longer calls _getaddr"
+
+
+def local_part_limit(smtp, name):
+    assert isinstance(SMTP.local_part_limit, int), "SMTP.local_part_limit is no longer an int class attribute"
+    assert "self.local_part_limit" in inspect.getsource(SMTP._getaddr)
+
+
 EXPECTED = {
+    "_getaddr": getaddr_method,
+    "local_part_limit": local_part_limit,
     "command_size_limit": command_size_limit,
     "check_helo_needed": coroutine_method("helo"),
     "check_auth_needed": coroutine_method("caller_method"),
@@ -287,3 +301,53 @@ def test_idempotent_and_only_inserts(code, separator, text):
     assert with_enhanced_code(once) == once
     assert once == reply or (once[:4] == reply[:4] and once[4:].endswith(reply[4:])
                              and re.fullmatch(rb"[245]\.\d{1,3}\.\d{1,3} ", once[4:len(once) - len(reply) + 4]))
+
+
+
+# --- the fast path for plain paths agrees with aiosmtpd's parser ---------------------------------------------
+
+PATHS = [
+    "<user@example.org>", "<user@example.org> SIZE=100", "<user@example.org>  SIZE=1 BODY=8BITMIME",
+    "<user@example.org> SIZE=1 ", "<User.Name+tag@Mail.Example.ORG>", "<>", "<user@example.org>x",
+    "user@example.org", "<user@example.org> (comment) SIZE=1", "<user@example.org>\tSIZE=1",
+    '<"quoted local"@example.org>', "<@relay.example:user@example.org>", "<user@[192.0.2.1]>",
+    "<a..b@example.org>", "<.a@example.org>", "<a.@example.org>", "<a@-example.org>", "<a@example-.org>",
+    "<a@example..org>", "<a@example.org.>", "<ü@example.org>", "<a@exämple.org>", "< user@example.org>",
+    "<user@example.org >", "<user @example.org>", "<user@example.org> SIZE=1(x)", "<a@b>", "<a@b> ",
+    "<" + "x" * 70 + "@example.org>", "<" + "x" * 64 + "@example.org>", "<a@b.c> A=1\r\n", "<a@b.c>\n",
+]
+
+
+def assert_same_answer(smtp, arg: str) -> None:
+    """The same result, or the same exception (aiosmtpd's parser raises IndexError on a lone "<")."""
+    def answer(getaddr):
+        try:
+            return getaddr(arg)
+        except Exception as error:  # noqa: BLE001 - compared, not hidden
+            return type(error)
+    assert answer(smtp._getaddr) == answer(lambda a: SMTP._getaddr(smtp, a)), arg
+
+
+@pytest.mark.parametrize("arg", PATHS)
+def test_the_plain_path_fast_path_answers_as_the_parser_does(smtp, arg):
+    assert_same_answer(smtp, arg)
+
+
+@given(st.text(alphabet='ab.@<>-_+ ()"[]:,;\tü1=Z', max_size=24))
+def test_the_fast_path_agrees_with_the_parser_on_any_text(arg):
+    loop = asyncio.new_event_loop()
+    try:
+        rules = TransactionRules("mx.example.org", "example.org", 100, lambda server: None,
+                                 lambda: RecipientPolicy(frozenset({"example.org"})))
+        server = KeylessSMTP(EdgeHandler(rules, spool=None, metrics=None), tls_setup=lambda peer: None,
+                             hostname="mx.example.org", loop=loop)
+        assert_same_answer(server, arg)
+        assert_same_answer(server, "<" + arg.replace("<", "").replace(">", "") + ">")
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("arg", ["<user@example.org>", "<user@example.org> SIZE=100 BODY=8BITMIME",
+                                 "<User.Name+tag@Mail.Example.ORG>"])
+def test_what_most_senders_write_takes_the_fast_path(arg):
+    assert adapter._PLAIN_PATH.fullmatch(arg) is not None

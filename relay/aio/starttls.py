@@ -479,10 +479,18 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """MAIL's and RCPT's path and the rest: `<local@domain>` by a regular expression, else aiosmtpd's
-        parser (the same answer, tested)."""
+        parser (the same answer, tested). A path that parser crashes on is malformed, as one it refuses:
+        `553 5.1.3`, not a `451` (retry: forever) and a traceback. Python's email parser was written for
+        header fields, not for hostile input: `<` raises IndexError, `<a@[ ` AttributeError or
+        UnboundLocalError; whatever it raises, the path is not one we can take."""
         plain = _PLAIN_PATH.fullmatch(arg)
         if plain is None:
-            return super()._getaddr(arg)
+            try:
+                return super()._getaddr(arg)
+            except Exception as error:  # noqa: BLE001 - see above: a malformed path, answered as one
+                log.info("%s: a path the email parser fails on (%s): %r", _address(self.peer),
+                         type(error).__name__, arg[:100])
+                return None, None
         address = plain.group(1)
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None

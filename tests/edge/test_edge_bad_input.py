@@ -10,6 +10,7 @@ connection slot leaked by any case below fails the next test.
 - command lines over the limit (600 bytes, 200 kB) -> 500 5.5.x, session goes on;
 - binary junk -> 500 per line; a flood of junk -> the session ends, the edge stays
   (bare CR and LF, and SMTP smuggling, have tests/edge/test_edge_smuggling.py);
+- paths Python's email parser fails on (`MAIL FROM:<`) -> 553 5.1.3, no traceback;
 - commands out of order (MAIL before EHLO, RCPT before MAIL, DATA before
   RCPT, nested MAIL) -> 503 5.5.1;
 - a pipelined flood of 3000 commands and a transaction -> every reply, in order;
@@ -160,6 +161,21 @@ def test_commands_out_of_order(edge):
         client.expect(f"MAIL FROM:<{SENDER}>", 503)
         client.expect(f"RCPT TO:<{RECIPIENT}>", 250)
         assert client.data(b"Subject: in order\r\n\r\nbody\r\n").code == 250
+
+
+@pytest.mark.parametrize("command", ["MAIL FROM:<", "RCPT TO:<", "RCPT TO:<a@[ ", "MAIL FROM:<a@[ >", "MAIL FROM:<a@[ "])
+def test_paths_the_email_parser_fails_on_are_malformed(edge, command):
+    """Python's email parser (aiosmtpd's) raises IndexError, AttributeError or UnboundLocalError on these,
+    which the edge answered `451 4.3.0` (retry: forever) with a traceback: `553 5.1.3` now, the session goes on."""
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.ehlo()
+        if command.startswith("RCPT"):
+            client.expect(f"MAIL FROM:<{SENDER}>", 250)
+        reply = client.command(command)
+        assert (reply.code, reply.enhanced) == (553, "5.1.3"), reply   # a malformed path (aiosmtpd's words)
+        assert "IndexError" not in reply.text, reply
+        client.expect("RSET", 250)
+    assert "Traceback" not in edge.log() and "SMTP session error" not in edge.log()
 
 
 def test_pipelined_flood(edge):

@@ -48,11 +48,25 @@ def test_mail_survives_every_kind_of_fault():
     assert report.delivered == sum(len(m.mailboxes) for m in report.sent)
 
 
-def test_a_full_spool_disk_defers_and_loses_nothing():
+def one_message(kind: str) -> tuple[float, chaos.Report, chaos.Message, faults.Faults]:
+    """A run of one 200 kB message, and a fault injector, for a test of one fault."""
     start = time.monotonic()
-    report = chaos.Report(0, f"disk-{uuid.uuid4().hex[:12]}")
+    report = chaos.Report(0, f"{kind}-{uuid.uuid4().hex[:12]}")
     message = chaos.Message(report.run, 0, *chaos.recipient_choices()[0], size=200_000)
-    injector = faults.Faults(random.Random(0), start)
+    return start, report, message, faults.Faults(random.Random(0), start)
+
+
+def delivered_once_after(start: float, report: chaos.Report, timeout: float) -> None:
+    """Once the fault is gone: the message in its mailboxes exactly once, nothing left anywhere."""
+    chaos.settle(start, report, timeout=timeout)
+    chaos.check(start, report)
+    print(report.summary())
+    assert report.problems == []
+    assert report.delivered == 1
+
+
+def test_a_full_spool_disk_defers_and_loses_nothing():
+    start, report, message, injector = one_message("disk")
     # The second edge stopped: the message has nowhere else to go while the primary is full. Postfix logs only
     # the last MX's error (mx2's refusal), so the primary's answer is read from the primary's own journal.
     second = container("edge2")
@@ -77,11 +91,7 @@ def test_a_full_spool_disk_defers_and_loses_nothing():
         injector.restore()
         second.check_output(f"systemctl start {faults.EDGE_UNIT}")
     chaos.flush_postfix()
-    chaos.settle(start, report, timeout=180)
-    chaos.check(start, report)
-    print(report.summary())
-    assert report.problems == []
-    assert report.delivered == 1
+    delivered_once_after(start, report, timeout=180)
 
 
 def test_a_full_spool_disk_is_a_full_spool_not_an_internal_error():
@@ -93,10 +103,7 @@ def test_a_full_spool_disk_is_a_full_spool_not_an_internal_error():
 
 
 def test_a_full_mail_store_at_home_is_retried_and_acknowledged_only_after():
-    start = time.monotonic()
-    report = chaos.Report(0, f"store-{uuid.uuid4().hex[:12]}")
-    message = chaos.Message(report.run, 0, *chaos.recipient_choices()[0], size=200_000)
-    injector = faults.Faults(random.Random(0), start)
+    start, report, message, injector = one_message("store")
     try:
         faults.log(start, injector.fill_mail_store(room_kib=16))
         chaos.submit(message)
@@ -110,8 +117,4 @@ def test_a_full_mail_store_at_home_is_retried_and_acknowledged_only_after():
         assert chaos.ledger_states().get("delivering"), "no ledger row waits for the retry"
     finally:
         injector.restore()
-    chaos.settle(start, report, timeout=240)
-    chaos.check(start, report)
-    print(report.summary())
-    assert report.problems == []
-    assert report.delivered == 1
+    delivered_once_after(start, report, timeout=240)

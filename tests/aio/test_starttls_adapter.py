@@ -346,7 +346,12 @@ def test_the_fast_path_agrees_with_the_parser_on_any_text(arg):
         loop.close()
 
 
-@pytest.mark.parametrize("arg", ["<user@example.org>", "<user@example.org> SIZE=100 BODY=8BITMIME",
-                                 "<User.Name+tag@Mail.Example.ORG>"])
-def test_what_most_senders_write_takes_the_fast_path(arg):
-    assert adapter._PLAIN_PATH.fullmatch(arg) is not None
+@pytest.mark.parametrize("arg, path, rest", [
+    ("<user@example.org>", "user@example.org", ""),
+    ("<user@example.org> SIZE=100 BODY=8BITMIME", "user@example.org", "SIZE=100 BODY=8BITMIME"),
+    ("<User.Name+tag@Mail.Example.ORG>", "User.Name+tag@Mail.Example.ORG", ""),
+])
+def test_what_most_senders_write_takes_the_fast_path(smtp, arg, path, rest):
+    plain = adapter._PLAIN_PATH.fullmatch(arg)
+    assert plain and (plain.group(1), plain.group(2) or "") == (path, rest), arg
+    assert smtp._getaddr(arg) == (path, rest)

@@ -5,6 +5,7 @@
     table.done()   # refuses keys nobody asked for: a typo must not pass silently
 """
 
+import ipaddress
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,14 @@ class Table:
         unknown = sorted(set(self.data) - self._read)
         if unknown:
             raise self.error(unknown[0], "unknown setting; check the spelling against the documented settings")
+
+
+def is_ipv4(text) -> bool:
+    """An IPv4 address written as one (a setting the tunnel or DNS needs as IPv4)."""
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv4Address)
+    except ValueError:
+        return False
 
 
 def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:

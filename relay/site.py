@@ -36,12 +36,11 @@ value is public: no key, no password.
     tsig_secret_file = "/etc/yestls/tsig.secret"
 """
 
-import ipaddress
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from relay.config import ConfigError, Table, parse_address
+from relay.config import ConfigError, Table, is_ipv4, parse_address
 
 DEFAULT_PATH = Path("/etc/yestls/site.toml")
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
@@ -107,13 +106,6 @@ def _name(value) -> bool:
         and all(label and len(label) <= 63 for label in value.split("."))
 
 
-def _ipv4(value) -> bool:
-    try:
-        return isinstance(ipaddress.ip_address(value), ipaddress.IPv4Address)
-    except ValueError:
-        return False
-
-
 def _names(table: Table, key: str, hint: str) -> tuple[str, ...]:
     values = table.get(key, list, check=lambda v: bool(v) and all(_name(x) for x in v), hint=hint)
     return tuple(values)
@@ -123,7 +115,7 @@ def load(path: Path = DEFAULT_PATH) -> Site:
     table = Table.load(path)
     domains = _names(table, "domains", "a list of lower-case domain names")
     mx_names = _names(table, "mx_names", "the edges' names, lower case, MX preference order")
-    edges = table.get("edge_addresses", list, check=lambda v: bool(v) and all(_ipv4(x) for x in v),
+    edges = table.get("edge_addresses", list, check=lambda v: bool(v) and all(is_ipv4(x) for x in v),
                       hint="the edges' public IPv4 addresses")
     helo = table.get("helo_name", str, default=mx_names[0], check=_name, hint="the edge's PTR name")
     client = table.get("client_name", str, default=None, check=_name, hint="the clients' name")

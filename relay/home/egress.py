@@ -37,14 +37,13 @@ Hand-written because no tool does it: wg-quick has no failover between peers.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay import daemon
-from relay.config import ConfigError, Table
+from relay.config import ConfigError, Table, is_ipv4
 from relay.home.config import Edge, edges_table
 from relay.private_files import write_atomically
 
@@ -84,7 +83,7 @@ def load(path: Path) -> EgressConfig:
     table = Table.load(path)
     edges = edges_table(table.table("edges"))
     for edge in edges:
-        if not _ipv4(edge.spool[0]):
+        if not is_ipv4(edge.spool[0]):
             raise table.error(f"edges.{edge.name}", f"{edge.spool[0]!r} is not an IPv4 address: write the "
                                                     "edge's tunnel address (it names the edge's WireGuard peer)")
     config = EgressConfig(
@@ -105,13 +104,6 @@ def load(path: Path) -> EgressConfig:
         raise table.error("probe_timeout", "must be shorter than interval (a round's probes end before the next)")
     table.done()
     return config
-
-
-def _ipv4(text: str) -> bool:
-    try:
-        return isinstance(ipaddress.ip_address(text), ipaddress.IPv4Address)
-    except ValueError:
-        return False
 
 
 # --- the decision ---------------------------------------------------------------------------------------------

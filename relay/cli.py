@@ -7,6 +7,7 @@ from pathlib import Path
 from relay.backup import cli as backup_cli
 from relay.certs import cli as cert_cli
 from relay.keys import cli as keys_cli
+from relay.status import CONFIGS as STATUS_CONFIGS
 from relay.tls.constants import Group
 
 GROUP_NAMES = {"X25519MLKEM768": Group.X25519MLKEM768, "x25519": Group.X25519,
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="tunnel, oracle, policy, spool, intake, certificate expiry "
                                                 "and backups, as this host sees them")
-    for name in ("edge", "oracle", "intake", "site", "backup", "egress"):
+    for name in STATUS_CONFIGS:
         status.add_argument(f"--{name}-config", type=Path, metavar="PATH",
                             help=f"{name}.toml (default /etc/yestls/{name}.toml when present)")
     status.add_argument("--json", action="store_true", help="JSON for scripts instead of the table")

@@ -247,6 +247,7 @@ class Egress:
         self.config = config
         self.order = [edge.name for edge in config.edges]
         self.streaks = {name: Streak() for name in self.order}
+        self._unpeered: set[str] = set()   # edges no WireGuard peer holds, as last logged
 
     async def round(self) -> str | None:
         """Probe every edge, then route and point Postfix where `choose` says; the edge in use."""
@@ -254,31 +255,39 @@ class Egress:
         answers = await asyncio.gather(*(reachable(edge.spool, config.probe_timeout) for edge in config.edges))
         peers = await read_peers(config.interface)
         keys = {edge.name: peers.of(edge.spool[0]) for edge in config.edges}
+        self._say_unpeered({edge for edge in config.edges if keys[edge.name] is None})
         for edge, up in zip(config.edges, answers, strict=True):
-            if keys[edge.name] is None:
-                log.error("egress: no WireGuard peer on %s holds %s/32, the edge %s's tunnel address: "
-                          "it cannot carry mail (check the tunnel's configuration)",
-                          config.interface, edge.spool[0], edge.name)
-                up = False
-            self.streaks[edge.name].record(up)
+            self.streaks[edge.name].record(up and keys[edge.name] is not None)
         holder = peers.holder()
         current = next((name for name, key in keys.items() if key is not None and key == holder), None)
         chosen = choose(self.order, current, self.streaks, config.fail_after, config.recover_after)
         if chosen is None:
             log.error("egress: no edge answers; home's mail waits in Postfix's queue")
             return None
-        moved = chosen != current
-        if moved:
+        flush = chosen != current
+        if flush:
             await route_through(config.interface, peers, keys[chosen], holder)
             log.warning("egress: home's mail now leaves through %s (was %s: %s)", chosen, current or "none",
                         self._why(current))
         if point_postfix(config.transport_map, chosen):
             await command("postfix", "reload")
             log.info("egress: Postfix says the HELO name of %s (service %s%s)", chosen, TRANSPORT_PREFIX, chosen)
-            moved = True
-        if moved:
+            flush = True
+        if flush:
             await command("postqueue", "-f")   # the mail deferred on the old path goes now
         return chosen
+
+    def _say_unpeered(self, unpeered: set[Edge]) -> None:
+        """An edge no WireGuard peer holds cannot carry mail: said once when it happens, not every round."""
+        names = {edge.name for edge in unpeered}
+        for edge in sorted(unpeered, key=lambda e: e.name):
+            if edge.name not in self._unpeered:
+                log.error("egress: no WireGuard peer on %s holds %s/32, the edge %s's tunnel address: "
+                          "it cannot carry mail (check the tunnel's configuration)",
+                          self.config.interface, edge.spool[0], edge.name)
+        for name in sorted(self._unpeered - names):
+            log.info("egress: the edge %s has its WireGuard peer again", name)
+        self._unpeered = names
 
     def _why(self, current: str | None) -> str:
         if current is None:

@@ -140,6 +140,52 @@ def test_a_failing_message_source_leaves_nothing_behind(make_spool):
     assert spool.list() == []
 
 
+def test_a_small_message_makes_its_file_only_at_the_commit(make_spool, keys, monkeypatch):
+    """Creating a file costs more CPU than sealing a small message: writes on the event loop make none."""
+    spool = make_spool()
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *args: opened.append(str(path)) or real_open(path, *args))
+    writer = spool.open(METADATA)
+    for _ in range(3):
+        writer.write(MESSAGE)
+    assert opened == [] and os.listdir(spool.tmp_dir) == []
+    spool_id = writer.commit()
+    assert opened[0] == str(spool.tmp_dir / f"{spool_id}.tmp")
+    [name] = queue_names(spool)
+    assert unseal((spool.queue_dir / name).read_bytes(), keys[1]).message == MESSAGE * 3
+
+
+def test_a_large_message_makes_its_file_as_it_outgrows_memory(make_spool, keys):
+    spool = make_spool()
+    writer = spool.open(METADATA)
+    piece = os.urandom(4096)
+    written = 0
+    while not os.listdir(spool.tmp_dir):
+        writer.write(piece)
+        written += len(piece)
+        assert written <= store_module.DEFER_LIMIT + len(piece), "the sealed bytes stayed in memory"
+    for _ in range(8):
+        writer.write(piece)
+    spool_id = writer.commit()
+    assert os.listdir(spool.tmp_dir) == []
+    [name] = queue_names(spool)
+    assert name.endswith(spool_id)
+    assert unseal((spool.queue_dir / name).read_bytes(), keys[1]).message == piece * (written // 4096 + 8)
+
+
+@pytest.mark.parametrize("size", [len(MESSAGE), 3 * store_module.DEFER_LIMIT])
+def test_an_abort_before_or_after_the_file_exists_leaves_nothing(make_spool, size):
+    spool = make_spool()
+    writer = spool.open(METADATA)
+    writer.write(b"x" * size)
+    writer.abort()
+    writer.abort()
+    assert os.listdir(spool.tmp_dir) == [] and queue_names(spool) == []
+    assert spool.stats().depth == 0 and spool.stats().bytes == 0
+    assert spool.accept(METADATA, [MESSAGE]) in [e.id for e in spool.list()]
+
+
 def test_a_failing_directory_fsync_fails_the_accept_and_leaves_no_file(make_spool, monkeypatch):
     spool = make_spool()
     real_fsync = os.fsync

@@ -157,7 +157,17 @@ def local_part_limit(smtp, name):
     assert "self.local_part_limit" in inspect.getsource(SMTP._getaddr)
 
 
+def verbs_found_through_dir(smtp, name):
+    # aiosmtpd's __init__ finds verbs and AUTH mechanisms in dir(self); KeylessSMTP's dir() names only those.
+    source = inspect.getsource(SMTP.__init__)
+    assert "inspect.getmembers(obj)" in source and "for m in dir(self)" in source, "__init__'s lookups changed"
+    verbs = {name[len("smtp_"):] for name in dir(KeylessSMTP) if name.startswith("smtp_")}
+    assert set(smtp._smtp_methods) == verbs and {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "STARTTLS"} <= verbs
+    assert set(smtp._auth_methods) == {"LOGIN", "PLAIN"}   # aiosmtpd's built-in ones (our AUTH refuses all)
+
+
 EXPECTED = {
+    "__init__": verbs_found_through_dir,
     "_getaddr": getaddr_method,
     "local_part_limit": local_part_limit,
     "command_size_limit": command_size_limit,
@@ -242,6 +252,40 @@ def test_the_adapter_takes_no_name_its_base_classes_use(smtp):
 
 def test_help_still_lists_data(smtp):
     assert smtp._syntax_available(smtp._smtp_methods["DATA"]), RECHECK
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.writes = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    async def drain(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("greeting", [True, False])
+def test_a_multi_line_reply_goes_out_in_one_write(smtp, greeting):
+    """Each write is a system call (25 us on the VM that benchmarks the edge): EHLO's eight lines are one."""
+    smtp._writer, smtp.session = RecordingWriter(), aiosmtpd.smtp.Session(smtp.loop)
+    smtp._greeting_lines = greeting
+    refusals = []
+    smtp._on_refusal = refusals.append
+
+    async def reply(*lines):
+        for line in lines:
+            await smtp.push(line)
+
+    def sent(*lines):
+        return b"".join((line if greeting else with_enhanced_code(line)) + b"\r\n" for line in lines)
+
+    smtp.loop.run_until_complete(reply("250-mx.example.org", "250-PIPELINING", "250 HELP"))
+    assert smtp._writer.writes == [sent(b"250-mx.example.org", b"250-PIPELINING", b"250 HELP")]
+    smtp.loop.run_until_complete(reply("550-first", "550 last", "250 OK"))
+    assert smtp._writer.writes[1:] == [sent(b"550-first", b"550 last"), sent(b"250 OK")]
+    assert len(refusals) == 1 and smtp._errors == 1   # one reply, counted once
+    assert smtp._awaiting_reply is False
 
 
 # --- with_enhanced_code -------------------------------------------------------------------------

@@ -95,8 +95,8 @@ Run it
     make bench-smtp (installs Postfix as root when it is missing), or
     .venv/bin/python bench/smtp.py [--rounds 3] [--seconds 4] [--warmup 0.5]
         [--concurrency 16] [--modes plain,starttls] [--no-pipelining] [--verdict] [--profile DIR]
-    `--profile DIR`: after the measured rounds, one more STARTTLS round on the
-    edge with cProfile running in the edge process (CPU time per thread,
+    `--profile DIR`: after the measured rounds, one more round on the edge in
+    the last mode of --modes with cProfile running in the edge process (CPU time per thread,
     the event loop's thread and the sealing threads), written to
     DIR/edge-*.pstats, and the top functions printed. The profiler slows
     the edge several-fold: read the shares, not the absolute times.
@@ -692,15 +692,16 @@ def profile_edge(args, generator: Generator, edge: EdgeUnderTest, cafile: str) -
     pid = edge.edge.process.pid
     os.kill(pid, signal.SIGUSR1)
     time.sleep(0.2)
-    result = generator.round(port=edge.port, tls=True, cafile=cafile, concurrency=args.concurrency,
-                             warmup=0.0, seconds=args.seconds, pipelining=args.pipelining)
+    result = generator.round(port=edge.port, tls=args.modes[-1] == "starttls", cafile=cafile,
+                             concurrency=args.concurrency, warmup=0.0, seconds=args.seconds, pipelining=args.pipelining)
     os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + 30
     while not (args.profile / "done").exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"the edge wrote no profile into {args.profile}")
         time.sleep(0.05)
-    return {"accepted": result["accepted"], "paths": sorted(args.profile.glob(f"edge-{pid}-*.pstats"))}
+    return {"accepted": result["accepted"], "mode": args.modes[-1],
+            "paths": sorted(args.profile.glob(f"edge-{pid}-*.pstats"))}
 
 
 def print_profile(profile: dict, top: int = 30) -> None:
@@ -712,7 +713,7 @@ def print_profile(profile: dict, top: int = 30) -> None:
     total = sum(entry[2] for entry in stats.stats.values())
     loop = pstats.Stats(str(next(p for p in paths if p.name.endswith("-loop.pstats"))))
     loop_total = sum(entry[2] for entry in loop.stats.values())
-    print(f"# PROFILED: one more STARTTLS round on the edge, {profile['accepted']} messages; cProfile, CPU time per "
+    print(f"# PROFILED: one more {profile['mode']} round on the edge, {profile['accepted']} messages; cProfile, CPU time per "
           f"thread: {total / messages * 1e6:.0f} us per message ({loop_total / messages * 1e6:.0f} us in the event "
           f"loop's thread, the rest in {len(paths) - 1} sealing thread(s)); top {top} by own time:")
     print("#   own us  share  with callees us  calls/msg  function")

@@ -50,6 +50,7 @@ import asyncio
 import functools
 import logging
 import re
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -95,6 +96,7 @@ def with_enhanced_code(reply: bytes) -> bytes:
 # Input held after a DATA/BDAT/STARTTLS line beyond this stops reading from the client until it is answered.
 HELD_INPUT_LIMIT = 64 * 1024
 RECEIVE_BUFFER = 64 * 1024
+_RECEIVE = threading.local()   # the receive buffer of each thread's event loop (see KeylessSMTP.get_buffer)
 # What `open_message` may answer instead of a sink; and the replies for content refused after its end.
 _CONTENT_REFUSALS = {
     Violation.TOO_BIG: "552 5.3.4 Message too big for system",
@@ -157,7 +159,6 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         self._content: DataReader | None = None  # reading DATA content, into:
         self._content_sink: MessageSink | None = None
         self._content_read: asyncio.Future | None = None
-        self._receive: memoryview | None = None  # the socket's bytes land here (plaintext: wiped once read)
         self._door: DoorChecks | None = door
         self._greeted = False         # the banner is sent (pregreet: input before it is refused)
         self._may_pipeline = False    # EHLO was answered (RFC 2920: pipelining only after that)
@@ -221,18 +222,23 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
 
     # --- input ------------------------------------------------------------------------------
 
-    # Plaintext from the socket lands in one buffer of this connection's (asyncio's BufferedProtocol:
-    # recv_into), is wiped as soon as it is read, and only the pieces that must be kept are copied.
+    # Plaintext from the socket lands in one buffer (asyncio's BufferedProtocol: recv_into), is wiped as
+    # soon as it is read, and only the pieces that must be kept are copied. The buffer is the event loop's
+    # (one per thread), shared by all its connections: asyncio calls get_buffer, recv_into and
+    # buffer_updated in one go, and buffer_updated has read and wiped what landed before it returns, so
+    # no connection's bytes wait in it. (A buffer per connection was 64 KiB of every idle session's RSS.)
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._receive is None:
-            self._receive = memoryview(bytearray(RECEIVE_BUFFER))
-        return self._receive
+        buffer = getattr(_RECEIVE, "buffer", None)
+        if buffer is None:
+            buffer = _RECEIVE.buffer = memoryview(bytearray(RECEIVE_BUFFER))
+        return buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        buffer = _RECEIVE.buffer
         try:
-            self._input(self._receive.obj, nbytes)
+            self._input(buffer.obj, nbytes)
         finally:
-            wipe(self._receive, nbytes)
+            wipe(buffer, nbytes)
 
     def data_received(self, data: bytes) -> None:
         """From the TLS layer: the plaintext of its records."""

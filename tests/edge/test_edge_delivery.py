@@ -37,6 +37,7 @@ from ..edge_smtp import (
     MX_NAME,
     RunningEdge,
     SmtpClient,
+    dot_stuff,
     enhanced_code_problems,
     files_containing,
     message_with_marker,
@@ -199,6 +200,40 @@ def test_plaintext_delivery_is_accepted_while_the_oracle_is_up(edge):
         reply = client.deliver(SENDER, [RECIPIENT], message)
         client.expect("QUIT", 221)
     check_delivery(edge, queued_id(reply), message, marker, tls=None)
+
+
+def test_sessions_fed_in_small_pieces_in_turn_keep_their_own_input(edge):
+    """The receive buffer is the event loop's, shared by every connection: commands and content cut
+    mid-line and interleaved with another session's arrive whole and each in its own session."""
+    clients, sent, markers, wanted = [], [], [], []
+    for who in ("first", "second"):
+        marker = new_marker()
+        message = message_with_marker(marker, who)
+        client = SmtpClient.connect(edge.site.smtp_port)
+        client.ehlo()
+        clients.append(client)
+        markers.append(marker)
+        sent.append(message)
+        wanted.append(f"{who}@{CLIENT_NAME}")
+    streams = [f"MAIL FROM:<{sender}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode() for sender in wanted]
+    _send_in_turn(clients, streams)
+    for client in clients:
+        assert [client.read_reply().code for _ in range(3)] == [250, 250, 354]
+    _send_in_turn(clients, [dot_stuff(message) for message in sent])
+    replies = [client.read_reply() for client in clients]
+    for client, reply, message, marker, sender in zip(clients, replies, sent, markers, wanted):
+        client.expect("QUIT", 221)
+        client.close()
+        check_delivery(edge, queued_id(reply), message, marker, tls=None, mail_from=sender)
+
+
+def _send_in_turn(clients: list[SmtpClient], streams: list[bytes], piece: int = 7) -> None:
+    """Each stream in `piece`-byte slices, one client's slice then the other's, each read on its own."""
+    for start in range(0, max(map(len, streams)), piece):
+        for client, stream in zip(clients, streams):
+            if stream[start:start + piece]:
+                client.send(stream[start:start + piece])
+        time.sleep(0.002)
 
 
 def test_implicit_tls_listener(edge, pki):

@@ -7,7 +7,7 @@ What runs
     temporary PKI, keystore and home spool key (tests/pki.py,
     tests/oracle_home.py, tests/edge_site.py). The oracle's per-peer rate
     limit (50 signatures/s by default) is lifted, and the edge's connection
-    caps are raised to 1000 (per IP too: all load comes from 127.0.0.1), and
+    caps are raised to 2000 (per IP too: all load comes from 127.0.0.1), and
     its spool caps out of the way; everything else is the edge's defaults:
     ECDSA P-256 certificate, sealing to the default ML-KEM-768+X25519 suite,
     an INFO log line per message. The oracle, at home in real life, shares
@@ -88,6 +88,13 @@ What it prints
     the edge logs for each verdict (from the end of DATA to home's answer),
     over every message of the verdict rounds.
 
+    `value edge_rss_kib_per_idle_session` and `..._idle_tls_session`
+    (before the rounds, `--idle-sessions` 1000 by default, 0 skips them):
+    the edge's resident memory (VmRSS) grown per idle session with that many
+    sessions held open at once, each after EHLO (and STARTTLS and EHLO
+    again for the TLS one), on a fresh edge of its own for each (memory
+    freed by earlier sessions would hide the growth); the target is <= 50.
+
     On a 2-core machine the generator, the servers (and the edge's oracle)
     share two cores: read the CPU-per-message lines along with the rates.
 
@@ -95,6 +102,7 @@ Run it
     make bench-smtp (installs Postfix as root when it is missing), or
     .venv/bin/python bench/smtp.py [--rounds 3] [--seconds 4] [--warmup 0.5]
         [--concurrency 16] [--modes plain,starttls] [--no-pipelining] [--verdict] [--profile DIR]
+        [--idle-sessions 1000]
     `--profile DIR`: after the measured rounds, one more round on the edge in
     the last mode of --modes with cProfile running in the edge process (CPU time per thread,
     the event loop's thread and the sealing threads), written to
@@ -128,7 +136,7 @@ STEP_TIMEOUT = 10.0            # every client read, connect and handshake
 START_TIMEOUT = 30.0           # a server must listen within this
 ROUND_GRACE = 30.0             # a round must end within its length plus this
 ORACLE_PEER_OPTIONS = "rate = 1000000000.0\nburst = 1000000000\nmax_in_flight = 1024\n"
-EDGE_SMTP_OPTIONS = "max_connections = 1000\nmax_connections_per_ip = 1000\n"
+EDGE_SMTP_OPTIONS = "max_connections = 2000\nmax_connections_per_ip = 2000\n"
 EDGE_SPOOL_OPTIONS = "max_bytes = 1099511627776\nmax_files = 100000000\n"
 
 
@@ -207,6 +215,71 @@ def deliver(port: int, context: ssl.SSLContext | None, message: bytes, pipelinin
             replies.close()
             connection.close()
     return tls
+
+
+def open_idle(port: int, context: ssl.SSLContext | None) -> socket.socket:
+    """A session left idle after EHLO (after STARTTLS and EHLO again with a context): the socket to hold."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT)
+    connection = raw
+    try:
+        with raw.makefile("rb") as replies:
+            expect(replies, b"220")
+            raw.sendall(b"EHLO client.sender.test\r\n")
+            expect(replies, b"250")
+            if context is None:
+                return raw
+            raw.sendall(b"STARTTLS\r\n")
+            expect(replies, b"220")
+        connection = context.wrap_socket(raw, server_hostname=SERVER_NAME)
+        with connection.makefile("rb") as replies:
+            connection.sendall(b"EHLO client.sender.test\r\n")
+            expect(replies, b"250")
+        return connection
+    except BaseException:
+        connection.close()
+        raise
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def idle_rss(directory: Path, pki, sessions: int, tls: bool) -> dict:
+    """The edge's resident memory per idle session: `sessions` held open at once, on an edge of its own.
+
+    A fresh edge (memory freed by earlier sessions would hide the growth); a
+    few sessions are opened and closed first so one-time allocations (the
+    first session's imports and caches) are not counted; then RSS is read
+    before and with all `sessions` held, after each was answered.
+    """
+    edge = EdgeUnderTest(directory, pki, None)
+    try:
+        return _held_rss(edge, str(pki.ca_pem), sessions, tls)
+    finally:
+        edge.stop()
+
+
+def _held_rss(edge: "EdgeUnderTest", cafile: str, sessions: int, tls: bool) -> dict:
+    context = ssl.create_default_context(cafile=cafile) if tls else None
+    pid = edge.edge.process.pid
+    for _ in range(20):
+        open_idle(edge.port, context).close()
+    time.sleep(0.5)
+    before = rss_kib(pid)
+    held = []
+    try:
+        for _ in range(sessions):
+            held.append(open_idle(edge.port, context))
+        time.sleep(0.5)
+        after = rss_kib(pid)
+    finally:
+        for connection in held:
+            connection.close()
+    return {"sessions": sessions, "tls": tls, "before": before, "after": after,
+            "per_session": (after - before) / sessions}
 
 
 def load_round(port: int, tls: bool, cafile: str, concurrency: int, warmup: float, seconds: float,
@@ -725,7 +798,7 @@ def print_profile(profile: dict, top: int = 30) -> None:
 
 
 def report(args, rounds: list[dict], version: str, queued: dict, accepted: dict, elapsed: float,
-           verdict_ms: list[float] | None = None) -> None:
+           verdict_ms: list[float] | None = None, idle: list[dict] = ()) -> None:
     def total(mode, server, key):
         return sum(r[key] for r in rounds if r["mode"] == mode and r["server"] == server)
 
@@ -781,7 +854,13 @@ def report(args, rounds: list[dict], version: str, queued: dict, accepted: dict,
               f"(end of DATA to home's answer; the judge answers at once, no rspamd)")
         print(f"value edge_verdict_added_ms_p50 {ordered[len(ordered) // 2]:.2f}")
         print(f"value edge_verdict_added_ms_p99 {ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]:.2f}")
-    print("# target: smtp_accept_plain and smtp_accept_starttls >= 1.0 (the edge at least as fast as Postfix)")
+    for held in idle:
+        kind = "TLS " if held["tls"] else ""
+        print(f"# idle {kind}sessions: {held['sessions']} held at once on a fresh edge (after EHLO"
+              f"{', STARTTLS and EHLO' if held['tls'] else ''}): its RSS {held['before']} -> {held['after']} KiB")
+        print(f"value edge_rss_kib_per_idle_{'tls_' if held['tls'] else ''}session {held['per_session']:.1f}")
+    print("# target: smtp_accept_plain and smtp_accept_starttls >= 1.0 (the edge at least as fast as Postfix), "
+          "edge_rss_kib_per_idle_session <= 50")
     print(f"# elapsed {elapsed:.1f} s")
 
 
@@ -794,13 +873,15 @@ def run(args) -> None:
         raise SystemExit("bench/smtp.py needs Postfix: run `./scripts/install-packages bench` as root "
                          "(or `make bench-smtp`)")
     tmp = Path(tempfile.mkdtemp(prefix="yestls-bench-smtp-"))
-    servers, generator, profile, verdict_ms = {}, None, None, None
+    servers, generator, profile, verdict_ms, idle = {}, None, None, None, []
     try:
         pki = make_pki(tmp / "pki", key_types=("ecdsa-p256",))
         servers["postfix"] = PostfixUnderTest(tmp / "postfix", pki, args.concurrency)
         servers["edge"] = EdgeUnderTest(tmp / "edge", pki, args.profile)
         if args.verdict:
             servers["edge_verdict"] = EdgeUnderTest(tmp / "edge-verdict", pki, None, verdict=True)
+        if args.idle_sessions:
+            idle = [idle_rss(tmp / f"edge-idle-{tls}", pki, args.idle_sessions, tls) for tls in (False, True)]
         generator = Generator()
         rounds = measure(args, generator, servers, str(pki.ca_pem))
         accepted = {name: sum(r["accepted"] for r in rounds if r["server"] == name) for name in servers}
@@ -814,7 +895,7 @@ def run(args) -> None:
         for server in servers.values():
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    report(args, rounds, version, queued, accepted, time.perf_counter() - started, verdict_ms)
+    report(args, rounds, version, queued, accepted, time.perf_counter() - started, verdict_ms, idle)
     if profile:
         print_profile(profile)
     if queued != accepted:
@@ -833,6 +914,8 @@ def main(argv=None) -> None:
     parser.add_argument("--verdict", action="store_true",
                         help="also an edge with [verdict] and a judge answering at once: the before-queue cost")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="cProfile the edge under STARTTLS load into DIR")
+    parser.add_argument("--idle-sessions", type=int, default=1000, metavar="N",
+                        help="idle sessions held at once for the RSS per session (0: not measured)")
     parser.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.generator:
@@ -845,6 +928,8 @@ def main(argv=None) -> None:
         parser.error("--rounds must be 1..50, --seconds 0.5..120, --warmup 0..10")
     if not 1 <= args.concurrency <= 256:
         parser.error("--concurrency must be 1..256")
+    if not 0 <= args.idle_sessions <= 1900:
+        parser.error("--idle-sessions must be 0..1900 (the edge here takes 2000 connections)")
     run(args)
 
 

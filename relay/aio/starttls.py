@@ -27,10 +27,12 @@ fails loudly if any changes):
   being run, so no input is held after it), `check_helo_needed`,
   `check_auth_needed`, `_set_post_data_state`, `envelope` (what aiosmtpd's
   own DATA command does before and after the content, which we replace),
-- `__init__` finding the SMTP verbs (`smtp_*`) and AUTH mechanisms (`auth_*`)
-  with `dir()` and `inspect.getmembers()` on each new session (a session's
-  `dir()` here names only those, found once per class: reading every
-  attribute, properties included, cost 190 us a connection),
+- `__init__` finding the SMTP verbs (`smtp_*`), AUTH mechanisms (`auth_*`)
+  and the handler's hooks (`handle_*`) with `dir()` and
+  `inspect.getmembers()` on the session and its handler for each new
+  session (the `dir()` of a session, and of the edge's handler, names only
+  those, found once per class: reading every attribute, properties
+  included, cost 190 us a connection),
 - `_getaddr` and `local_part_limit` (a fast path for the plain `<local@domain>`
   most senders write; anything else goes to aiosmtpd's parser, and
   tests/aio/test_starttls_adapter.py checks that both agree).
@@ -167,7 +169,7 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         super().__init__(handler, **options)
 
     def __dir__(self) -> list[str]:
-        return _session_names(type(self))
+        return names_aiosmtpd_reads(type(self))
 
     # aiosmtpd asks `if self.tls_context` to decide whether to offer STARTTLS.
     @property
@@ -523,9 +525,10 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
 
 
 @functools.cache
-def _session_names(cls: type) -> list[str]:
-    """What aiosmtpd's __init__ looks for in a session's dir(): its SMTP verbs and AUTH mechanisms."""
-    return [name for name in dir(cls) if name.startswith(("smtp_", "auth_"))]
+def names_aiosmtpd_reads(cls: type) -> list[str]:
+    """What aiosmtpd's __init__ looks for, on each new session, in dir() of the session (SMTP verbs, AUTH
+    mechanisms) and of its handler (hooks, AUTH mechanisms): a `__dir__` returning this spares it the rest."""
+    return [name for name in dir(cls) if name.startswith(("smtp_", "auth_", "handle_"))]
 
 
 def _log_tls(peer, session) -> None:

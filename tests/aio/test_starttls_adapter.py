@@ -230,6 +230,9 @@ def test_commands_dispatch_to_the_adapters_methods(smtp):
 def test_the_edge_handlers_ehlo_hook_is_the_current_form(smtp):
     assert smtp._ehlo_hook_ver == "new", RECHECK
     assert set(smtp._handle_hooks) >= {"EHLO", "MAIL", "RCPT"}
+    # The handler's dir() names only what aiosmtpd looks for: every hook of its class is still found.
+    hooks = {name[len("handle_"):] for name in vars(EdgeHandler) if name.startswith("handle_")}
+    assert set(smtp._handle_hooks) == hooks
     # DATA content never reaches aiosmtpd's own DATA hook: the adapter streams it to open_message's sink.
     assert "DATA" not in smtp._handle_hooks and callable(smtp.event_handler.open_message)
 

@@ -42,8 +42,10 @@ from relay.edge.verdict import VerdictDesk
 from relay.edge.web import HTTP_1_1, MTA_STS_PREFIX, WebSite, start_web
 from relay.identity import IdentityError, load_identity
 from relay.oracle.client import OraclePool, OracleUnavailable
+from relay.spool.keymaker import KeyMaker
 from relay.spool.keys import parse_spool_public_key
 from relay.spool.metrics import SpoolMetrics
+from relay.spool.sealed import DEFAULT_CHUNK_SIZE
 from relay.spool.store import Spool
 from relay.tls import ServerConfig, TicketKeyring
 
@@ -273,7 +275,17 @@ class Edge:
 async def serve(config: edge_config.EdgeConfig) -> None:
     identity = load_identity(config.oracle.identity_key)
     public_key = parse_spool_public_key(config.spool.public_key)
-    spool = Spool(config.spool.directory, public_key, config.spool.max_bytes, config.spool.max_files)
+    # Each message's HPKE key is made ahead in a child process, on another core (relay/spool/keymaker.py).
+    keys = KeyMaker(public_key, DEFAULT_CHUNK_SIZE)
+    try:
+        spool = Spool(config.spool.directory, public_key, config.spool.max_bytes, config.spool.max_files,
+                      message_keys=keys)
+        await _serve(config, identity, spool)
+    finally:
+        keys.close()
+
+
+async def _serve(config: edge_config.EdgeConfig, identity, spool: Spool) -> None:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(SEAL_THREADS))
 

@@ -22,7 +22,7 @@ import json
 import os
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
@@ -94,6 +94,48 @@ def _nonce(counter: int, final: bool) -> bytes:
 
 # --- sealing ---------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class MessageKey:
+    """What sealing one message starts from, none of it the message's: its spool id, its data key, and
+    the key block (the data key and chunk size HPKE-sealed to home, the header as info). So it can be
+    made ahead, in another process (relay/spool/keymaker.py)."""
+
+    spool_id: bytes
+    data_key: bytes = field(repr=False)
+    chunk_size: int
+    key_block: bytes
+
+    def __post_init__(self):
+        if len(self.spool_id) != SPOOL_ID_LENGTH:
+            raise ValueError(f"a spool id is {SPOOL_ID_LENGTH} bytes, not {len(self.spool_id)}")
+        if len(self.data_key) != DATA_KEY_LENGTH:
+            raise ValueError(f"a data key is {DATA_KEY_LENGTH} bytes, not {len(self.data_key)}")
+        if not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk size {self.chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
+
+
+def new_message_key(public_key: SpoolPublicKey, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    spool_id: bytes | None = None) -> MessageKey:
+    """A fresh data key sealed to home (the HPKE encapsulation: most of sealing a small message's CPU)."""
+    spool_id = os.urandom(SPOOL_ID_LENGTH) if spool_id is None else bytes(spool_id)
+    suite = public_key.suite
+    header = Header(VERSION, suite, spool_id).encode()
+    data_key = os.urandom(DATA_KEY_LENGTH)
+    key_block = suite.hpke.encrypt(KEY_BLOCK_PLAINTEXT.pack(data_key, chunk_size), public_key.key, info=header)
+    return MessageKey(spool_id, data_key, chunk_size, key_block)
+
+
+class InlineKeys:
+    """Message keys made when asked, in the caller's thread (relay/spool/keymaker.py makes them ahead)."""
+
+    def __init__(self, public_key: SpoolPublicKey, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.public_key = public_key
+        self.chunk_size = chunk_size
+
+    def take(self) -> MessageKey:
+        return new_message_key(self.public_key, self.chunk_size)
+
+
 class Sealer:
     """Seals one message as it arrives: header and key block at once, then each chunk as soon as it is full.
 
@@ -103,27 +145,21 @@ class Sealer:
     out only once it is known not to be the last.
     """
 
-    def __init__(self, out: BinaryIO, public_key: SpoolPublicKey, spool_id: bytes, metadata: dict, *,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
-        if len(spool_id) != SPOOL_ID_LENGTH:
-            raise ValueError(f"a spool id is {SPOOL_ID_LENGTH} bytes, not {len(spool_id)}")
-        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
-            raise ValueError(f"chunk size {chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
-        encoded_metadata = encode_metadata(metadata)
+    def __init__(self, out: BinaryIO, public_key: SpoolPublicKey, key: "MessageKey", metadata: dict):
         suite = public_key.suite
-        header = Header(VERSION, suite, bytes(spool_id)).encode()
-        data_key = os.urandom(DATA_KEY_LENGTH)
-        key_block = suite.hpke.encrypt(KEY_BLOCK_PLAINTEXT.pack(data_key, chunk_size), public_key.key, info=header)
-        assert len(key_block) == key_block_length(suite)
+        if len(key.key_block) != key_block_length(suite):
+            raise ValueError(f"a {suite.name} key block is {key_block_length(suite)} bytes, not {len(key.key_block)}")
+        encoded_metadata = encode_metadata(metadata)
+        header = Header(VERSION, suite, key.spool_id).encode()
         self.out = out
-        self.aead = AESGCM(data_key)
+        self.aead = AESGCM(key.data_key)
         self.aad = header
         self.counter = 0
         self.written = 0
-        self._buffer = memoryview(bytearray(chunk_size))  # slices of it are written to in place, never copied
+        self._buffer = memoryview(bytearray(key.chunk_size))  # slices of it are written to in place, never copied
         self._filled = 0
         self._write_out(header)
-        self._write_out(key_block)
+        self._write_out(key.key_block)
         self.write(METADATA_LENGTH.pack(len(encoded_metadata)) + encoded_metadata)
 
     def write(self, data) -> None:
@@ -166,7 +202,7 @@ def seal(out: BinaryIO, public_key: SpoolPublicKey, spool_id: bytes, metadata: d
     Returns the number of bytes written. Parts are consumed one at a time and
     never joined; any bytes-like objects will do.
     """
-    sealer = Sealer(out, public_key, spool_id, metadata, chunk_size=chunk_size)
+    sealer = Sealer(out, public_key, new_message_key(public_key, chunk_size, spool_id), metadata)
     for part in message_parts:
         sealer.write(part)
     return sealer.finish()

@@ -39,10 +39,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from relay.private_files import fsync_directory
 from relay.spool.keys import SpoolPublicKey
-from relay.spool.sealed import DEFAULT_CHUNK_SIZE, Sealer, sealed_size
+from relay.spool.sealed import DEFAULT_CHUNK_SIZE, InlineKeys, MessageKey, Sealer, sealed_size
 
 log = logging.getLogger("yestls.spool")
 
@@ -170,11 +171,26 @@ def _write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+class MessageKeys(Protocol):
+    """Where a spool's message keys come from (relay.spool.sealed.InlineKeys, relay.spool.keymaker.KeyMaker)."""
+
+    public_key: SpoolPublicKey
+    chunk_size: int
+
+    def take(self) -> MessageKey: ...
+
+
 class Spool:
     def __init__(self, directory: Path, public_key: SpoolPublicKey, max_bytes: int, max_files: int, *,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, clock: Callable[[], float] = time.time):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, clock: Callable[[], float] = time.time,
+                 message_keys: "MessageKeys | None" = None):
+        """`message_keys` makes each message's key (relay/spool/keymaker.py: ahead, in another process);
+        by default each is made when its message starts."""
         if max_bytes < 1 or max_files < 1:
             raise ValueError("a spool needs max_bytes >= 1 and max_files >= 1")
+        self.message_keys = message_keys or InlineKeys(public_key, chunk_size)
+        if self.message_keys.public_key != public_key or self.message_keys.chunk_size != chunk_size:
+            raise ValueError("the spool's message keys are for another public key or chunk size")
         self.directory = Path(directory)
         self.tmp_dir = self.directory / "tmp"
         self.queue_dir = self.directory / "queue"
@@ -472,19 +488,19 @@ class MessageWriter:
     def __init__(self, spool: "Spool", metadata: dict, size: int | None):
         self.spool = spool
         self._disk_full_counted = False
-        spool_id = os.urandom(16)
-        self.id = spool_id.hex()
         expected = sealed_size(spool.public_key.suite, metadata, size, spool.chunk_size) if size is not None else 0
         self._reservation = _Reservation(expected)
         with spool._lock:
             spool._check_room(expected)
             spool._reserved_files += 1
             spool._reserved_bytes += expected
-        self._tmp = spool.tmp_dir / (self.id + TMP_SUFFIX)
-        self._sink = _BudgetedWriter(self._tmp, spool, self._reservation)
+        self._sink: _BudgetedWriter | None = None
         self._sealer: Sealer | None = None
         try:
-            self._sealer = Sealer(self._sink, spool.public_key, spool_id, metadata, chunk_size=spool.chunk_size)
+            key = spool.message_keys.take()   # after the room check: a full spool costs no key
+            self.id = key.spool_id.hex()
+            self._sink = _BudgetedWriter(spool.tmp_dir / (self.id + TMP_SUFFIX), spool, self._reservation)
+            self._sealer = Sealer(self._sink, spool.public_key, key, metadata)
         except BaseException as error:
             self.abort()
             self._raise_if_disk_full(error)
@@ -505,7 +521,7 @@ class MessageWriter:
             self._sink.flush()
             os.fsync(self._sink.fd)
             self._sink.close()
-            self.spool._commit(self._tmp, self.id, written, self._reservation)
+            self.spool._commit(self._sink.path, self.id, written, self._reservation)
         except BaseException as error:
             self.abort()
             self._raise_if_disk_full(error)
@@ -525,11 +541,12 @@ class MessageWriter:
         """Forget the message: its plaintext wiped, its file removed, its room given back. Safe to repeat."""
         if self._sealer is not None:
             self._sealer.wipe()
-        self._sink.close()
-        try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
+        if self._sink is not None:
+            self._sink.close()
+            try:
+                os.unlink(self._sink.path)
+            except FileNotFoundError:
+                pass
         with self.spool._lock:
             self.spool._release(self._reservation)
 

@@ -1,0 +1,139 @@
+"""Message keys made ahead, in a process of their own: the HPKE part of sealing, off the edge's busy core.
+
+Sealing a message starts with an HPKE encapsulation to home's key (ML-KEM-768
++ X25519 by default): 140 us or more of CPU holding the GIL, the largest
+single cost of accepting a small message on the edge, whose SMTP sessions all
+run on one event loop. None of it depends on the message
+(relay.spool.sealed.MessageKey), so a child process makes keys ahead on
+another core and the edge takes one per message:
+
+- the child, `python -m relay.spool.keymaker`, is told the public key and the
+  chunk size on stdin and writes fixed-size records (spool id, data key, key
+  block) to stdout until the pipe is full (it then waits) or closed (the edge
+  is gone: it exits);
+- in the edge a thread reads the records into a queue of READY keys; `take`
+  never waits: with none ready (the child starting, slow, or dead) the key is
+  made inline, as without a KeyMaker. A child that dies is logged and not
+  restarted: the edge goes on making keys inline (slower, never wrong).
+
+What changes for secrets: a data key exists a little before its message (in
+the child, the pipe and the queue). A key not yet used protects nothing, and
+one used is forgotten as before (the sealer's AESGCM is dropped with its
+message), so a compromised edge learns nothing it would not see in the next
+message anyway. Spool ids stay 16 random bytes, and the spool still creates
+each file with O_EXCL.
+"""
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+
+from relay.spool.keys import SpoolPublicKey, parse_spool_public_key
+from relay.spool.sealed import DATA_KEY_LENGTH, SPOOL_ID_LENGTH, MessageKey, key_block_length, new_message_key
+
+log = logging.getLogger("yestls.spool")
+
+READY = 64   # keys waiting in the edge (about 1.2 KiB each); the pipe holds some 50 more
+
+
+def record_length(public_key: SpoolPublicKey) -> int:
+    return SPOOL_ID_LENGTH + DATA_KEY_LENGTH + key_block_length(public_key.suite)
+
+
+def encode_record(key: MessageKey) -> bytes:
+    return key.spool_id + key.data_key + key.key_block
+
+
+def decode_record(record: bytes, chunk_size: int) -> MessageKey:
+    data_key_end = SPOOL_ID_LENGTH + DATA_KEY_LENGTH
+    return MessageKey(record[:SPOOL_ID_LENGTH], record[SPOOL_ID_LENGTH:data_key_end], chunk_size,
+                      record[data_key_end:])
+
+
+class KeyMaker:
+    """The edge's side: the child process, the thread reading its records, and `take`."""
+
+    def __init__(self, public_key: SpoolPublicKey, chunk_size: int, ready: int = READY):
+        self.public_key = public_key
+        self.chunk_size = chunk_size
+        self.made_ahead = 0
+        self.made_inline = 0
+        self._record = record_length(public_key)
+        self._ready: queue.Queue[MessageKey] = queue.Queue(ready)
+        self._closing = False
+        self._process = subprocess.Popen([sys.executable, "-m", "relay.spool.keymaker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE)
+        self._process.stdin.write(json.dumps({"public_key": public_key.text, "chunk_size": chunk_size}).encode())
+        self._process.stdin.close()
+        self._thread = threading.Thread(target=self._read, name="keymaker", daemon=True)
+        self._thread.start()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def take(self) -> MessageKey:
+        """A key made ahead if one is ready, else one made now (never waits for the child)."""
+        try:
+            key = self._ready.get_nowait()
+        except queue.Empty:
+            self.made_inline += 1
+            return new_message_key(self.public_key, self.chunk_size)
+        self.made_ahead += 1
+        return key
+
+    def close(self) -> None:
+        self._closing = True
+        self._process.terminate()
+        try:
+            self._process.wait(5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(5)
+        try:   # a reader blocked on a full queue wakes up and stops
+            self._ready.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(5)
+        self._process.stdout.close()
+        log.info("message keys: %d made ahead by the key maker, %d inline", self.made_ahead, self.made_inline)
+
+    def _read(self) -> None:
+        stream = self._process.stdout
+        try:
+            while not self._closing:
+                record = stream.read(self._record)
+                if len(record) != self._record:
+                    break
+                self._ready.put(decode_record(record, self.chunk_size))
+        except (OSError, ValueError) as error:
+            log.warning("reading the key maker failed: %s", error)
+        if not self._closing:
+            code = self._process.poll()
+            log.warning("the key maker (pid %d) stopped%s: message keys are made inline from now on, on the "
+                        "event loop's core", self._process.pid, f" (exit code {code})" if code is not None else "")
+
+
+def main() -> int:
+    """The child: keys for the public key and chunk size read from stdin, written to stdout until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the edge's to handle: it ends this with SIGTERM
+    request = json.loads(sys.stdin.read())
+    public_key = parse_spool_public_key(request["public_key"])
+    chunk_size = int(request["chunk_size"])
+    out = sys.stdout.buffer.fileno()
+    try:
+        while True:
+            record = memoryview(encode_record(new_message_key(public_key, chunk_size)))
+            while record:
+                record = record[os.write(out, record):]
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

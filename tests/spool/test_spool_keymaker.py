@@ -1,0 +1,157 @@
+"""Message keys made ahead by a child process (relay/spool/keymaker.py).
+
+Keys made by the child seal messages home unseals, in both suites; ids are
+never repeated; a child killed with SIGKILL, or one never ready, costs
+speed, not mail (keys are made inline); the child exits when the edge's end
+of the pipe closes; a key of the wrong shape is refused before it seals
+anything; a spool refuses a key source for another key or chunk size.
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from relay.spool.keymaker import KeyMaker, decode_record, encode_record, record_length
+from relay.spool.keys import generate_spool_key, load_spool_private_key, parse_spool_public_key
+from relay.spool.sealed import DEFAULT_CHUNK_SIZE, MessageKey, Sealer, new_message_key, unseal
+from relay.spool.store import Spool
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", params=["mlkem768-x25519", "x25519"])
+def keys(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "spool.key"
+    return parse_spool_public_key(generate_spool_key(path, request.param)), load_spool_private_key(path)
+
+
+@pytest.fixture
+def maker(keys):
+    made = KeyMaker(keys[0], DEFAULT_CHUNK_SIZE, ready=8)
+    yield made
+    made.close()
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_keys_made_ahead_seal_messages_home_unseals(keys, maker, tmp_path):
+    public, private = keys
+    wait_for(lambda: maker._ready.full(), "the key maker to fill its queue")
+    spool = Spool(tmp_path / "spool", public, 1 << 30, 1000, message_keys=maker)
+    try:
+        sent = {}
+        for number in range(20):   # more than the queue holds: some are made inline, or after a refill
+            message = f"Subject: {number}\r\n\r\nbody {number}\r\n".encode() * (number + 1)
+            sent[spool.accept({"n": number}, [message])] = (number, message)
+        assert maker.made_ahead >= 8 and maker.made_ahead + maker.made_inline == 20
+        for entry in spool.list():
+            unsealed = unseal(spool.queue_dir.joinpath(entry.name).read_bytes(), private)
+            number, message = sent[entry.id]
+            assert unsealed.spool_id.hex() == entry.id and unsealed.metadata == {"n": number}
+            assert unsealed.message == message
+        assert len(spool.list()) == 20
+    finally:
+        spool.close()
+
+
+def test_ids_are_never_repeated(maker):
+    ids = set()
+    for _ in range(300):
+        wait_for(lambda: not maker._ready.empty(), "a key made ahead")
+        ids.add(maker.take().spool_id)
+    assert len(ids) == 300 and maker.made_ahead == 300
+
+
+def test_a_killed_key_maker_costs_speed_not_mail(keys, maker, tmp_path, caplog):
+    public, private = keys
+    wait_for(lambda: maker._ready.full(), "the key maker to fill its queue")
+    spool = Spool(tmp_path / "spool", public, 1 << 30, 1000, message_keys=maker)
+    try:
+        with caplog.at_level(logging.WARNING, logger="yestls.spool"):
+            os.kill(maker.pid, signal.SIGKILL)
+            ids = []   # the keys it made before it died are still used, then keys are made inline
+            while not any("stopped" in record.getMessage() for record in caplog.records):
+                assert len(ids) < 500, "the key maker's death was never noticed"
+                ids.append(spool.accept({}, [b"Subject: after\r\n\r\nstill sealed\r\n"]))
+                time.sleep(0.002)
+        assert "exit code -9" in caplog.text and "inline" in caplog.text
+        ids += [spool.accept({}, [b"Subject: after\r\n\r\nstill sealed\r\n"]) for _ in range(8)]  # queued
+        inline = maker.made_inline
+        ids += [spool.accept({}, [b"Subject: after\r\n\r\nstill sealed\r\n"]) for _ in range(3)]
+        assert maker.made_inline == inline + 3 and maker._ready.empty()
+        names = {entry.id: entry.name for entry in spool.list()}
+        assert len(names) == len(ids)
+        for spool_id in ids:
+            unsealed = unseal(spool.queue_dir.joinpath(names[spool_id]).read_bytes(), private)
+            assert unsealed.message.endswith(b"still sealed\r\n")
+    finally:
+        spool.close()
+
+
+def test_with_no_key_ready_a_key_is_made_inline(keys, maker):
+    while not maker._ready.empty():
+        maker._ready.get_nowait()
+    os.kill(maker.pid, signal.SIGSTOP)   # a child that cannot keep up
+    try:
+        inline = maker.made_inline
+        key = maker.take()
+        assert maker.made_inline == inline + 1 and len(key.key_block) == record_length(keys[0]) - 48
+    finally:
+        os.kill(maker.pid, signal.SIGCONT)
+
+
+def test_close_ends_the_child_even_with_its_queue_full(keys):
+    made = KeyMaker(keys[0], DEFAULT_CHUNK_SIZE, ready=2)
+    wait_for(lambda: made._ready.full(), "the key maker to fill its queue")
+    made.close()
+    assert made._process.poll() is not None and not made._thread.is_alive()
+
+
+def test_the_child_exits_when_the_edge_end_of_the_pipe_closes(keys):
+    child = subprocess.Popen([sys.executable, "-m", "relay.spool.keymaker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    child.stdin.write(json.dumps({"public_key": keys[0].text, "chunk_size": 4096}).encode())
+    child.stdin.close()
+    record = child.stdout.read(record_length(keys[0]))
+    key = decode_record(record, 4096)
+    assert encode_record(key) == record
+    child.stdout.close()
+    assert child.wait(30) == 0
+
+
+@pytest.mark.parametrize("change", ["spool id", "data key", "key block", "chunk size"])
+def test_a_key_of_the_wrong_shape_is_refused_before_sealing(keys, change):
+    key = new_message_key(keys[0], 4096)
+    with pytest.raises(ValueError):
+        if change == "spool id":
+            MessageKey(key.spool_id[:-1], key.data_key, key.chunk_size, key.key_block)
+        elif change == "data key":
+            MessageKey(key.spool_id, key.data_key + b"x", key.chunk_size, key.key_block)
+        elif change == "chunk size":
+            MessageKey(key.spool_id, key.data_key, 0, key.key_block)
+        else:
+            Sealer(open(os.devnull, "wb"), keys[0], MessageKey(key.spool_id, key.data_key, key.chunk_size,
+                                                                key.key_block[:-1]), {})
+
+
+def test_a_spool_refuses_keys_for_another_key_or_chunk_size(keys, tmp_path):
+    other = parse_spool_public_key(generate_spool_key(tmp_path / "other.key", "x25519"))
+    made = KeyMaker(other, DEFAULT_CHUNK_SIZE, ready=2)
+    try:
+        with pytest.raises(ValueError, match="another public key or chunk size"):
+            Spool(tmp_path / "spool", keys[0], 1 << 30, 1000, message_keys=made)
+        with pytest.raises(ValueError, match="another public key or chunk size"):
+            Spool(tmp_path / "spool2", other, 1 << 30, 1000, chunk_size=4096, message_keys=made)
+    finally:
+        made.close()

@@ -66,16 +66,27 @@ class KeyMaker:
         self._record = record_length(public_key)
         self._ready: queue.Queue[MessageKey] = queue.Queue(ready)
         self._closing = False
-        self._process = subprocess.Popen([sys.executable, "-m", "relay.spool.keymaker"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE)
-        self._process.stdin.write(json.dumps({"public_key": public_key.text, "chunk_size": chunk_size}).encode())
-        self._process.stdin.close()
+        self._process = self._start(public_key, chunk_size)
         self._thread = threading.Thread(target=self._read, name="keymaker", daemon=True)
-        self._thread.start()
+        if self._process is not None:
+            self._thread.start()
+
+    @staticmethod
+    def _start(public_key: SpoolPublicKey, chunk_size: int) -> subprocess.Popen | None:
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "relay.spool.keymaker"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE)
+        except OSError as error:
+            log.warning("the key maker did not start (%s): message keys are made inline, on the event loop's "
+                        "core", error)
+            return None
+        with process.stdin:
+            process.stdin.write(json.dumps({"public_key": public_key.text, "chunk_size": chunk_size}).encode())
+        return process
 
     @property
-    def pid(self) -> int:
-        return self._process.pid
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def take(self) -> MessageKey:
         """A key made ahead if one is ready, else one made now (never waits for the child)."""
@@ -89,6 +100,8 @@ class KeyMaker:
 
     def close(self) -> None:
         self._closing = True
+        if self._process is None:
+            return
         self._process.terminate()
         try:
             self._process.wait(5)

@@ -111,6 +111,19 @@ def test_with_no_key_ready_a_key_is_made_inline(keys, maker):
         os.kill(maker.pid, signal.SIGCONT)
 
 
+def test_a_key_maker_that_cannot_start_is_logged_and_keys_are_made_inline(keys, monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise PermissionError("exec refused")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    with caplog.at_level(logging.WARNING, logger="yestls.spool"):
+        made = KeyMaker(keys[0], DEFAULT_CHUNK_SIZE)
+    assert "did not start (exec refused)" in caplog.text and made.pid is None
+    key = made.take()
+    assert made.made_inline == 1 and len(key.spool_id) == 16
+    made.close()
+
+
 def test_close_ends_the_child_even_with_its_queue_full(keys):
     made = KeyMaker(keys[0], DEFAULT_CHUNK_SIZE, ready=2)
     wait_for(lambda: made._ready.full(), "the key maker to fill its queue")

@@ -20,7 +20,9 @@ fails loudly if any changes):
 - `_original_transport` (set before the hand-off, so that second
   `connection_made` is taken as the TLS one and the plaintext buffer is
   cleared, RFC 3207 4.2),
-- `_handle_client`, `_reset_timeout`, `_timeout_duration`, `push`,
+- `_handle_client`, `_reset_timeout` (replaced: one timer per session
+  follows the deadline lazily), `_timeout_handle` (that timer, which
+  aiosmtpd cancels when the connection is lost), `_timeout_cb`, `_timeout_duration`, `push`,
   `TLSSetupException`, `tls_context` (only its truthiness: STARTTLS is
   offered in EHLO when it is truthy),
 - `command_size_limit` (a command line longer than this is refused without
@@ -166,6 +168,8 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         self._may_pipeline = False    # EHLO was answered (RFC 2920: pipelining only after that)
         self._awaiting_reply = True   # a command (or the banner) is not yet answered
         self._continued: list[bytes] = []   # the lines so far of a multi-line reply
+        self._deadline = 0.0          # when an idle session is closed (loop time; see _reset_timeout)
+        self._timer_armed = False     # aiosmtpd's _timeout_handle is scheduled, for _timeout_due
         super().__init__(handler, **options)
 
     def __dir__(self) -> list[str]:
@@ -216,6 +220,24 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
             self._released = True
             self._admission.release(self.peer)
         super().connection_lost(error)
+
+    # aiosmtpd re-arms its timer on every command (a new TimerHandle, the old one cancelled), and we on
+    # every chunk of DATA. Here the deadline moves and one timer follows it lazily: a timer that fires
+    # before the deadline re-arms for the rest; only a deadline brought forward re-arms it at once.
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if not self._timer_armed or self._deadline < self._timeout_handle.when():
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+            self._timer_armed = True
+
+    def _timeout_due(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+        else:
+            self._timer_armed = False
+            self._timeout_cb()
 
     def eof_received(self):
         if self.session is None:

@@ -166,6 +166,12 @@ def verbs_found_through_dir(smtp, name):
     assert set(smtp._auth_methods) == {"LOGIN", "PLAIN"}   # aiosmtpd's built-in ones (our AUTH refuses all)
 
 
+def the_timer_connection_lost_cancels(smtp, name):
+    # Our lazy _reset_timeout keeps aiosmtpd's handle in it: connection_lost cancels whatever it holds.
+    assert vars(smtp)[name] is None, "SMTP.__init__ no longer starts without a timer"
+    assert "self._timeout_handle.cancel()" in inspect.getsource(SMTP.connection_lost), RECHECK
+
+
 EXPECTED = {
     "__init__": verbs_found_through_dir,
     "_getaddr": getaddr_method,
@@ -181,6 +187,8 @@ EXPECTED = {
     "connection_made": plain_method("transport"),
     "_handle_client": coroutine_method(),
     "_reset_timeout": plain_method("duration"),
+    "_timeout_handle": the_timer_connection_lost_cancels,
+    "_timeout_cb": plain_method(),
     "_timeout_duration": instance_attribute(123.0),
     "push": coroutine_method("status"),
     "TLSSetupException": exception_class,
@@ -220,6 +228,35 @@ def test_reset_timeout_uses_the_duration_or_the_command_timeout():
     assert "duration or self._timeout_duration" in source, RECHECK
 
 
+def test_the_timer_follows_the_deadline_lazily(smtp, monkeypatch):
+    """One timer per session: a later deadline leaves it be (it re-arms when it fires early), an earlier
+    one re-arms it at once, and it closes the session only once the deadline has passed."""
+    now = [1000.0]
+    monkeypatch.setattr(smtp.loop, "time", lambda: now[0])
+    closed = []
+    monkeypatch.setattr(smtp, "_timeout_cb", lambda: closed.append(now[0]))
+    smtp._reset_timeout(10.0)
+    first = smtp._timeout_handle
+    assert first.when() == 1010.0
+    now[0] = 1004.0
+    smtp._reset_timeout()          # the command timeout, 123 s: later, so the same timer
+    assert smtp._timeout_handle is first and smtp._deadline == 1127.0
+    smtp._reset_timeout(2.0)       # brought forward: re-armed now
+    assert first.cancelled() and smtp._timeout_handle.when() == 1006.0
+    now[0] = 1005.0
+    smtp._reset_timeout(30.0)      # later again: the 1006 timer stays
+    assert smtp._timeout_handle.when() == 1006.0
+    now[0] = 1006.0
+    smtp._timeout_due()            # fired early: re-armed for the rest, nothing closed
+    assert smtp._timeout_handle.when() == 1035.0 and closed == []
+    now[0] = 1035.0
+    smtp._timeout_due()
+    assert closed == [1035.0]
+    smtp._reset_timeout(5.0)       # after it fired, a reset arms a new timer
+    assert smtp._timeout_handle.when() == 1040.0 and not smtp._timeout_handle.cancelled()
+    smtp._timeout_handle.cancel()
+
+
 def test_commands_dispatch_to_the_adapters_methods(smtp):
     for command in ("STARTTLS", "AUTH", "VRFY", "EHLO", "HELO", "DATA", "BDAT"):
         method = smtp._smtp_methods.get(command)
@@ -249,7 +286,7 @@ def test_the_adapter_takes_no_name_its_base_classes_use(smtp):
             used |= set(vars(base))
     ours = set(re.findall(r"self\.(\w+)\s*(?::[^=]+)?=", inspect.getsource(KeylessSMTP)))
     shared_on_purpose = {"peer", "tls_context", "transport", "session", "envelope", "_tls_protocol",
-                         "_original_transport"}
+                         "_original_transport", "_timeout_handle"}
     assert ours & used <= shared_on_purpose, f"the adapter sets names its bases use: {sorted(ours & used - shared_on_purpose)}"
 
 

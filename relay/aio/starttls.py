@@ -170,6 +170,11 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         self._continued: list[bytes] = []   # the lines so far of a multi-line reply
         self._deadline = 0.0          # when an idle session is closed (loop time; see _reset_timeout)
         self._timer_armed = False     # aiosmtpd's _timeout_handle is scheduled, for _timeout_due
+        if "loop" not in options:   # aiosmtpd finds it the slow way (get_event_loop, its warnings caught)
+            try:
+                options["loop"] = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
         super().__init__(handler, **options)
 
     def __dir__(self) -> list[str]:

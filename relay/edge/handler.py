@@ -18,6 +18,7 @@ import email.utils
 import functools
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import time
@@ -222,6 +223,11 @@ class EdgeHandler:
             f"{tls_clause}{recipient};\r\n\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n"
         )
         return header.encode("utf-8", "surrogateescape")
+
+
+# aiosmtpd reads handle_EHLO's signature on every new session (to tell its old 4-argument form from
+# this one); inspect.signature returns a function's __signature__ when it has one, made here once.
+EdgeHandler.handle_EHLO.__signature__ = inspect.signature(EdgeHandler.handle_EHLO)
 
 
 class SealingSink:

@@ -22,7 +22,9 @@ fails loudly if any changes):
   cleared, RFC 3207 4.2),
 - `_handle_client`, `_reset_timeout` (replaced: one timer per session
   follows the deadline lazily), `_timeout_handle` (that timer, which
-  aiosmtpd cancels when the connection is lost), `_timeout_cb`, `_timeout_duration`, `push`,
+  aiosmtpd cancels when the connection is lost), `_timeout_cb`, `_reader`
+  (a line end in its buffer is a pipelined command waiting: a 250 is held
+  back to leave with the next reply), `_timeout_duration`, `push`,
   `TLSSetupException`, `tls_context` (only its truthiness: STARTTLS is
   offered in EHLO when it is truthy),
 - `command_size_limit` (a command line longer than this is refused without
@@ -168,6 +170,7 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         self._may_pipeline = False    # EHLO was answered (RFC 2920: pipelining only after that)
         self._awaiting_reply = True   # a command (or the banner) is not yet answered
         self._continued: list[bytes] = []   # the lines so far of a multi-line reply
+        self._unsent = bytearray()          # replies held back while pipelined commands wait (see push)
         self._deadline = 0.0          # when an idle session is closed (loop time; see _reset_timeout)
         self._timer_armed = False     # aiosmtpd's _timeout_handle is scheduled, for _timeout_due
         if "loop" not in options:   # aiosmtpd finds it the slow way (get_event_loop, its warnings caught)
@@ -242,6 +245,8 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
         else:
             self._timer_armed = False
+            if self._unsent and self.transport is not None:
+                self._write_now(b"")
             self._timeout_cb()
 
     def eof_received(self):
@@ -309,7 +314,7 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         self._door.refused(reason)
         if self._on_refusal is not None:
             self._on_refusal("5.5.1")
-        self.transport.write(f"554 5.5.1 Protocol error: {why}\r\n".encode())
+        self._write_now(f"554 5.5.1 Protocol error: {why}\r\n".encode())
         self.transport.close()
 
     async def _handle_client(self) -> None:
@@ -386,11 +391,29 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         if self._on_refusal is not None:
             self._on_refusal("5.5.2")
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(f"521 5.5.2 {self.hostname} Error: {violation.value} received; lines end "
-                                 f"with CRLF (RFC 5321 2.3.8)\r\n".encode())
+            self._write_now(f"521 5.5.2 {self.hostname} Error: {violation.value} received; lines end "
+                            f"with CRLF (RFC 5321 2.3.8)\r\n".encode())
             self.transport.close()
 
+    # Replies to pipelined commands (RFC 2920 3.2: the server may buffer them while more commands are
+    # waiting) go out together: a 250 is held back while the client's next command is already in the
+    # reader, and leaves with the next reply (MAIL, RCPT and DATA pipelined: one write for the three, not
+    # three). Only 250s are held (a 221 or a refusal may be followed by the end of the session), and
+    # never the 250 for a message's content: a client that hears it at once need not send it again.
+    # Every write of ours sends what is held first.
     async def push(self, status) -> None:
+        await self._push(status, may_hold=True)
+
+    def _command_waiting(self) -> bool:
+        return self._reader is not None and b"\n" in self._reader._buffer
+
+    def _write_now(self, data: bytes) -> None:
+        """A write outside push (a refusal that ends the session): the replies held back go first."""
+        if self._unsent:
+            data, self._unsent = bytes(self._unsent) + data, bytearray()
+        self.transport.write(data)
+
+    async def _push(self, status, *, may_hold: bool) -> None:
         reply = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
         if not self._greeting_lines:
             reply = with_enhanced_code(reply)
@@ -400,6 +423,12 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         if self._continued:
             reply, self._continued = b"".join(self._continued) + reply, []
         self._awaiting_reply = False   # a reply's last line: the client may send its next command
+        if may_hold and reply[:4] == b"250 " and self._command_waiting():
+            self._unsent += reply + b"\r\n"
+            self.refusal_counted = False
+            return
+        if self._unsent:
+            reply, self._unsent = bytes(self._unsent) + reply, bytearray()
         await super().push(reply)
         refusal = reply[:1] in (b"4", b"5")
         if refusal and not self.refusal_counted and self._on_refusal is not None:
@@ -472,7 +501,7 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
                 return  # answered with 521 and closed as soon as it was read
             reply = _CONTENT_REFUSALS[reader.violation]
         if self.transport is not None:  # not after the connection was lost while the message was committed
-            await self.push(reply)
+            await self._push(reply, may_hold=False)
             self._reset_timeout()
 
     async def smtp_BDAT(self, arg: str) -> None:

@@ -172,6 +172,14 @@ def the_timer_connection_lost_cancels(smtp, name):
     assert "self._timeout_handle.cancel()" in inspect.getsource(SMTP.connection_lost), RECHECK
 
 
+def the_reader_holds_waiting_commands(smtp, name):
+    # push holds a 250 back while a command waits: a line end in the reader's buffer (asyncio's StreamReader).
+    assert "self._reader = reader" in inspect.getsource(SMTP._cb_client_connected), RECHECK
+    reader = asyncio.StreamReader(loop=smtp.loop)
+    reader.feed_data(b"RCPT TO:<a@example.org>\r\n")
+    assert isinstance(reader._buffer, bytearray) and bytes(reader._buffer).endswith(b"\r\n"), RECHECK
+
+
 EXPECTED = {
     "__init__": verbs_found_through_dir,
     "_getaddr": getaddr_method,
@@ -189,6 +197,7 @@ EXPECTED = {
     "_reset_timeout": plain_method("duration"),
     "_timeout_handle": the_timer_connection_lost_cancels,
     "_timeout_cb": plain_method(),
+    "_reader": the_reader_holds_waiting_commands,
     "_timeout_duration": instance_attribute(123.0),
     "push": coroutine_method("status"),
     "TLSSetupException": exception_class,
@@ -290,6 +299,45 @@ def test_the_adapter_takes_no_name_its_base_classes_use(smtp):
     assert ours & used <= shared_on_purpose, f"the adapter sets names its bases use: {sorted(ours & used - shared_on_purpose)}"
 
 
+def test_replies_to_pipelined_commands_go_out_together(smtp):
+    """A 250 waits while the next command is already read, and leaves with the next reply; a refusal, a
+    221, or a 250 with no command waiting go out at once, with whatever was held before them."""
+    smtp._writer, smtp.session = RecordingWriter(), aiosmtpd.smtp.Session(smtp.loop)
+    smtp._reader = reader = asyncio.StreamReader(loop=smtp.loop)
+    reader.feed_data(b"RCPT TO:<a@example.org>\r\nDATA\r\n")
+
+    def push(*replies, may_hold=True):
+        for reply in replies:
+            smtp.loop.run_until_complete(smtp._push(reply, may_hold=may_hold))
+
+    push("250 OK")                                # MAIL's, RCPT and DATA waiting
+    assert smtp._writer.writes == []
+    reader._buffer.clear()
+    reader.feed_data(b"DATA\r\n")
+    push("250 OK")                                # RCPT's, DATA waiting
+    assert smtp._writer.writes == []
+    reader._buffer.clear()
+    push("354 End data with <CR><LF>.<CR><LF>")   # nothing waits: all three in one write
+    assert smtp._writer.writes == [b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"]
+    reader.feed_data(b"QUIT\r\n")
+    push("250 2.0.0 OK queued as 1", may_hold=False)   # the message's own 250: never held
+    push("550 5.1.1 No such user")                # a refusal: never held
+    assert smtp._writer.writes[1:] == [b"250 2.0.0 OK queued as 1\r\n", b"550 5.1.1 No such user\r\n"]
+    push("250 OK")
+    assert len(smtp._writer.writes) == 3 and smtp._unsent
+    push("221 2.0.0 Bye")                         # QUIT's: never held, and takes the held 250 with it
+    assert smtp._writer.writes[3:] == [b"250 2.0.0 OK\r\n221 2.0.0 Bye\r\n"] and not smtp._unsent
+
+
+def test_a_refusal_written_directly_sends_the_held_replies_first(smtp):
+    sent = []
+    smtp.transport = type("Transport", (), {"write": lambda self, data: sent.append(bytes(data))})()
+    smtp._unsent += b"250 2.0.0 OK\r\n"
+    smtp._write_now(b"521 5.5.2 bare LF\r\n")
+    assert sent == [b"250 2.0.0 OK\r\n521 5.5.2 bare LF\r\n"] and not smtp._unsent
+    smtp.transport = None
+
+
 def test_help_still_lists_data(smtp):
     assert smtp._syntax_available(smtp._smtp_methods["DATA"]), RECHECK
 
@@ -309,6 +357,7 @@ class RecordingWriter:
 def test_a_multi_line_reply_goes_out_in_one_write(smtp, greeting):
     """Each write is a system call (25 us on the VM that benchmarks the edge): EHLO's eight lines are one."""
     smtp._writer, smtp.session = RecordingWriter(), aiosmtpd.smtp.Session(smtp.loop)
+    smtp._reader = asyncio.StreamReader(loop=smtp.loop)
     smtp._greeting_lines = greeting
     refusals = []
     smtp._on_refusal = refusals.append

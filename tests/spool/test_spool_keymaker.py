@@ -47,11 +47,11 @@ def wait_for(condition, what: str, timeout: float = 30.0) -> None:
 
 def test_keys_made_ahead_seal_messages_home_unseals(keys, maker, tmp_path):
     public, private = keys
-    wait_for(lambda: maker._ready.full(), "the key maker to fill its queue")
+    wait_for(lambda: maker.ready() == 8, "the key maker to fill its deque")
     spool = Spool(tmp_path / "spool", public, 1 << 30, 1000, message_keys=maker)
     try:
         sent = {}
-        for number in range(20):   # more than the queue holds: some are made inline, or after a refill
+        for number in range(20):   # more than the deque holds: some are made inline, or after a refill
             message = f"Subject: {number}\r\n\r\nbody {number}\r\n".encode() * (number + 1)
             sent[spool.accept({"n": number}, [message])] = (number, message)
         assert maker.made_ahead >= 8 and maker.made_ahead + maker.made_inline == 20
@@ -68,14 +68,14 @@ def test_keys_made_ahead_seal_messages_home_unseals(keys, maker, tmp_path):
 def test_ids_are_never_repeated(maker):
     ids = set()
     for _ in range(300):
-        wait_for(lambda: not maker._ready.empty(), "a key made ahead")
+        wait_for(lambda: maker.ready() > 0, "a key made ahead")
         ids.add(maker.take().spool_id)
     assert len(ids) == 300 and maker.made_ahead == 300
 
 
 def test_a_killed_key_maker_costs_speed_not_mail(keys, maker, tmp_path, caplog):
     public, private = keys
-    wait_for(lambda: maker._ready.full(), "the key maker to fill its queue")
+    wait_for(lambda: maker.ready() == 8, "the key maker to fill its deque")
     spool = Spool(tmp_path / "spool", public, 1 << 30, 1000, message_keys=maker)
     try:
         with caplog.at_level(logging.WARNING, logger="yestls.spool"):
@@ -89,7 +89,7 @@ def test_a_killed_key_maker_costs_speed_not_mail(keys, maker, tmp_path, caplog):
         ids += [spool.accept({}, [b"Subject: after\r\n\r\nstill sealed\r\n"]) for _ in range(8)]  # queued
         inline = maker.made_inline
         ids += [spool.accept({}, [b"Subject: after\r\n\r\nstill sealed\r\n"]) for _ in range(3)]
-        assert maker.made_inline == inline + 3 and maker._ready.empty()
+        assert maker.made_inline == inline + 3 and maker.ready() == 0
         names = {entry.id: entry.name for entry in spool.list()}
         assert len(names) == len(ids)
         for spool_id in ids:
@@ -100,7 +100,7 @@ def test_a_killed_key_maker_costs_speed_not_mail(keys, maker, tmp_path, caplog):
 
 
 def test_with_no_key_ready_a_key_is_made_inline(keys, maker):
-    while not maker._ready.empty():
+    while not maker.ready() == 0:
         maker._ready.get_nowait()
     os.kill(maker.pid, signal.SIGSTOP)   # a child that cannot keep up
     try:
@@ -124,9 +124,9 @@ def test_a_key_maker_that_cannot_start_is_logged_and_keys_are_made_inline(keys, 
     made.close()
 
 
-def test_close_ends_the_child_even_with_its_queue_full(keys):
+def test_close_ends_the_child_even_with_its_deque_full(keys):
     made = KeyMaker(keys[0], DEFAULT_CHUNK_SIZE, ready=2)
-    wait_for(lambda: made._ready.full(), "the key maker to fill its queue")
+    wait_for(lambda: made.ready() == 2, "the key maker to fill its deque")
     made.close()
     assert made._process.poll() is not None and not made._thread.is_alive()
 

@@ -100,9 +100,10 @@ def test_a_killed_key_maker_costs_speed_not_mail(keys, maker, tmp_path, caplog):
 
 
 def test_with_no_key_ready_a_key_is_made_inline(keys, maker):
-    while not maker.ready() == 0:
-        maker._ready.get_nowait()
+    wait_for(lambda: maker.ready() == 8, "the key maker to fill its deque")
+    time.sleep(0.2)                      # its reader now waits for the deque to run low
     os.kill(maker.pid, signal.SIGSTOP)   # a child that cannot keep up
+    maker._ready.clear()
     try:
         inline = maker.made_inline
         key = maker.take()

@@ -12,11 +12,12 @@ another core and the edge takes one per message:
   block) to stdout until the pipe is full (it then waits) or closed (the edge
   is gone: it exits);
 - in the edge a thread reads the records into a deque of up to READY keys
-  (and, full, waits until `take` has brought it under half); `take` never
-  waits and takes no lock (a queue.Queue's per-item locking and wake-ups
-  cost the event loop 4% of its time):  with none ready (the child starting, slow, or dead) the key is
-  made inline, as without a KeyMaker. A child that dies is logged and not
-  restarted: the edge goes on making keys inline (slower, never wrong).
+  and, when it is full, waits until `take` has brought it under half;
+- `take` takes no lock (a queue.Queue's per-item locking and wake-ups cost
+  the event loop 4% of its time) and never waits: with none ready (the
+  child starting, slow, or dead) the key is made inline, as without a
+  KeyMaker. A child that dies is logged and not restarted: the edge goes on
+  making keys inline (slower, never wrong).
 
 What changes for secrets: a data key exists a little before its message (in
 the child, the pipe and the deque). A key not yet used protects nothing, and
@@ -66,7 +67,10 @@ class KeyMaker:
         self.made_ahead = 0
         self.made_inline = 0
         self._record = record_length(public_key)
+        if ready < 1:
+            raise ValueError("a key maker keeps at least one key ready")
         self._capacity = ready
+        self._low = max(1, ready // 2)     # under this many, `take` wakes the reader
         self._ready: deque[MessageKey] = deque()
         self._wanted = threading.Event()   # set by `take` once the deque is under half full
         self._closing = False
@@ -98,7 +102,7 @@ class KeyMaker:
             key = self._ready.popleft()
         except IndexError:
             key = None
-        if len(self._ready) < self._capacity // 2 and not self._wanted.is_set():
+        if len(self._ready) < self._low and not self._wanted.is_set():
             self._wanted.set()
         if key is None:
             self.made_inline += 1

@@ -125,6 +125,19 @@ def test_a_key_maker_that_cannot_start_is_logged_and_keys_are_made_inline(keys, 
     made.close()
 
 
+def test_a_key_maker_of_one_is_refilled_after_each_take(keys):
+    made = KeyMaker(keys[0], DEFAULT_CHUNK_SIZE, ready=1)
+    try:
+        for _ in range(3):
+            wait_for(lambda: made.ready() == 1, "the key maker to refill its deque")
+            made.take()
+        assert made.made_ahead == 3 and made.made_inline == 0
+    finally:
+        made.close()
+    with pytest.raises(ValueError, match="at least one"):
+        KeyMaker(keys[0], DEFAULT_CHUNK_SIZE, ready=0)
+
+
 def test_close_ends_the_child_even_with_its_deque_full(keys):
     made = KeyMaker(keys[0], DEFAULT_CHUNK_SIZE, ready=2)
     wait_for(lambda: made.ready() == 2, "the key maker to fill its deque")

@@ -95,7 +95,8 @@ def test_gtube_is_refused_at_smtp_time_and_not_stored(edge, home):
     assert request.headers["From"] == SENDER and request.headers["Rcpt"] == RECIPIENT
     assert request.headers["IP"] == "127.0.0.1" and request.headers["Helo"] == "sender.example.net"
     assert request.body.startswith(b"Received: ") and request.body.endswith(SPAM)
-    assert judge.judged == 1
+    # The judge counts a verdict once the edge has taken it, which can be after the client heard the 550.
+    wait_until(lambda: judge.judged == 1, TIMEOUT, "the judge to count its verdict", edge.log)
 
 
 def test_ham_is_sealed_with_home_verdict_for_exactly_that_message(edge, home):

@@ -29,7 +29,6 @@ each file with O_EXCL.
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -155,12 +154,11 @@ def main() -> int:
     request = json.loads(sys.stdin.read())
     public_key = parse_spool_public_key(request["public_key"])
     chunk_size = int(request["chunk_size"])
-    out = sys.stdout.buffer.fileno()
+    out = sys.stdout.buffer
     try:
         while True:
-            record = memoryview(encode_record(new_message_key(public_key, chunk_size)))
-            while record:
-                record = record[os.write(out, record):]
+            out.write(encode_record(new_message_key(public_key, chunk_size)))
+            out.flush()
     except BrokenPipeError:
         return 0
 

@@ -145,7 +145,7 @@ class Sealer:
     out only once it is known not to be the last.
     """
 
-    def __init__(self, out: BinaryIO, public_key: SpoolPublicKey, key: "MessageKey", metadata: dict):
+    def __init__(self, out: BinaryIO, public_key: SpoolPublicKey, key: MessageKey, metadata: dict):
         suite = public_key.suite
         if len(key.key_block) != key_block_length(suite):
             raise ValueError(f"a {suite.name} key block is {key_block_length(suite)} bytes, not {len(key.key_block)}")

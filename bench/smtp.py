@@ -177,49 +177,38 @@ def deliver(port: int, context: ssl.SSLContext | None, message: bytes, pipelinin
 
     Returns the TLS version and cipher suite, or None in plaintext.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT) as raw:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection, tls = raw, None
-        replies = raw.makefile("rb")
+    connection = open_session(port, context)
+    replies = connection.makefile("rb")
+    try:
+        tls = f"{connection.version()} {connection.cipher()[0]}" if context is not None else None
+        commands = (b"MAIL FROM:<bench@sender.test> SIZE=%d\r\n" % (len(message) - 3),
+                    b"RCPT TO:<user@example.org>\r\n", b"DATA\r\n")
+        if pipelining:
+            connection.sendall(b"".join(commands))
+            for code in (b"250", b"250", b"354"):
+                expect(replies, code)
+        else:
+            for command, code in zip(commands, (b"250", b"250", b"354")):
+                connection.sendall(command)
+                expect(replies, code)
+        connection.sendall(message)
+        expect(replies, b"250")
         try:
-            expect(replies, b"220")
-            raw.sendall(b"EHLO client.sender.test\r\n")
-            expect(replies, b"250")
-            if context is not None:
-                raw.sendall(b"STARTTLS\r\n")
-                expect(replies, b"220")   # nothing follows it before our ClientHello: no buffered bytes lost
-                replies.close()
-                connection = context.wrap_socket(raw, server_hostname=SERVER_NAME)
-                replies = connection.makefile("rb")
-                tls = f"{connection.version()} {connection.cipher()[0]}"
-                connection.sendall(b"EHLO client.sender.test\r\n")
-                expect(replies, b"250")
-            commands = (b"MAIL FROM:<bench@sender.test> SIZE=%d\r\n" % (len(message) - 3),
-                        b"RCPT TO:<user@example.org>\r\n", b"DATA\r\n")
-            if pipelining:
-                connection.sendall(b"".join(commands))
-                for code in (b"250", b"250", b"354"):
-                    expect(replies, code)
-            else:
-                for command, code in zip(commands, (b"250", b"250", b"354")):
-                    connection.sendall(command)
-                    expect(replies, code)
-            connection.sendall(message)
-            expect(replies, b"250")
-            try:
-                connection.sendall(b"QUIT\r\n")
-                expect(replies, b"221")
-            except (OSError, SMTPReplyError):
-                pass   # accepted all the same
-        finally:
-            replies.close()
-            connection.close()
+            connection.sendall(b"QUIT\r\n")
+            expect(replies, b"221")
+        except (OSError, SMTPReplyError):
+            pass   # accepted all the same
+    finally:
+        replies.close()
+        connection.close()
     return tls
 
 
-def open_idle(port: int, context: ssl.SSLContext | None) -> socket.socket:
-    """A session left idle after EHLO (after STARTTLS and EHLO again with a context): the socket to hold."""
+def open_session(port: int, context: ssl.SSLContext | None) -> socket.socket:
+    """A new session after EHLO (after STARTTLS, the handshake verified against the test CA, and EHLO again
+    with a context): nothing unread is left on it."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     connection = raw
     try:
         with raw.makefile("rb") as replies:
@@ -229,7 +218,7 @@ def open_idle(port: int, context: ssl.SSLContext | None) -> socket.socket:
             if context is None:
                 return raw
             raw.sendall(b"STARTTLS\r\n")
-            expect(replies, b"220")
+            expect(replies, b"220")   # nothing follows it before our ClientHello: no buffered bytes lost
         connection = context.wrap_socket(raw, server_hostname=SERVER_NAME)
         with connection.makefile("rb") as replies:
             connection.sendall(b"EHLO client.sender.test\r\n")
@@ -266,13 +255,13 @@ def _held_rss(edge: "EdgeUnderTest", cafile: str, sessions: int, tls: bool) -> d
     context = ssl.create_default_context(cafile=cafile) if tls else None
     pid = edge.edge.process.pid
     for _ in range(20):
-        open_idle(edge.port, context).close()
+        open_session(edge.port, context).close()
     time.sleep(0.5)
     before = rss_kib(pid)
     held = []
     try:
         for _ in range(sessions):
-            held.append(open_idle(edge.port, context))
+            held.append(open_session(edge.port, context))
         time.sleep(0.5)
         after = rss_kib(pid)
     finally:

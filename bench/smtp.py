@@ -172,12 +172,19 @@ def expect(replies, code: bytes) -> None:
             return
 
 
-def deliver(port: int, context: ssl.SSLContext | None, message: bytes, pipelining: bool) -> str | None:
+def client_address(number: int) -> str:
+    """Client `number`'s loopback source address, a /24 of its own: senders come from many networks (a
+    multi-process edge steers each network to one worker; Postfix sees the same addresses)."""
+    return f"127.0.{number % 250 + 1}.1"
+
+
+def deliver(port: int, context: ssl.SSLContext | None, message: bytes, pipelining: bool,
+            source: str) -> str | None:
     """One message over one new connection; raises unless its DATA got 250 (QUIT's fate does not change that).
 
     Returns the TLS version and cipher suite, or None in plaintext.
     """
-    connection = open_session(port, context)
+    connection = open_session(port, context, source)
     replies = connection.makefile("rb")
     try:
         tls = f"{connection.version()} {connection.cipher()[0]}" if context is not None else None
@@ -204,10 +211,10 @@ def deliver(port: int, context: ssl.SSLContext | None, message: bytes, pipelinin
     return tls
 
 
-def open_session(port: int, context: ssl.SSLContext | None) -> socket.socket:
-    """A new session after EHLO (after STARTTLS, the handshake verified against the test CA, and EHLO again
-    with a context): nothing unread is left on it."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT)
+def open_session(port: int, context: ssl.SSLContext | None, source: str) -> socket.socket:
+    """A new session from `source` (a loopback address) after EHLO (after STARTTLS, the handshake verified
+    against the test CA, and EHLO again with a context): nothing unread is left on it."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT, source_address=(source, 0))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     connection = raw
     try:
@@ -236,7 +243,7 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def idle_rss(directory: Path, pki, sessions: int, tls: bool) -> dict:
+def idle_rss(directory: Path, pki, sessions: int, tls: bool, workers: int) -> dict:
     """The edge's resident memory per idle session: `sessions` held open at once, on an edge of its own.
 
     A fresh edge (memory freed by earlier sessions would hide the growth); a
@@ -244,7 +251,7 @@ def idle_rss(directory: Path, pki, sessions: int, tls: bool) -> dict:
     first session's imports and caches) are not counted; then RSS is read
     before and with all `sessions` held, after each was answered.
     """
-    edge = EdgeUnderTest(directory, pki, None)
+    edge = EdgeUnderTest(directory, pki, None, workers=workers)
     try:
         return _held_rss(edge, str(pki.ca_pem), sessions, tls)
     finally:
@@ -254,16 +261,16 @@ def idle_rss(directory: Path, pki, sessions: int, tls: bool) -> dict:
 def _held_rss(edge: "EdgeUnderTest", cafile: str, sessions: int, tls: bool) -> dict:
     context = ssl.create_default_context(cafile=cafile) if tls else None
     pid = edge.edge.process.pid
-    for _ in range(20):
-        open_session(edge.port, context).close()
+    for number in range(20):
+        open_session(edge.port, context, client_address(number)).close()
     time.sleep(0.5)
-    before = rss_kib(pid)
+    before = tree_rss_kib(pid)
     held = []
     try:
         for _ in range(sessions):
-            held.append(open_session(edge.port, context))
+            held.append(open_session(edge.port, context, client_address(len(held))))
         time.sleep(0.5)
-        after = rss_kib(pid)
+        after = tree_rss_kib(pid)
     finally:
         for connection in held:
             connection.close()
@@ -284,11 +291,11 @@ def load_round(port: int, tls: bool, cafile: str, concurrency: int, warmup: floa
     state = {"counted": 0, "accepted": 0, "errors": 0, "samples": [], "tls": {}}
     latencies: list[float] = []
 
-    def worker() -> None:
+    def worker(number: int) -> None:
         while time.monotonic() < end:
             begun = time.monotonic()
             try:
-                tls_used = deliver(port, context, message, pipelining)
+                tls_used = deliver(port, context, message, pipelining, client_address(number))
             except (OSError, SMTPReplyError) as error:   # ssl.SSLError and timeouts are OSErrors
                 with lock:
                     if len(state["samples"]) < 5:
@@ -305,7 +312,7 @@ def load_round(port: int, tls: bool, cafile: str, concurrency: int, warmup: floa
                     latencies.append(now - begun)
 
     cpu = time.process_time()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(number,), daemon=True) for number in range(concurrency)]
     for thread in threads:
         thread.start()
     deadline = end + ROUND_GRACE
@@ -380,18 +387,32 @@ def machine_busy() -> float:
 def tree_cpu(roots: list[int]) -> float:
     """CPU seconds of `roots` and every live descendant (each one's reaped children included)."""
     table = _processes()
+    return sum(table[pid][1] for pid in _tree(table, roots))
+
+
+def tree_rss_kib(root: int) -> int:
+    """Resident memory of `root` and every live descendant (a multi-process edge: its workers too)."""
+    total = 0
+    for pid in _tree(_processes(), [root]):
+        try:
+            total += rss_kib(pid)
+        except (OSError, RuntimeError):
+            pass   # gone meanwhile, or a zombie
+    return total
+
+
+def _tree(table: dict[int, tuple[int, float]], roots: list[int]) -> set[int]:
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in table.items():
         children.setdefault(parent, []).append(pid)
-    total, todo, seen = 0.0, list(roots), set()
+    todo, seen = list(roots), set()
     while todo:
         pid = todo.pop()
         if pid in seen or pid not in table:
             continue
         seen.add(pid)
-        total += table[pid][1]
         todo.extend(children.get(pid, []))
-    return total
+    return seen
 
 
 # --- the edge -----------------------------------------------------------------------------------------
@@ -448,11 +469,11 @@ if _directory and "relay.cli" in " ".join(getattr(sys, "orig_argv", [])):
 class EdgeUnderTest:
     name = "edge"
 
-    def __init__(self, directory: Path, pki, profile_dir: Path | None, verdict: bool = False):
+    def __init__(self, directory: Path, pki, profile_dir: Path | None, verdict: bool = False, workers: int = 1):
         from tests.edge_site import make_edge_site, start_edge
         from tests.oracle_home import start_oracle
 
-        self.site = make_edge_site(directory, pki, smtp_options=EDGE_SMTP_OPTIONS,
+        self.site = make_edge_site(directory, pki, smtp_options=EDGE_SMTP_OPTIONS + f"workers = {workers}\n",
                                    spool_options=EDGE_SPOOL_OPTIONS, top_options="[verdict]\n" if verdict else "")
         self.judge: FakeJudge | None = None
         with open(self.site.oracle.config, "a") as config:   # the [[peer]] table is the file's last
@@ -866,11 +887,12 @@ def run(args) -> None:
     try:
         pki = make_pki(tmp / "pki", key_types=("ecdsa-p256",))
         servers["postfix"] = PostfixUnderTest(tmp / "postfix", pki, args.concurrency)
-        servers["edge"] = EdgeUnderTest(tmp / "edge", pki, args.profile)
+        servers["edge"] = EdgeUnderTest(tmp / "edge", pki, args.profile, workers=args.workers)
         if args.verdict:
             servers["edge_verdict"] = EdgeUnderTest(tmp / "edge-verdict", pki, None, verdict=True)
         if args.idle_sessions:
-            idle = [idle_rss(tmp / f"edge-idle-{tls}", pki, args.idle_sessions, tls) for tls in (False, True)]
+            idle = [idle_rss(tmp / f"edge-idle-{tls}", pki, args.idle_sessions, tls, args.workers)
+                    for tls in (False, True)]
         generator = Generator()
         rounds = measure(args, generator, servers, str(pki.ca_pem))
         accepted = {name: sum(r["accepted"] for r in rounds if r["server"] == name) for name in servers}
@@ -903,6 +925,8 @@ def main(argv=None) -> None:
     parser.add_argument("--verdict", action="store_true",
                         help="also an edge with [verdict] and a judge answering at once: the before-queue cost")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="cProfile the edge under STARTTLS load into DIR")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), metavar="N",
+                        help="the edge's [smtp] workers (default: one per core; --verdict and --profile use 1)")
     parser.add_argument("--idle-sessions", type=int, default=1000, metavar="N",
                         help="idle sessions held at once for the RSS per session (0: not measured)")
     parser.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
@@ -917,6 +941,10 @@ def main(argv=None) -> None:
         parser.error("--rounds must be 1..50, --seconds 0.5..120, --warmup 0..10")
     if not 1 <= args.concurrency <= 256:
         parser.error("--concurrency must be 1..256")
+    if not 1 <= args.workers <= 64:
+        parser.error("--workers must be 1..64")
+    if args.profile and args.workers != 1:
+        parser.error("--profile profiles a one-process edge: add --workers 1")
     if not 0 <= args.idle_sessions <= 1900:
         parser.error("--idle-sessions must be 0..1900 (the edge here takes 2000 connections)")
     run(args)

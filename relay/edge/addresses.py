@@ -10,6 +10,8 @@ would bounce real mail.
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 from relay.addressbook import AddressBook, AddressBookError, from_json, load
@@ -19,18 +21,44 @@ from relay.rpc import Code, RemoteError
 log = logging.getLogger("yestls.edge")
 
 
+RECHECK = 1.0   # seconds between looks at the cache file for a book another process wrote
+
+
 class PublishedAddresses:
-    def __init__(self, path: Path):
+    """The book in force: the last one published here, or the cache file, re-read when it changes.
+
+    Re-reading lets the edge's worker processes (relay/edge/worker.py) follow
+    the book their supervisor received, within RECHECK seconds.
+    """
+
+    def __init__(self, path: Path, clock=time.monotonic):
         self.path = path
+        self.clock = clock
         self._book: AddressBook | None = None
-        if path.exists():
-            try:
-                self._book = load(path)
-            except AddressBookError as error:
-                log.warning("ignoring the cached address book (%s); waiting for home's", error)
+        self._seen: tuple | None = None     # the cache file's identity when last read or written
+        self._checked = -RECHECK
+        self.current()
 
     def current(self) -> AddressBook | None:
+        now = self.clock()
+        if now - self._checked >= RECHECK:
+            self._checked = now
+            self._reread()
         return self._book
+
+    def _reread(self) -> None:
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        seen = (found.st_ino, found.st_mtime_ns, found.st_size)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            self._book = load(self.path)
+        except AddressBookError as error:
+            log.warning("ignoring the cached address book (%s); waiting for home's", error)
 
     async def publish(self, connection, frame) -> tuple[dict, bytes]:
         """RPC method: {"book": <address book>} replaces the one in force."""

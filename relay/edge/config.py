@@ -19,6 +19,7 @@
     max_connections_per_ip = 10
     max_errors = 10
     oracle_down = "tempfail"             # or "resume-only", or "plaintext" (opt-in)
+    workers = 1                          # processes accepting SMTP, or "auto" (one per core): docs/edge.md
 
     [tls]                                # all optional; relay/edge/tls_budget.py explains the budget
     handshakes_per_minute = 30           # full handshakes (each a signature at home) per client address
@@ -87,6 +88,7 @@
     identity = "ed25519:..."             # home's `yestls keys identity-new`
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +119,8 @@ class SmtpSettings:
     max_connections_per_ip: int
     max_errors: int
     oracle_down: str
+    # Processes accepting SMTP (relay/edge/workers.py); 1 = the edge is one process, as before workers.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,13 @@ def _positive(n) -> bool:
     return n > 0
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: int | str) -> int:
+    return min(os.cpu_count() or 1, MAX_WORKERS) if value == "auto" else value
+
+
 def load(path: Path) -> EdgeConfig:
     table = Table.load(path)
     hostname = table.get("hostname", str, check=lambda h: normal_domain(h) is not None,
@@ -238,6 +249,9 @@ def load(path: Path) -> EdgeConfig:
         max_connections_per_ip=smtp.get("max_connections_per_ip", int, default=10, check=_positive),
         max_errors=smtp.get("max_errors", int, default=10, check=_positive),
         oracle_down=oracle_down,
+        workers=_workers(smtp.get("workers", (int, str), default=1,
+                                  check=lambda w: w == "auto" or (isinstance(w, int) and 1 <= w <= MAX_WORKERS),
+                                  hint=f'1..{MAX_WORKERS}, or "auto" (one per CPU core)')),
     )
     smtp.done()
     tls_settings = _tls_settings(table.table("tls"))

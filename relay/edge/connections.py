@@ -3,6 +3,12 @@
 import ipaddress
 from collections import Counter
 
+# Connections the kernel completes before the edge accepts them (asyncio's default is 100). A burst beyond
+# it is dropped unanswered (the sender's SYN retried after a second or more); within it, each is accepted
+# and, over max_connections, told 421 at once. Linux caps it at net.core.somaxconn (4096 by default).
+# A multi-process edge has one such backlog per worker.
+SMTP_BACKLOG = 1024
+
 TOO_MANY = "too_many_connections"
 TOO_MANY_FROM_IP = "too_many_connections_from_ip"
 

@@ -209,6 +209,9 @@ class DoorMetrics:
         for reason in DoorReason:
             self.refused.labels(reason.value)
 
+    def counters(self) -> list[MetricCounter]:
+        return [self.refused, self.dns_failures, self.spf]
+
 
 class Door:
     def __init__(self, settings: DoorSettings, registry: CollectorRegistry,

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as MetricCounter
@@ -32,7 +33,7 @@ from relay.audit import AuditLog
 from relay.edge import config as edge_config
 from relay.edge.acme import AcmeChallenges
 from relay.edge.addresses import PublishedAddresses
-from relay.edge.connections import TOO_MANY, ConnectionCounts
+from relay.edge.connections import SMTP_BACKLOG, TOO_MANY, ConnectionCounts
 from relay.edge.connections import client_ip as _ip
 from relay.edge.door import Door
 from relay.edge.handler import SEAL_THREADS, EdgeHandler, TransactionRules
@@ -40,13 +41,16 @@ from relay.edge.recipients import RecipientPolicy
 from relay.edge.tls_budget import Refusal, TlsBudget, Waiting
 from relay.edge.verdict import VerdictDesk
 from relay.edge.web import HTTP_1_1, MTA_STS_PREFIX, WebSite, start_web
+from relay.edge.worker_metrics import Sums
+from relay.edge.workers import ListenSockets, WorkerFailed, Workers
 from relay.identity import IdentityError, load_identity
 from relay.oracle.client import OraclePool, OracleUnavailable
+from relay.spool.desk import SpoolDesk
 from relay.spool.keymaker import KeyMaker
 from relay.spool.keys import parse_spool_public_key
 from relay.spool.metrics import SpoolMetrics
 from relay.spool.sealed import DEFAULT_CHUNK_SIZE
-from relay.spool.store import Spool
+from relay.spool.store import Spool, WritingSpool
 from relay.tls import ServerConfig, TicketKeyring
 
 log = logging.getLogger("yestls.edge")
@@ -69,6 +73,10 @@ class EdgeMetrics:
             "When the leaf of each chain the edge serves expires (Unix time), by the chain's first name",
             ["name"], registry=registry)
 
+    def counters(self) -> list[MetricCounter]:
+        """The counters a worker process counts too (relay/edge/worker_metrics.py adds them up)."""
+        return [self._accepted, self._accepted_bytes, self._refused]
+
     def serving(self, chains) -> None:
         self.certificate_not_after.clear()
         for chain in chains:
@@ -80,12 +88,6 @@ class EdgeMetrics:
 
     def refused(self, reason: str) -> None:
         self._refused.labels(reason).inc()
-
-
-# Connections the kernel completes before the edge accepts them (asyncio's default is 100). A burst beyond
-# it is dropped unanswered (the sender's SYN retried after a second or more); within it, each is accepted
-# and, over max_connections, told 421 at once. Linux caps it at net.core.somaxconn (4096 by default).
-SMTP_BACKLOG = 1024
 
 
 class Admission:
@@ -152,16 +154,18 @@ class BudgetedSigner:
 
 
 class Edge:
-    def __init__(self, config: edge_config.EdgeConfig, pool: OraclePool, spool: Spool, metrics: EdgeMetrics):
+    def __init__(self, config: edge_config.EdgeConfig, pool: OraclePool, spool: WritingSpool, metrics: EdgeMetrics,
+                 tickets: TicketKeyring, verdict=None):
+        """`verdict`: a worker's ForwardedVerdicts (relay/edge/verdict_link.py); by default, with [verdict],
+        the desk home's judge polls."""
         self.config = config
         # The door's checks (relay/edge/door.py): none unless [door] configures some.
         self.door = Door(config.door, metrics.registry) if config.door.enabled else None
         self.pool = pool
         self.spool = spool
         self.metrics = metrics
-        # In memory only; survives certificate refreshes. Short-lived: see TlsSettings.
-        self.tickets = TicketKeyring(os.urandom, lifetime=config.tls.ticket_lifetime,
-                                     rotate_every=config.tls.ticket_rotation)
+        # In memory only; survives certificate refreshes. Short-lived: see TlsSettings. Workers share the keys.
+        self.tickets = tickets
         self.tls_config: ServerConfig | None = None
         # The HTTPS listener's: the same chains and tickets, and ALPN http/1.1 (never on SMTP's).
         self.web_tls_config: ServerConfig | None = None
@@ -171,7 +175,9 @@ class Edge:
         self.addresses = (PublishedAddresses(config.state_dir / "addresses.json") if config.addresses_from_home
                           else None)
         # Messages waiting in SMTP sessions for home's before-queue verdict (relay/edge/verdict.py), with [verdict].
-        self.verdict = VerdictDesk(config.verdict, metrics.registry) if config.verdict is not None else None
+        if verdict is None and config.verdict is not None:
+            verdict = VerdictDesk(config.verdict, metrics.registry)
+        self.verdict = verdict
         self.budget = TlsBudget(config.tls.limits)
         self._budget_logged: dict[str, float] = {}   # address -> when its last budget refusal was logged
         self.admission = Admission(self)
@@ -272,29 +278,32 @@ class Edge:
         )
 
 
-async def serve(config: edge_config.EdgeConfig) -> None:
+async def serve(config: edge_config.EdgeConfig, config_path: Path) -> None:
     identity = load_identity(config.oracle.identity_key)
     public_key = parse_spool_public_key(config.spool.public_key)
+    if config.smtp.workers > 1:
+        # Workers seal (relay/edge/worker.py); this process owns the spool and makes no message key.
+        with Spool(config.spool.directory, public_key, config.spool.max_bytes, config.spool.max_files) as spool:
+            await _serve(config, identity, spool, config_path)
+        return
     # Each message's HPKE key is made ahead in a child process, on another core (relay/spool/keymaker.py).
     keys = KeyMaker(public_key, DEFAULT_CHUNK_SIZE)
     try:
         spool = Spool(config.spool.directory, public_key, config.spool.max_bytes, config.spool.max_files,
                       message_keys=keys)
-        await _serve(config, identity, spool)
+        await _serve(config, identity, spool, None)
     finally:
         keys.close()
 
 
-async def _serve(config: edge_config.EdgeConfig, identity, spool: Spool) -> None:
+async def start_edge(config: edge_config.EdgeConfig, identity, spool: WritingSpool, metrics: EdgeMetrics,
+                     tickets: TicketKeyring, verdict=None) -> Edge:
+    """The oracle pool started, the Edge made, its first certificates fetched if an oracle answers soon."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(SEAL_THREADS))
-
-    registry = CollectorRegistry()
-    metrics = EdgeMetrics(registry)
-    SpoolMetrics(spool, registry)
     pool = OraclePool(list(config.oracle.servers), identity, request_timeout=config.oracle.request_timeout)
     await pool.start()
-    edge = Edge(config, pool, spool, metrics)
+    edge = Edge(config, pool, spool, metrics, tickets, verdict)
     # Listen soon even without an oracle: senders then get the policy's answer
     # (421 under tempfail) instead of a refused connection.
     if await pool.wait_ready(2):
@@ -304,15 +313,50 @@ async def _serve(config: edge_config.EdgeConfig, identity, spool: Spool) -> None
             log.warning("no certificates yet (%s); STARTTLS is off until the oracle lists them", error)
     else:
         log.warning("no key oracle answered at start; policy %s applies until one does", config.smtp.oracle_down)
+    return edge
 
-    servers = []
-    for host, port in config.smtp.listen:
-        servers.append(await loop.create_server(edge.smtp_factory, host, port, backlog=SMTP_BACKLOG))
-    for host, port in config.smtp.implicit_tls_listen:
-        factory = tls_listener(edge.tls_setup, lambda: edge.smtp_factory(implicit_tls=True),
-                               admit=lambda peer: edge.admission.admit(peer, implicit_tls=True) is None,
-                               release=edge.admission.release, handshake_timeout=config.smtp.handshake_timeout)
-        servers.append(await loop.create_server(factory, host, port, backlog=SMTP_BACKLOG))
+
+async def smtp_servers(edge: Edge, sockets: "ListenSockets | None" = None) -> list:
+    """The SMTP listeners: on the configured addresses, or on a worker's share of the listening group."""
+    loop = asyncio.get_running_loop()
+    config = edge.config
+    implicit = tls_listener(edge.tls_setup, lambda: edge.smtp_factory(implicit_tls=True),
+                            admit=lambda peer: edge.admission.admit(peer, implicit_tls=True) is None,
+                            release=edge.admission.release, handshake_timeout=config.smtp.handshake_timeout)
+    if sockets is not None:
+        return ([await loop.create_server(edge.smtp_factory, sock=sock) for sock in sockets.smtp]
+                + [await loop.create_server(implicit, sock=sock) for sock in sockets.implicit_tls])
+    return ([await loop.create_server(edge.smtp_factory, host, port, backlog=SMTP_BACKLOG)
+             for host, port in config.smtp.listen]
+            + [await loop.create_server(implicit, host, port, backlog=SMTP_BACKLOG)
+               for host, port in config.smtp.implicit_tls_listen])
+
+
+async def _serve(config: edge_config.EdgeConfig, identity, spool: Spool, config_path: Path | None) -> None:
+    """Serve until stopped: SMTP in this process, or, given `config_path` (which workers load), in workers."""
+    loop = asyncio.get_running_loop()
+    registry = CollectorRegistry()
+    metrics = EdgeMetrics(registry)
+    SpoolMetrics(spool, registry)
+    tickets = TicketKeyring.shared(os.urandom, os.urandom(32), time.time(), lifetime=config.tls.ticket_lifetime,
+                                   rotate_every=config.tls.ticket_rotation)
+    edge = await start_edge(config, identity, spool, metrics, tickets)
+    workers = None
+    if config_path is None:
+        servers = await smtp_servers(edge)
+    else:
+        desk = SpoolDesk(spool, ThreadPoolExecutor(SEAL_THREADS, "spool-commit"))
+        counters = metrics.counters() + (edge.door.metrics.counters() if edge.door is not None else [])
+        if edge.verdict is not None:
+            counters.append(edge.verdict.metrics.outcomes)
+        workers = Workers(config, config_path, desk, tickets, Sums(counters, metrics.connections), edge.verdict)
+        try:
+            await workers.start()
+        except BaseException:
+            await workers.stop()   # those that did start
+            await edge.pool.close()
+            raise
+        servers = []
     if config.web is not None:
         site = WebSite(edge.challenges, config.domains, config.mta_sts.policy())
         servers += await start_web(config.web, site, lambda: edge.web_tls_config,
@@ -323,8 +367,9 @@ async def _serve(config: edge_config.EdgeConfig, identity, spool: Spool) -> None
         metrics_server, _ = start_http_server(config.metrics_listen[1], addr=config.metrics_listen[0],
                                               registry=registry)
     tasks = [loop.create_task(edge.keep_certificates_fresh()), loop.create_task(edge.watch_oracle())]
-    log.info("edge %s listening on %s", config.hostname,
-             ", ".join(f"{h}:{p}" for h, p in config.smtp.listen + config.smtp.implicit_tls_listen))
+    log.info("edge %s listening on %s%s", config.hostname,
+             ", ".join(f"{h}:{p}" for h, p in config.smtp.listen + config.smtp.implicit_tls_listen),
+             f" ({config.smtp.workers} worker processes)" if workers is not None else "")
     stop = daemon.stop_event()
     try:
         await stop.wait()
@@ -333,7 +378,9 @@ async def _serve(config: edge_config.EdgeConfig, identity, spool: Spool) -> None
             task.cancel()
         for server in servers + service_servers:
             server.close()
-        await pool.close()
+        if workers is not None:
+            await workers.stop()
+        await edge.pool.close()
         spool.close()
         if audit is not None:
             audit.close()  # writes the refusal summaries still pending
@@ -358,6 +405,10 @@ async def _start_spool_service(config, spool, edge, registry) -> tuple[list, Aud
 
 
 def run(args) -> int:
+    quiet_aiosmtpd()
+    return daemon.run("edge", lambda: edge_config.load(args.config), lambda config: serve(config, args.config),
+                      (edge_config.ConfigError, IdentityError, ValueError, WorkerFailed))
+
+
+def quiet_aiosmtpd() -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every line at INFO
-    return daemon.run("edge", lambda: edge_config.load(args.config), serve,
-                      (edge_config.ConfigError, IdentityError, ValueError))

@@ -112,10 +112,11 @@ class SpoolStats:
     full_disk: int = 0      # ... because the filesystem was full
 
 
-class _Reservation:
+class Reservation:
     """Room a message being written holds against the caps until it is in the queue or abandoned."""
 
-    def __init__(self, size: int):
+    def __init__(self, ident: str, size: int):
+        self.ident = ident
         self.bytes = size
         self.active = True
 
@@ -131,7 +132,7 @@ class _BudgetedWriter:
     message outgrows the limit.
     """
 
-    def __init__(self, path: Path, spool: "Spool", reservation: _Reservation):
+    def __init__(self, path: Path, spool: "WritingSpool", reservation: Reservation):
         self.path = path
         self.fd: int | None = None
         self.spool = spool
@@ -142,7 +143,7 @@ class _BudgetedWriter:
     def write(self, data: bytes) -> int:
         self.written += len(data)
         if self.written > self.reservation.bytes:
-            self.spool._grow(self.reservation, self.written - self.reservation.bytes)
+            self.spool.grow(self.reservation, self.written - self.reservation.bytes)
         if self.fd is None and len(self._pending) + len(data) <= DEFER_LIMIT:
             self._pending += data
         else:
@@ -180,7 +181,61 @@ class MessageKeys(Protocol):
     def take(self) -> MessageKey: ...
 
 
-class Spool:
+class WritingSpool:
+    """What writes messages into a spool: `accept` and `open`, on top of the room a subclass keeps.
+
+    Spool keeps the room itself; relay.spool.desk.WorkerSpool (an edge worker
+    process) asks the process that owns the spool for it. Either way the
+    sealed file is written into `tmp_dir` here, and `enqueue` makes it durable
+    in queue/.
+    """
+
+    public_key: SpoolPublicKey
+    chunk_size: int
+    tmp_dir: Path
+    message_keys: MessageKeys
+
+    def accept(self, metadata: dict, message_parts: Iterable[bytes], *, size: int | None = None) -> str:
+        """Seal and store a message; returns its spool id once the file and its directory entry are on disk.
+
+        `size` (the message's length in bytes, if known) lets a message that
+        would not fit be refused before anything is written. SpoolFull if a
+        cap would be exceeded; any other exception means nothing was stored.
+        """
+        writer = self.open(metadata, size=size)
+        try:
+            for part in message_parts:
+                writer.write(part)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit()
+
+    def open(self, metadata: dict, *, size: int | None = None) -> "MessageWriter":
+        """Start a message that arrives in pieces: `write` each (sealed as it goes), then `commit` or `abort`.
+
+        SpoolFull at once if the caps leave no room (for `size` bytes, when
+        given); `write` raises SpoolFull when the message outgrows the room.
+        """
+        return MessageWriter(self, metadata, size)
+
+    def reserve(self, expected: int, ident: str) -> Reservation:
+        raise NotImplementedError
+
+    def grow(self, reservation: Reservation, extra: int) -> None:
+        raise NotImplementedError
+
+    def give_back(self, reservation: Reservation) -> None:
+        raise NotImplementedError
+
+    def count_disk_full(self) -> None:
+        raise NotImplementedError
+
+    def enqueue(self, tmp: Path, ident: str, size: int, reservation: Reservation) -> None:
+        raise NotImplementedError
+
+
+class Spool(WritingSpool):
     def __init__(self, directory: Path, public_key: SpoolPublicKey, max_bytes: int, max_files: int, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, clock: Callable[[], float] = time.time,
                  message_keys: "MessageKeys | None" = None):
@@ -209,7 +264,7 @@ class Spool:
         self._last_order = 0
         self._renamed = 0     # renames into queue/ so far
         self._synced = 0      # renames covered by a finished queue/ fsync
-        self._unsynced: dict[int, tuple[SpoolEntry, _Reservation]] = {}
+        self._unsynced: dict[int, tuple[SpoolEntry, Reservation]] = {}
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = set()
         self._accepted = 0
         self._full = {"bytes": 0, "files": 0, "disk": 0}
@@ -270,41 +325,22 @@ class Spool:
             self._last_order = max([self._last_order] + [entry.order for entry in found])
         return removed
 
-    # --- accepting ----------------------------------------------------------------------------------------
+    # --- room: what a MessageWriter holds against the caps (here, or through relay/spool/desk.py) -------------
 
-    def accept(self, metadata: dict, message_parts: Iterable[bytes], *, size: int | None = None) -> str:
-        """Seal and store a message; returns its spool id once the file and its directory entry are on disk.
+    def reserve(self, expected: int, ident: str) -> Reservation:
+        """Room for message `ident`, of `expected` sealed bytes (0: unknown yet); SpoolFull if there is none."""
+        with self._lock:
+            if len(self._entries) + self._reserved_files >= self.max_files:
+                self._full["files"] += 1
+                raise SpoolFull("files", f"the spool holds {self.max_files} messages, its cap")
+            if self._bytes + self._reserved_bytes + max(expected, 1) > self.max_bytes:
+                self._full["bytes"] += 1
+                raise SpoolFull("bytes", f"the message would take the spool past its cap of {self.max_bytes} bytes")
+            self._reserved_files += 1
+            self._reserved_bytes += expected
+            return Reservation(ident, expected)
 
-        `size` (the message's length in bytes, if known) lets a message that
-        would not fit be refused before anything is written. SpoolFull if a
-        cap would be exceeded; any other exception means nothing was stored.
-        """
-        writer = self.open(metadata, size=size)
-        try:
-            for part in message_parts:
-                writer.write(part)
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.commit()
-
-    def open(self, metadata: dict, *, size: int | None = None) -> "MessageWriter":
-        """Start a message that arrives in pieces: `write` each (sealed as it goes), then `commit` or `abort`.
-
-        SpoolFull at once if the caps leave no room (for `size` bytes, when
-        given); `write` raises SpoolFull when the message outgrows the room.
-        """
-        return MessageWriter(self, metadata, size)
-
-    def _check_room(self, expected: int) -> None:
-        if len(self._entries) + self._reserved_files >= self.max_files:
-            self._full["files"] += 1
-            raise SpoolFull("files", f"the spool holds {self.max_files} messages, its cap")
-        if self._bytes + self._reserved_bytes + max(expected, 1) > self.max_bytes:
-            self._full["bytes"] += 1
-            raise SpoolFull("bytes", f"the message would take the spool past its cap of {self.max_bytes} bytes")
-
-    def _grow(self, reservation: _Reservation, extra: int) -> None:
+    def grow(self, reservation: Reservation, extra: int) -> None:
         with self._lock:
             if self._bytes + self._reserved_bytes + extra > self.max_bytes:
                 self._full["bytes"] += 1
@@ -312,13 +348,24 @@ class Spool:
             reservation.bytes += extra
             self._reserved_bytes += extra
 
-    def _release(self, reservation: _Reservation) -> None:
+    def give_back(self, reservation: Reservation) -> None:
+        """The message was abandoned: its room is free again. Safe to repeat."""
+        with self._lock:
+            self._release(reservation)
+
+    def count_disk_full(self) -> None:
+        with self._lock:
+            self._full["disk"] += 1
+
+    def _release(self, reservation: Reservation) -> None:
         if reservation.active:
             reservation.active = False
             self._reserved_files -= 1
             self._reserved_bytes -= reservation.bytes
 
-    def _commit(self, tmp: Path, ident: str, size: int, reservation: _Reservation) -> None:
+    def enqueue(self, tmp: Path, ident: str, size: int, reservation: Reservation) -> None:
+        """Rename the fsync'd `tmp` into queue/ and fsync queue/ (shared with concurrent commits): durable when
+        this returns, and visible to `list` and `wait_for_mail` in order. The reservation becomes the entry."""
         with self._lock:
             # Order and rename together: names in queue/ sort in the order they appeared there.
             order = max(int(self.clock() * 1_000_000), self._last_order + 1)
@@ -485,20 +532,18 @@ class MessageWriter:
     A writer is used by one thread at a time.
     """
 
-    def __init__(self, spool: "Spool", metadata: dict, size: int | None):
+    def __init__(self, spool: "WritingSpool", metadata: dict, size: int | None):
         self.spool = spool
         self._disk_full_counted = False
         expected = sealed_size(spool.public_key.suite, metadata, size, spool.chunk_size) if size is not None else 0
-        self._reservation = _Reservation(expected)
-        with spool._lock:
-            spool._check_room(expected)
-            spool._reserved_files += 1
-            spool._reserved_bytes += expected
+        # The key first: a worker's room is reserved under the message's id (relay/spool/desk.py), so a dead
+        # worker's tmp/ file can be found. A refusal for a full spool wastes a key made ahead.
+        key = spool.message_keys.take()
+        self.id = key.spool_id.hex()
+        self._reservation = spool.reserve(expected, self.id)
         self._sink: _BudgetedWriter | None = None
         self._sealer: Sealer | None = None
         try:
-            key = spool.message_keys.take()   # after the room check: a full spool costs no key
-            self.id = key.spool_id.hex()
             self._sink = _BudgetedWriter(spool.tmp_dir / (self.id + TMP_SUFFIX), spool, self._reservation)
             self._sealer = Sealer(self._sink, spool.public_key, key, metadata)
         except BaseException as error:
@@ -521,7 +566,7 @@ class MessageWriter:
             self._sink.flush()
             os.fsync(self._sink.fd)
             self._sink.close()
-            self.spool._commit(self._sink.path, self.id, written, self._reservation)
+            self.spool.enqueue(self._sink.path, self.id, written, self._reservation)
         except BaseException as error:
             self.abort()
             self._raise_if_disk_full(error)
@@ -533,8 +578,7 @@ class MessageWriter:
         if isinstance(error, OSError) and error.errno in _DISK_FULL:
             if not self._disk_full_counted:
                 self._disk_full_counted = True
-                with self.spool._lock:
-                    self.spool._full["disk"] += 1
+                self.spool.count_disk_full()
             raise SpoolFull("disk", f"the spool's filesystem is full ({os.strerror(error.errno)})") from error
 
     def abort(self) -> None:
@@ -547,8 +591,7 @@ class MessageWriter:
                 os.unlink(self._sink.path)
             except FileNotFoundError:
                 pass
-        with self.spool._lock:
-            self.spool._release(self._reservation)
+        self.spool.give_back(self._reservation)
 
 
 def _wake(future: asyncio.Future) -> None:

@@ -25,11 +25,11 @@ from .events import (
     Tls12SignatureRequest,
 )
 from .server import ServerConnection, State
-from .tickets import SessionState, TicketKeyring
+from .tickets import SessionState, SharedTicketSeed, TicketKeyring
 
 __all__ = [
     "AlertDescription", "CertificateChain", "CipherSuite", "CloseNotifyReceived", "ConnectionClosed",
     "ConnectionEnded", "DataReceived", "Group", "HandshakeComplete", "KeyUpdateReceived", "PeerAlert",
-    "ServerConfig", "ServerConnection", "SessionInfo", "SessionState", "SignatureRequest", "SignatureScheme",
-    "State", "TLSAlert", "TLSError", "TicketKeyring", "Tls12SignatureRequest",
+    "ServerConfig", "ServerConnection", "SessionInfo", "SessionState", "SharedTicketSeed", "SignatureRequest",
+    "SignatureScheme", "State", "TLSAlert", "TLSError", "TicketKeyring", "Tls12SignatureRequest",
 ]

@@ -24,6 +24,7 @@ import asyncio
 import os
 import random
 import re
+import signal
 import smtplib
 import socket
 import ssl
@@ -84,13 +85,16 @@ def make_message(tag: str, rng: random.Random) -> bytes:
 
 
 def sender(number: int, port: int, cafile: str, seed: int, stop: threading.Event, tally: Tally) -> None:
+    """Client `number` sends from 127.0.<number>.1: each client is a network of its own (and, with several
+    workers, each network reaches one worker)."""
     rng = random.Random(seed * 1000 + number)
     context = ssl.create_default_context(cafile=cafile)
     sequence = 0
     while not stop.is_set():
         use_tls = rng.random() < 0.5
         try:
-            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=SOCKET_TIMEOUT)
+            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=SOCKET_TIMEOUT,
+                                  source_address=(f"127.0.{number}.1", 0))
         except (ConnectionRefusedError, smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected,
                 ConnectionResetError):
             with tally.lock:
@@ -194,8 +198,17 @@ def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path, pki):
     for restarted, count in restarts:
         if count:
             assert re.search(rf"removed {count} unfinished file\(s\)", restarted.log()), context
+    check_spool(site, tally, listed, context)
+    assert kills == KILLS, context
+    print(f"crash test {context}: {tally.cut_sessions} sessions cut, {tally.deferred} deferred, "
+          f"{len(os.listdir(queue_dir)) - len(tally.accepted)} stored without a 250, "
+          f"tmp/ leftovers per kill {[len(names) for names in leftovers]}")
 
-    # Everything in queue/ is a whole message that was sent: nothing half-written, nothing foreign.
+
+def check_spool(site, tally: Tally, listed: set[str], context: str) -> None:
+    """Everything in queue/ is a whole message that was sent: nothing half-written, nothing foreign; no
+    acknowledged message is lost, each is under the id its 250 named; home's listing is queue/."""
+    queue_dir = site.spool_dir / "queue"
     key = site.spool_private_key
     stored = {}
     for path in sorted(queue_dir.iterdir()):
@@ -213,19 +226,79 @@ def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path, pki):
         assert (opened.metadata["tls"] is not None) == sent.tls, context
         stored[spool_id] = tag
 
-    # No acknowledged message is lost, and each is under the id its 250 named.
     missing = [sent.message_id for spool_id, sent in tally.accepted.items() if stored.get(spool_id) != sent.message_id]
     assert not missing, f"acknowledged but not in the spool: {missing[:5]} {context}"
     assert listed == set(stored), f"home's listing differs from queue/ {context}"
 
     assert not tally.errors, f"{tally.errors[:5]} {context}"
     # The run did what it claims: kills under load, both kinds of session accepted.
-    assert kills == KILLS, context
     assert tally.cut_sessions > 0, f"no session was ever interrupted by a kill {context}"
     assert {sent.tls for sent in tally.accepted.values()} == {True, False}, context
-    unacknowledged_stored = len(stored) - len(tally.accepted)
-    print(f"crash test {context}: {tally.cut_sessions} sessions cut, {tally.deferred} deferred, {unacknowledged_stored} stored without a 250, "
-          f"tmp/ leftovers per kill {[len(names) for names in leftovers]}")
+
+
+WORKER_KILLS = 6
+SERVING = re.compile(r"edge worker (\d+) of \d+ serving \(pid (\d+)\)")
+
+
+def test_sigkill_of_workers_under_load_loses_no_acknowledged_message(tmp_path, pki):
+    """With two workers: SIGKILL one worker at a time under load (the supervisor starts it again), then the
+    supervisor itself (the workers die with it); the same guarantees hold, and the desk, not a restart,
+    removed each dead worker's unfinished files."""
+    seed = int(os.environ.get("YESTLS_CRASH_SEED") or int.from_bytes(os.urandom(4), "big"))
+    rng = random.Random(seed)
+    site = make_edge_site(tmp_path, pki, smtp_options="workers = 2\nmax_connections_per_ip = 50\n")
+    tmp_dir = site.spool_dir / "tmp"
+    tally = Tally()
+    stop = threading.Event()
+    kills = 0
+    with run_oracle(site.oracle):
+        edge = start_edge(site)
+        threads = [threading.Thread(target=sender, args=(n, site.smtp_port, str(pki.ca_pem), seed, stop, tally),
+                                    daemon=True) for n in range(CLIENTS)]
+        try:
+            for thread in threads:
+                thread.start()
+            while kills < WORKER_KILLS:
+                time.sleep(rng.uniform(*UP_SECONDS))
+                victim = kills % 2      # in turn: each worker restarted after 1 s, then 2, then 4 (dying young)
+                serving = {victim: worker_pid(edge, victim)}
+                os.kill(serving[victim], signal.SIGKILL)
+                kills += 1
+                wait_until(lambda gone=serving[victim], index=victim: worker_pid(edge, index) != gone,
+                           f"worker {victim} started again", edge)
+            edge.process.kill()            # the supervisor: its workers die with it
+            edge.process.wait(timeout=10)
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=SOCKET_TIMEOUT + 5)
+            assert not any(thread.is_alive() for thread in threads), "a client thread did not stop"
+            log = edge.log()
+            edge = start_edge(site)
+            assert os.listdir(tmp_dir) == [], "tmp/ keeps leftovers after a restart"
+            listed = asyncio.run(list_through_service(site))
+        finally:
+            stop.set()
+            edge.kill()
+            for thread in threads:
+                thread.join(timeout=SOCKET_TIMEOUT + 5)
+
+    context = f"(seed {seed}, {kills} worker kills, {len(tally.sent)} sent, {len(tally.accepted)} acknowledged)"
+    assert len(re.findall(r"edge worker \d exited \(status -9\)", log)) == kills, context
+    check_spool(site, tally, listed, context)
+    print(f"worker crash test {context}: {tally.cut_sessions} sessions cut, {tally.deferred} deferred, "
+          f"{log.count('message(s) unfinished')} deaths left unfinished files the desk removed")
+
+
+def worker_pid(edge, index: int) -> int:
+    """Worker `index`'s latest pid, from the log its supervisor and it share."""
+    return {int(i): int(pid) for i, pid in SERVING.findall(edge.log())}[index]
+
+
+def wait_until(condition, what: str, edge, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {edge.log()[-3000:]}"
+        time.sleep(0.05)
 
 
 async def list_through_service(site) -> set[str]:

@@ -372,7 +372,7 @@ def test_nothing_but_sealed_files_in_the_spool(edge):
 def test_the_smtp_listeners_queue_a_burst_of_connections(edge):
     """A listening socket's Send-Q in `ss` is its accept backlog: SMTP_BACKLOG on both SMTP ports (asyncio's
     default of 100 dropped a burst's SYNs unanswered)."""
-    from relay.edge.server import SMTP_BACKLOG
+    from relay.edge.connections import SMTP_BACKLOG
 
     ports = {edge.site.smtp_port, edge.site.implicit_tls_port}
     listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout.splitlines()

@@ -11,6 +11,7 @@ Every wait is bounded; nothing asserts how long anything took.
 import asyncio
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from relay.audit import AuditLog
 from relay.config import ConfigError
 from relay.edge import config as edge_config
 from relay.edge.verdict import PlaintextBuffer, VerdictDesk, VerdictOutcome, VerdictSettings
+from relay.edge.worker_metrics import REPORT_EVERY
 from relay.home.spam import MAX_TOKEN, SpamAction, Verdict, open_verdict, seal_verdict
 from relay.rpc import Code, RemoteError
 from relay.spool.client import SpoolClient
@@ -144,16 +146,28 @@ def home_gone(edge) -> None:
 
 # --- the edge ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def edge(pki, tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-workers"])
+def edge(pki, tmp_path_factory, request):
+    """The edge in one process, then with two worker processes (relay/edge/verdict_link.py: the sessions in
+    the workers ask the supervisor's desk). A worker's counts reach the metrics page within a second."""
     section = f"[verdict]\nbudget = {BUDGET}\nmax_size = {MAX_SIZE}\n"
     with running_edge(tmp_path_factory.mktemp("verdict"), pki, top_options=section,
-                      smtp_options="max_connections_per_ip = 100\n") as running:
+                      smtp_options=f"max_connections_per_ip = 100\nworkers = {request.param}\n") as running:
+        running.workers = request.param
         yield running
 
 
 def outcome(edge, name: VerdictOutcome) -> float:
+    """The count so far, once every worker's last counts reached the supervisor (relay/edge/worker_metrics.py)."""
+    if edge.workers > 1:
+        time.sleep(2 * REPORT_EVERY + 0.2)
     return edge.metric("yestls_edge_verdict_total", outcome=name.value)
+
+
+def counted(edge, name: VerdictOutcome, check) -> None:
+    """Until the metrics page's count for `name` passes `check` (a worker's counts arrive within a second)."""
+    wait_until(lambda: check(edge.metric("yestls_edge_verdict_total", outcome=name.value)), TIMEOUT,
+               f"the {name.value} count", edge.log)
 
 
 def deliver(edge, content: bytes, mail_options: str = ""):
@@ -172,8 +186,9 @@ def test_reject_is_refused_550_and_nothing_is_stored(edge):
         reply = deliver(edge, message("spam"))
     assert reply.code == 550 and reply.enhanced == "5.7.1", reply
     assert spooled(edge) == before and not edge.tmp_files()
-    assert outcome(edge, VerdictOutcome.REJECTED) == rejected + 1
-    assert edge.metric("yestls_edge_refused_total", reason="verdict_rejected") >= 1
+    counted(edge, VerdictOutcome.REJECTED, lambda n: n == rejected + 1)
+    wait_until(lambda: edge.metric("yestls_edge_refused_total", reason="verdict_rejected") >= 1, TIMEOUT,
+               "the refusal counted", edge.log)
     [seen] = home.seen
     assert seen.facts == {"mail_from": SENDER, "rcpt_tos": [RECIPIENT], "client_address": seen.facts["client_address"],
                           "helo": CLIENT_NAME}
@@ -188,7 +203,7 @@ def test_soft_reject_is_deferred_451(edge):
         reply = deliver(edge, message("maybe spam"))
     assert reply.code == 451 and reply.enhanced == "4.7.1", reply
     assert spooled(edge) == before
-    assert outcome(edge, VerdictOutcome.DEFERRED) >= 1
+    counted(edge, VerdictOutcome.DEFERRED, lambda n: n >= 1)
 
 
 def test_no_action_is_accepted_with_a_token_home_verifies(edge):
@@ -203,7 +218,7 @@ def test_no_action_is_accepted_with_a_token_home_verifies(edge):
     verdict = open_verdict(home.key, unsealed.metadata["verdict"]["token"], unsealed.message)
     assert verdict is not None and verdict.action == SpamAction.NO_ACTION
     assert open_verdict(home.key, unsealed.metadata["verdict"]["token"], unsealed.message + b"x") is None
-    assert outcome(edge, VerdictOutcome.ACCEPTED) >= 1
+    counted(edge, VerdictOutcome.ACCEPTED, lambda n: n >= 1)
 
 
 def test_add_header_is_accepted_with_its_verdict(edge):
@@ -220,7 +235,7 @@ def test_without_a_home_the_message_is_accepted_without_asking(edge):
     reply = deliver(edge, message("nobody home"))
     unsealed = edge.unseal(queued_id(reply))
     assert "verdict" not in unsealed.metadata
-    assert outcome(edge, VerdictOutcome.HOME_ABSENT) == absent + 1
+    counted(edge, VerdictOutcome.HOME_ABSENT, lambda n: n == absent + 1)
 
 
 def test_a_home_slower_than_the_budget_gets_not_found_and_the_message_is_accepted(edge):
@@ -231,7 +246,7 @@ def test_a_home_slower_than_the_budget_gets_not_found_and_the_message_is_accepte
     unsealed = edge.unseal(queued_id(reply))   # accepted: a late reject changes nothing
     assert "verdict" not in unsealed.metadata
     assert home.errors == [NOT_FOUND]
-    assert outcome(edge, VerdictOutcome.NO_ANSWER) == no_answer + 1
+    counted(edge, VerdictOutcome.NO_ANSWER, lambda n: n == no_answer + 1)
     assert "home's verdict_answer refused (not_found)" in edge.log()
 
 
@@ -241,7 +256,7 @@ def test_a_home_that_disconnects_mid_request_does_not_hold_the_session(edge):
         reply = deliver(edge, message("home leaves"))
     unsealed = edge.unseal(queued_id(reply))
     assert "verdict" not in unsealed.metadata
-    assert outcome(edge, VerdictOutcome.HOME_GONE) == gone + 1
+    counted(edge, VerdictOutcome.HOME_GONE, lambda n: n == gone + 1)
 
 
 def test_a_declared_size_over_max_size_is_sealed_as_it_arrives_without_asking(edge):
@@ -252,7 +267,7 @@ def test_a_declared_size_over_max_size_is_sealed_as_it_arrives_without_asking(ed
     unsealed = edge.unseal(queued_id(reply))
     assert unsealed.message.endswith(content) and "verdict" not in unsealed.metadata
     assert home.seen == []
-    assert outcome(edge, VerdictOutcome.TOO_LARGE) == too_large + 1
+    counted(edge, VerdictOutcome.TOO_LARGE, lambda n: n == too_large + 1)
 
 
 def test_a_message_growing_past_max_size_mid_data_is_sealed_whole_without_a_verdict(edge):
@@ -312,15 +327,18 @@ def test_status_shows_verdict_counts(edge):
         rows = {row.item: row for row in edge_rows(edge.site.config, 0) if row.section == "verdict"}
         return rows["rejected by verdict"]
 
+    outcome(edge, VerdictOutcome.REJECTED)   # settled
     before = row().value
     for action, times in ((SpamAction.REJECT, 2), (SpamAction.SOFT_REJECT, 1), (SpamAction.NO_ACTION, 1)):
         with home_judging(edge, answering(action)):
             for _ in range(times):
                 deliver(edge, message(f"counted {action.value} {os.urandom(8).hex()}"))
+    expected = {outcome.value: {"rejected": 2, "deferred": 1, "accepted": 1}.get(outcome.value, 0)
+                for outcome in VerdictOutcome}
+    wait_until(lambda: {k: row().value[k] - before[k] for k in before} == expected, TIMEOUT,
+               "the counts on the status page", edge.log)
     after = row()
-    assert {k: after.value[k] - before[k] for k in after.value} == {
-        outcome.value: {"rejected": 2, "deferred": 1, "accepted": 1}.get(outcome.value, 0)
-        for outcome in VerdictOutcome}
+    assert {k: after.value[k] - before[k] for k in after.value} == expected
     assert f"{after.value['rejected']} rejected, {after.value['deferred']} deferred" in after.text
 
 

@@ -24,6 +24,7 @@ import asyncio
 import http.client
 import json
 import logging
+import os
 import socket
 import ssl
 import subprocess
@@ -43,6 +44,7 @@ from relay.mtasts import policy_text
 from relay.rpc import Code, Frame, RemoteError, RpcConnection
 from relay.site import MtaStsMode
 from relay.spool.protocol import SERVICE
+from relay.tls import TicketKeyring
 
 from ..edge_site import make_edge_site
 from ..edge_smtp import CLIENT_NAME, SmtpClient, running_edge, tls_context, wait_until
@@ -456,7 +458,7 @@ def test_a_refresh_gives_smtp_and_https_the_new_chains(tmp_path, pki, sts_pki, c
     renewed = make_pki(tmp_path / "renewed", names=(STS, "mx.example.org"), key_types=("ecdsa-p256",))
     old, new = pki.leaves["ecdsa-p256"].chain, renewed.leaves["ecdsa-p256"].chain
     pool = ListingPool([old])
-    edge = Edge(config, pool, None, EdgeMetrics(registry))
+    edge = Edge(config, pool, None, EdgeMetrics(registry), TicketKeyring(os.urandom))
     for _ in range(2):
         asyncio.run(edge.refresh_certificates())
     assert edge.tls_config.certificates == edge.web_tls_config.certificates == [old]

@@ -102,8 +102,12 @@ Run it
     make bench-smtp (installs Postfix as root when it is missing), or
     .venv/bin/python bench/smtp.py [--rounds 3] [--seconds 4] [--warmup 0.5]
         [--concurrency 16] [--modes plain,starttls] [--no-pipelining] [--verdict] [--profile DIR]
-        [--idle-sessions 1000]
-    `--profile DIR`: after the measured rounds, one more round on the edge in
+        [--idle-sessions 1000] [--workers N]
+    `--workers N`: the edge's `[smtp] workers` (default: one per core; the
+    `--verdict` edge runs with one). Client k sends from 127.0.k.1 (a /24 of
+    its own, for both servers), so a multi-process edge spreads them over
+    its workers; the CPU and RSS counted are the edge's whole process tree.
+    `--profile DIR` (with `--workers 1`): after the measured rounds, one more round on the edge in
     the last mode of --modes with cProfile running in the edge process (CPU time per thread,
     the event loop's thread and the sealing threads), written to
     DIR/edge-*.pstats, and the top functions printed. The profiler slows

@@ -236,3 +236,19 @@ def test_workers_killed_under_load_lose_no_acknowledged_message_and_leave_no_fil
         with open(spool.queue_dir / entry.name, "rb") as sealed:
             assert unseal(sealed.read(), keys[1]).message == b"w" * 8192 * 20
     assert spool._reserved_files == 0 and spool._reserved_bytes == 0   # every held room came back
+
+
+def test_a_commit_that_fails_after_its_worker_died_gives_the_room_back(owner, keys):
+    """The worker asks for a commit and dies; the commit fails (here: the file is not the announced size).
+    Whichever comes first, the owner ends with nothing held and no tmp/ file."""
+    spool, desk = owner(max_files=1)
+    owner_end, raw = desk_pair()
+    thread = desk.attach(owner_end, "dying")
+    ident = os.urandom(16)
+    assert ask(raw, Op.RESERVE, 1, ident, 10)[1] == Answer.OK
+    (spool.tmp_dir / (ident.hex() + ".tmp")).write_bytes(b"short")
+    raw.send(REQUEST.pack(Op.COMMIT, 2, ident, 10))
+    raw.close()
+    thread.join(TIMEOUT)
+    wait_until(lambda: spool._reserved_files == 0 and os.listdir(spool.tmp_dir) == [], "the room given back")
+    assert spool.list() == []

@@ -16,8 +16,9 @@ another core and the edge takes one per message:
 - `take` takes no lock (a queue.Queue's per-item locking and wake-ups cost
   the event loop 4% of its time) and never waits: with none ready (the
   child starting, slow, or dead) the key is made inline, as without a
-  KeyMaker. A child that dies is logged and not restarted: the edge goes on
-  making keys inline (slower, never wrong).
+  KeyMaker. A child that dies (or cannot start) is logged and started again
+  after RESTART_PAUSE (doubling while it keeps dying within YOUNG seconds);
+  meanwhile keys are made inline (slower, never wrong).
 
 What changes for secrets: a data key exists a little before its message (in
 the child, the pipe and the deque). A key not yet used protects nothing, and
@@ -33,6 +34,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 
 from relay.spool.keys import SpoolPublicKey, parse_spool_public_key
@@ -41,6 +43,8 @@ from relay.spool.sealed import DATA_KEY_LENGTH, SPOOL_ID_LENGTH, MessageKey, key
 log = logging.getLogger("yestls.spool")
 
 READY = 64   # keys waiting in the edge (about 1.2 KiB each); the pipe holds some 50 more
+RESTART_PAUSE = (1.0, 60.0)   # seconds before a stopped child is started again: first, and at most
+YOUNG = 10.0                  # a child that stopped within this many seconds of its start doubles the pause
 
 
 def record_length(public_key: SpoolPublicKey) -> int:
@@ -58,7 +62,8 @@ def decode_record(record: bytes, chunk_size: int) -> MessageKey:
 
 
 class KeyMaker:
-    """The edge's side: the child process, the thread reading its records, and `take`."""
+    """The edge's side: the child process, the thread reading its records (and starting the child again when
+    it stops), and `take`."""
 
     def __init__(self, public_key: SpoolPublicKey, chunk_size: int, ready: int = READY):
         self.public_key = public_key
@@ -72,11 +77,11 @@ class KeyMaker:
         self._low = max(1, ready // 2)     # under this many, `take` wakes the reader
         self._ready: deque[MessageKey] = deque()
         self._wanted = threading.Event()   # set by `take` once the deque is under half full
-        self._closing = False
+        self._closed = threading.Event()
+        self._lock = threading.Lock()      # the child being replaced, or ended by `close`
         self._process = self._start(public_key, chunk_size)
-        self._thread = threading.Thread(target=self._read, name="keymaker", daemon=True)
-        if self._process is not None:
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="keymaker", daemon=True)
+        self._thread.start()
 
     @staticmethod
     def _start(public_key: SpoolPublicKey, chunk_size: int) -> subprocess.Popen | None:
@@ -93,7 +98,8 @@ class KeyMaker:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        process = self._process
+        return process.pid if process is not None else None
 
     def take(self) -> MessageKey:
         """A key made ahead if one is ready, else one made now (never waits for the child)."""
@@ -114,38 +120,66 @@ class KeyMaker:
         return len(self._ready)
 
     def close(self) -> None:
-        self._closing = True
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(5)
+        self._closed.set()
+        with self._lock:
+            process = self._process
+        if process is not None:
+            _end(process)
         self._wanted.set()   # a reader waiting on a full deque wakes up and stops
         self._thread.join(5)
-        self._process.stdout.close()
         log.info("message keys: %d made ahead by the key maker, %d inline", self.made_ahead, self.made_inline)
 
-    def _read(self) -> None:
-        stream = self._process.stdout
+    def _run(self) -> None:
+        """Read the child while it runs; when it stops, start it again after a pause (RESTART_PAUSE, doubling
+        while it keeps dying young); keys are made inline meanwhile."""
+        pause = 0.0
+        while not self._closed.is_set():
+            process, started = self._process, time.monotonic()
+            if process is not None:
+                self._read(process)
+                if self._closed.is_set():
+                    return
+                _end(process)
+            young = time.monotonic() - started < YOUNG
+            pause = min(max(pause * 2, RESTART_PAUSE[0]), RESTART_PAUSE[1]) if young else RESTART_PAUSE[0]
+            if process is not None:
+                log.warning("the key maker (pid %d) stopped (exit code %s): message keys are made inline, on the "
+                            "event loop's core, until it is started again in %.0f s", process.pid,
+                            process.returncode, pause)
+            if self._closed.wait(pause):
+                return
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                self._process = self._start(self.public_key, self.chunk_size)
+            if self._process is not None:
+                log.info("the key maker runs again (pid %d)", self._process.pid)
+
+    def _read(self, process: subprocess.Popen) -> None:
         try:
-            while not self._closing:
+            while not self._closed.is_set():
                 self._wanted.clear()
                 if len(self._ready) >= self._capacity:
                     self._wanted.wait()
                     continue
-                record = stream.read(self._record)
+                record = process.stdout.read(self._record)
                 if len(record) != self._record:
-                    break
+                    return
                 self._ready.append(decode_record(record, self.chunk_size))
         except (OSError, ValueError) as error:
             log.warning("reading the key maker failed: %s", error)
-        if not self._closing:
-            code = self._process.poll()
-            log.warning("the key maker (pid %d) stopped%s: message keys are made inline from now on, on the "
-                        "event loop's core", self._process.pid, f" (exit code {code})" if code is not None else "")
+
+
+def _end(process: subprocess.Popen) -> None:
+    """The child ended (SIGTERM, then SIGKILL), reaped, its pipe closed."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    process.stdout.close()
 
 
 def main() -> int:

@@ -2,7 +2,8 @@
 
 Keys made by the child seal messages home unseals, in both suites; ids are
 never repeated; a child killed with SIGKILL, or one never ready, costs
-speed, not mail (keys are made inline); the child exits when the edge's end
+speed, not mail (keys are made inline), and a dead child is started again;
+the child exits when the edge's end
 of the pipe closes; a key of the wrong shape is refused before it seals
 anything; a spool refuses a key source for another key or chunk size.
 """
@@ -17,6 +18,7 @@ import time
 
 import pytest
 
+from relay.spool import keymaker
 from relay.spool.keymaker import KeyMaker, decode_record, encode_record, record_length
 from relay.spool.keys import generate_spool_key, load_spool_private_key, parse_spool_public_key
 from relay.spool.sealed import DEFAULT_CHUNK_SIZE, MessageKey, Sealer, new_message_key, unseal
@@ -73,7 +75,9 @@ def test_ids_are_never_repeated(maker):
     assert len(ids) == 300 and maker.made_ahead == 300
 
 
-def test_a_killed_key_maker_costs_speed_not_mail(keys, maker, tmp_path, caplog):
+def test_a_killed_key_maker_costs_speed_not_mail_and_is_started_again(keys, maker, tmp_path, caplog,
+                                                                       monkeypatch):
+    monkeypatch.setattr(keymaker, "RESTART_PAUSE", (3.0, 60.0))   # room to see keys made inline meanwhile
     public, private = keys
     wait_for(lambda: maker.ready() == 8, "the key maker to fill its deque")
     spool = Spool(tmp_path / "spool", public, 1 << 30, 1000, message_keys=maker)
@@ -90,6 +94,14 @@ def test_a_killed_key_maker_costs_speed_not_mail(keys, maker, tmp_path, caplog):
         inline = maker.made_inline
         ids += [spool.accept({}, [b"Subject: after\r\n\r\nstill sealed\r\n"]) for _ in range(3)]
         assert maker.made_inline == inline + 3 and maker.ready() == 0
+        assert "until it is started again in 3 s" in caplog.text
+        dead = maker.pid
+        with caplog.at_level(logging.INFO, logger="yestls.spool"):
+            wait_for(lambda: maker.pid != dead and maker.ready() == 8, "a new key maker with its deque full")
+        assert f"the key maker runs again (pid {maker.pid})" in caplog.text
+        ahead = maker.made_ahead
+        ids.append(spool.accept({}, [b"Subject: after\r\n\r\nstill sealed\r\n"]))
+        assert maker.made_ahead == ahead + 1
         names = {entry.id: entry.name for entry in spool.list()}
         assert len(names) == len(ids)
         for spool_id in ids:
@@ -112,17 +124,24 @@ def test_with_no_key_ready_a_key_is_made_inline(keys, maker):
         os.kill(maker.pid, signal.SIGCONT)
 
 
-def test_a_key_maker_that_cannot_start_is_logged_and_keys_are_made_inline(keys, monkeypatch, caplog):
+def test_a_key_maker_that_cannot_start_is_logged_keys_are_made_inline_and_it_is_tried_again(keys, monkeypatch,
+                                                                                             caplog):
     def refuse(*args, **kwargs):
         raise PermissionError("exec refused")
 
+    popen = subprocess.Popen
+    monkeypatch.setattr(keymaker, "RESTART_PAUSE", (0.2, 0.2))
     monkeypatch.setattr(subprocess, "Popen", refuse)
     with caplog.at_level(logging.WARNING, logger="yestls.spool"):
         made = KeyMaker(keys[0], DEFAULT_CHUNK_SIZE)
-    assert "did not start (exec refused)" in caplog.text and made.pid is None
-    key = made.take()
-    assert made.made_inline == 1 and len(key.spool_id) == 16
-    made.close()
+    try:
+        assert "did not start (exec refused)" in caplog.text and made.pid is None
+        key = made.take()
+        assert made.made_inline == 1 and len(key.spool_id) == 16
+        monkeypatch.setattr(subprocess, "Popen", popen)   # it can start now: it is tried again
+        wait_for(lambda: made.pid is not None and made.ready() > 0, "the key maker started on a later try")
+    finally:
+        made.close()
 
 
 def test_a_key_maker_of_one_is_refilled_after_each_take(keys):

@@ -20,6 +20,14 @@ def stop_event() -> asyncio.Event:
     return stop
 
 
+def restart_pause(previous: float, lived: float, bounds: tuple[float, float], young: float) -> float:
+    """Seconds to wait before starting again a child that stopped after `lived` seconds: bounds[0], doubled
+    from `previous` (the last pause, 0 at first) while it keeps dying within `young` seconds, at most bounds[1]."""
+    if lived >= young:
+        return bounds[0]
+    return min(max(previous * 2, bounds[0]), bounds[1])
+
+
 def run(name: str, load: Callable[[], object], serve: Callable[[object], Awaitable[None]],
         errors: tuple[type[Exception], ...]) -> int:
     """Load the configuration and serve until stopped; `errors` are the user's to fix: said, exit 2."""

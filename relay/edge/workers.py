@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.daemon import restart_pause
 from relay.edge import config as edge_config
 from relay.edge.connections import SMTP_BACKLOG
 from relay.edge.reuseport import listen_group
@@ -45,7 +46,7 @@ log = logging.getLogger("yestls.edge")
 READY = b"ready\n"        # a worker's first line on stdout, once it serves
 START_TIMEOUT = 60.0      # seconds a worker has to say READY
 RESTART_PAUSE = (1.0, 30.0)
-QUICK_EXIT = 10.0         # a worker that lived less than this died young: the next pause doubles
+YOUNG = 10.0              # a worker that lived less than this died young: the next pause doubles
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,7 @@ class Workers:
             status = await self.processes[index].wait()
             if self._stopping:
                 return
-            young = loop.time() - started < QUICK_EXIT
-            pause = min(max(pause * 2, RESTART_PAUSE[0]), RESTART_PAUSE[1]) if young else RESTART_PAUSE[0]
+            pause = restart_pause(pause, loop.time() - started, RESTART_PAUSE, YOUNG)
             log.warning("edge worker %d exited (status %s); starting it again in %.0f s; its clients' "
                         "connections wait in its backlog meanwhile", index, status, pause)
             while not self._stopping:

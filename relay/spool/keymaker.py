@@ -37,6 +37,7 @@ import threading
 import time
 from collections import deque
 
+from relay.daemon import restart_pause
 from relay.spool.keys import SpoolPublicKey, parse_spool_public_key
 from relay.spool.sealed import DATA_KEY_LENGTH, SPOOL_ID_LENGTH, MessageKey, key_block_length, new_message_key
 
@@ -140,8 +141,7 @@ class KeyMaker:
                 if self._closed.is_set():
                     return
                 _end(process)
-            young = time.monotonic() - started < YOUNG
-            pause = min(max(pause * 2, RESTART_PAUSE[0]), RESTART_PAUSE[1]) if young else RESTART_PAUSE[0]
+            pause = restart_pause(pause, time.monotonic() - started, RESTART_PAUSE, YOUNG)
             if process is not None:
                 log.warning("the key maker (pid %d) stopped (exit code %s): message keys are made inline, on the "
                             "event loop's core, until it is started again in %.0f s", process.pid,

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as MetricCounter
 
 from relay.config import ConfigError
+from relay.daemon import restart_pause
 from relay.edge import config as edge_config
 from relay.edge.addresses import RECHECK, PublishedAddresses
 from relay.edge.worker import worker_config
@@ -121,3 +122,11 @@ def test_a_worker_follows_the_book_its_supervisor_received(tmp_path):
     path.write_text("not json")
     clock.now += RECHECK
     assert follower.current().mailboxes == frozenset({"a@example.org"})   # a broken file keeps the last book
+
+
+def test_the_restart_pause_doubles_while_a_child_dies_young_and_resets_after_a_long_life():
+    pauses, pause = [], 0.0
+    for lived in (1, 1, 1, 1, 1, 1, 1, 100, 1):
+        pause = restart_pause(pause, lived, (1.0, 30.0), 10.0)
+        pauses.append(pause)
+    assert pauses == [1, 2, 4, 8, 16, 30, 30, 1, 2]

@@ -146,22 +146,37 @@ def sender(number: int, port: int, cafile: str, seed: int, stop: threading.Event
             client.close()
 
 
+class Senders:
+    """CLIENTS sender threads, started at once, each from a network of its own, until `stop`."""
+
+    def __init__(self, site, pki, seed: int, tally: Tally):
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=sender, daemon=True,
+                                         args=(n, site.smtp_port, str(pki.ca_pem), seed, self._stop, tally))
+                        for n in range(CLIENTS)]
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> bool:
+        """Tell them to stop and wait (each bounded by its socket timeout); True once every one has."""
+        self._stop.set()
+        for thread in self.threads:
+            thread.join(timeout=SOCKET_TIMEOUT + 5)
+        return not any(thread.is_alive() for thread in self.threads)
+
+
 def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path, pki):
     seed = int(os.environ.get("YESTLS_CRASH_SEED") or int.from_bytes(os.urandom(4), "big"))
     rng = random.Random(seed)
     site = make_edge_site(tmp_path, pki, smtp_options="max_connections_per_ip = 50\n")
     tmp_dir, queue_dir = site.spool_dir / "tmp", site.spool_dir / "queue"
     tally = Tally()
-    stop = threading.Event()
     kills, leftovers = 0, []   # leftovers: files in tmp/ while the edge was dead, per kill
     restarts = []              # the EdgeProcess of each restart
     with run_oracle(site.oracle):
         edge = start_edge(site)
-        threads = [threading.Thread(target=sender, args=(n, site.smtp_port, str(pki.ca_pem), seed, stop, tally),
-                                    daemon=True) for n in range(CLIENTS)]
+        senders = Senders(site, pki, seed, tally)
         try:
-            for thread in threads:
-                thread.start()
             deadline = time.monotonic() + RUN_LIMIT
             while kills < KILLS and time.monotonic() < deadline:
                 time.sleep(rng.uniform(*UP_SECONDS))
@@ -172,10 +187,7 @@ def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path, pki):
                 if kills < KILLS:
                     edge = start_edge(site)
                     restarts.append((edge, len(leftovers[-1])))
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=SOCKET_TIMEOUT + 5)
-            assert not any(thread.is_alive() for thread in threads), "a client thread did not stop"
+            assert senders.stop(), "a client thread did not stop"
 
             # A crash's leftover for certain (a prefix of a real sealed file), then a start with no load.
             accepted_files = sorted(queue_dir.iterdir())
@@ -188,10 +200,8 @@ def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path, pki):
             assert re.search(rf"removed {in_tmp} unfinished file\(s\)", edge.log()), edge.log()[-3000:]
             listed = asyncio.run(list_through_service(site))
         finally:
-            stop.set()
             edge.kill()
-            for thread in threads:
-                thread.join(timeout=SOCKET_TIMEOUT + 5)
+            senders.stop()
 
     context = f"(seed {seed}, {kills} kills, {len(tally.sent)} sent, {len(tally.accepted)} acknowledged)"
     # Each restart removed exactly the leftovers its predecessor's death left in tmp/.
@@ -249,15 +259,11 @@ def test_sigkill_of_workers_under_load_loses_no_acknowledged_message(tmp_path, p
     site = make_edge_site(tmp_path, pki, smtp_options="workers = 2\nmax_connections_per_ip = 50\n")
     tmp_dir = site.spool_dir / "tmp"
     tally = Tally()
-    stop = threading.Event()
     kills = 0
     with run_oracle(site.oracle):
         edge = start_edge(site)
-        threads = [threading.Thread(target=sender, args=(n, site.smtp_port, str(pki.ca_pem), seed, stop, tally),
-                                    daemon=True) for n in range(CLIENTS)]
+        senders = Senders(site, pki, seed, tally)
         try:
-            for thread in threads:
-                thread.start()
             while kills < WORKER_KILLS:
                 time.sleep(rng.uniform(*UP_SECONDS))
                 victim = kills % 2      # in turn: each worker restarted after 1 s, then 2, then 4 (dying young)
@@ -268,19 +274,14 @@ def test_sigkill_of_workers_under_load_loses_no_acknowledged_message(tmp_path, p
                            f"worker {victim} started again", edge)
             edge.process.kill()            # the supervisor: its workers die with it
             edge.process.wait(timeout=10)
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=SOCKET_TIMEOUT + 5)
-            assert not any(thread.is_alive() for thread in threads), "a client thread did not stop"
+            assert senders.stop(), "a client thread did not stop"
             log = edge.log()
             edge = start_edge(site)
             assert os.listdir(tmp_dir) == [], "tmp/ keeps leftovers after a restart"
             listed = asyncio.run(list_through_service(site))
         finally:
-            stop.set()
             edge.kill()
-            for thread in threads:
-                thread.join(timeout=SOCKET_TIMEOUT + 5)
+            senders.stop()
 
     context = f"(seed {seed}, {kills} worker kills, {len(tally.sent)} sent, {len(tally.accepted)} acknowledged)"
     assert len(re.findall(r"edge worker \d exited \(status -9\)", log)) == kills, context

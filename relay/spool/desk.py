@@ -156,7 +156,7 @@ class _OwnerLink:
             try:
                 self.held[ident] = self.spool.reserve(expected, ident)
             except SpoolFull as full:
-                self._answer(number, Answer.FULL, f"{full.reason}\n{full}")
+                self._answer(number, Answer.FULL, _full_text(full))
                 return
         self._answer(number, Answer.OK)
 
@@ -169,7 +169,7 @@ class _OwnerLink:
         try:
             self.spool.grow(reservation, extra)
         except SpoolFull as full:
-            self._answer(number, Answer.FULL, f"{full.reason}\n{full}")
+            self._answer(number, Answer.FULL, _full_text(full))
             return
         self._answer(number, Answer.OK)
 
@@ -193,7 +193,8 @@ class _OwnerLink:
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.spool.count_disk_full()
-                answer, text = Answer.FULL, f"disk\nthe spool's filesystem is full ({error.strerror})"
+                answer, text = Answer.FULL, _full_text(SpoolFull("disk", f"the spool's filesystem is full "
+                                                                         f"({error.strerror})"))
             else:
                 answer, text = Answer.ERROR, f"commit failed: {error}"
         except Exception as error:  # noqa: BLE001 - answered; the worker refuses the message (451) and aborts
@@ -239,6 +240,11 @@ class _OwnerLink:
         if abandoned:
             log.warning("spool desk %s: the worker left %d message(s) unfinished; their room is free and their "
                         "tmp/ files removed", self.name, len(abandoned))
+
+
+def _full_text(full: SpoolFull) -> str:
+    """A FULL answer's text, "reason\nmessage" (WorkerSpool._ask turns it back into the SpoolFull)."""
+    return f"{full.reason}\n{full}"
 
 
 class WorkerSpool(WritingSpool):

@@ -257,13 +257,7 @@ class WorkerSpool(WritingSpool):
 
     def __init__(self, sock: socket.socket, directory: Path, public_key: SpoolPublicKey, message_keys: MessageKeys,
                  *, chunk_size: int = DEFAULT_CHUNK_SIZE, on_lost=None):
-        if message_keys.public_key != public_key or message_keys.chunk_size != chunk_size:
-            raise ValueError("the spool's message keys are for another public key or chunk size")
-        self.directory = Path(directory)
-        self.tmp_dir = self.directory / "tmp"
-        self.public_key = public_key
-        self.chunk_size = chunk_size
-        self.message_keys = message_keys
+        super().__init__(directory, public_key, message_keys, chunk_size)
         self._sock = sock
         self._on_lost = on_lost
         self._send_lock = threading.Lock()

@@ -190,10 +190,14 @@ class WritingSpool:
     in queue/.
     """
 
-    public_key: SpoolPublicKey
-    chunk_size: int
-    tmp_dir: Path
-    message_keys: MessageKeys
+    def __init__(self, directory: Path, public_key: SpoolPublicKey, message_keys: MessageKeys, chunk_size: int):
+        if message_keys.public_key != public_key or message_keys.chunk_size != chunk_size:
+            raise ValueError("the spool's message keys are for another public key or chunk size")
+        self.directory = Path(directory)
+        self.tmp_dir = self.directory / "tmp"
+        self.public_key = public_key
+        self.chunk_size = chunk_size
+        self.message_keys = message_keys
 
     def accept(self, metadata: dict, message_parts: Iterable[bytes], *, size: int | None = None) -> str:
         """Seal and store a message; returns its spool id once the file and its directory entry are on disk.
@@ -243,16 +247,10 @@ class Spool(WritingSpool):
         by default each is made when its message starts."""
         if max_bytes < 1 or max_files < 1:
             raise ValueError("a spool needs max_bytes >= 1 and max_files >= 1")
-        self.message_keys = message_keys or InlineKeys(public_key, chunk_size)
-        if self.message_keys.public_key != public_key or self.message_keys.chunk_size != chunk_size:
-            raise ValueError("the spool's message keys are for another public key or chunk size")
-        self.directory = Path(directory)
-        self.tmp_dir = self.directory / "tmp"
+        super().__init__(directory, public_key, message_keys or InlineKeys(public_key, chunk_size), chunk_size)
         self.queue_dir = self.directory / "queue"
-        self.public_key = public_key
         self.max_bytes = max_bytes
         self.max_files = max_files
-        self.chunk_size = chunk_size
         self.clock = clock
         self._lock = threading.Lock()        # the index, counters and waiters
         self._sync_lock = threading.Lock()   # one queue/ fsync at a time

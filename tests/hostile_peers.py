@@ -42,6 +42,18 @@ async def send(sock: socket.socket, data: bytes, timeout: float = 5) -> None:
     await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, data), timeout)
 
 
+async def send_unless_closed(sock: socket.socket, data: bytes, timeout: float = 5) -> bool:
+    """Send `data`; False if the peer closed (reset or broken pipe) before taking it all.
+
+    For frames a service may refuse from their header alone: it closes as soon as it has read enough to refuse.
+    """
+    try:
+        await send(sock, data, timeout)
+    except (ConnectionResetError, BrokenPipeError):
+        return False
+    return True
+
+
 async def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
     """True once the peer closes (EOF or reset) within `timeout` seconds; what it sends first is discarded."""
     loop = asyncio.get_running_loop()

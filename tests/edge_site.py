@@ -6,6 +6,7 @@
     unsealed = unseal(path_of_a_spool_file.read_bytes(), site.spool_private_key)   # relay.spool.sealed
 """
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +128,11 @@ def start_edge(site: EdgeSite, timeout: float = 30.0, ready: str = r"edge \S+ li
 def run_edge(site: EdgeSite, **options):
     with running(start_edge(site, **options)) as edge:
         yield edge
+
+
+WORKER_SERVING = re.compile(r"edge worker (\d+) of \d+ serving \(pid (\d+),")
+
+
+def worker_pids(edge: ServiceProcess) -> dict[int, int]:
+    """The latest pid of each worker of a multi-process edge, from its log (workers log to the same stderr)."""
+    return {int(index): int(pid) for index, pid in WORKER_SERVING.findall(edge.log())}

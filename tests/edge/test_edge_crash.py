@@ -36,7 +36,7 @@ from relay.spool.client import SpoolClient
 from relay.spool.sealed import unseal
 from relay.spool.store import NAME_PATTERN
 
-from ..edge_site import make_edge_site, start_edge
+from ..edge_site import make_edge_site, start_edge, worker_pids
 from ..oracle_home import run_oracle
 
 CLIENTS = 6                 # concurrent sending threads
@@ -247,7 +247,6 @@ def check_spool(site, tally: Tally, listed: set[str], context: str) -> None:
 
 
 WORKER_KILLS = 6
-SERVING = re.compile(r"edge worker (\d+) of \d+ serving \(pid (\d+)\)")
 
 
 def test_sigkill_of_workers_under_load_loses_no_acknowledged_message(tmp_path, pki):
@@ -267,10 +266,10 @@ def test_sigkill_of_workers_under_load_loses_no_acknowledged_message(tmp_path, p
             while kills < WORKER_KILLS:
                 time.sleep(rng.uniform(*UP_SECONDS))
                 victim = kills % 2      # in turn: each worker restarted after 1 s, then 2, then 4 (dying young)
-                serving = {victim: worker_pid(edge, victim)}
+                serving = {victim: worker_pids(edge)[victim]}
                 os.kill(serving[victim], signal.SIGKILL)
                 kills += 1
-                wait_until(lambda gone=serving[victim], index=victim: worker_pid(edge, index) != gone,
+                wait_until(lambda gone=serving[victim], index=victim: worker_pids(edge)[index] != gone,
                            f"worker {victim} started again", edge)
             edge.process.kill()            # the supervisor: its workers die with it
             edge.process.wait(timeout=10)
@@ -288,11 +287,6 @@ def test_sigkill_of_workers_under_load_loses_no_acknowledged_message(tmp_path, p
     check_spool(site, tally, listed, context)
     print(f"worker crash test {context}: {tally.cut_sessions} sessions cut, {tally.deferred} deferred, "
           f"{log.count('message(s) unfinished')} deaths left unfinished files the desk removed")
-
-
-def worker_pid(edge, index: int) -> int:
-    """Worker `index`'s latest pid, from the log its supervisor and it share."""
-    return {int(i): int(pid) for i, pid in SERVING.findall(edge.log())}[index]
 
 
 def wait_until(condition, what: str, edge, timeout: float = 60.0) -> None:

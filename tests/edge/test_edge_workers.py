@@ -35,14 +35,13 @@ from relay.edge.reuseport import worker_for
 from relay.edge.worker_metrics import REPORT_EVERY
 from relay.spool.sealed import unseal
 
-from ..edge_site import make_edge_site, start_edge
+from ..edge_site import make_edge_site, start_edge, worker_pids
 from ..edge_smtp import MX_NAME, SmtpClient, queued_id, tls_context
 from ..oracle_home import run_oracle
 from .test_edge_crash import list_through_service
 
 WORKERS = 2
 TIMEOUT = 30.0
-SERVING = re.compile(r"edge worker (\d+) of \d+ serving \(pid (\d+)\)")
 
 
 def sources_for(worker: int, count: int = 2) -> list[str]:
@@ -62,11 +61,6 @@ def edge(pki, tmp_path_factory):
             yield site, process
         finally:
             process.stop()
-
-
-def worker_pids(process) -> dict[int, int]:
-    """The latest pid of each worker, from the supervisor's log (workers log to the same stderr)."""
-    return {int(index): int(pid) for index, pid in SERVING.findall(process.log())}
 
 
 def wait_for(condition, what: str, process) -> None:

@@ -31,12 +31,12 @@ fails loudly if any changes):
   being run, so no input is held after it), `check_helo_needed`,
   `check_auth_needed`, `_set_post_data_state`, `envelope` (what aiosmtpd's
   own DATA command does before and after the content, which we replace),
-- `__init__` finding the SMTP verbs (`smtp_*`), AUTH mechanisms (`auth_*`)
-  and the handler's hooks (`handle_*`) with `dir()` and
-  `inspect.getmembers()` on the session and its handler for each new
-  session (the `dir()` of a session, and of the edge's handler, names only
-  those, found once per class: reading every attribute, properties
-  included, cost 190 us a connection),
+- `__init__`, not called: KeylessSMTP sets the state it sets, for the
+  options the edge uses, with the verbs (`smtp_*`), built-in AUTH
+  mechanisms (`auth_*`) and the handler's hooks (`handle_*`) found once per
+  class and handler, where aiosmtpd finds them with `inspect.getmembers()`,
+  `dir()` and `inspect.signature()` for each new session (a sixth of a
+  plain message's CPU); the test compares both states,
 - `_getaddr` and `local_part_limit` (a fast path for the plain `<local@domain>`
   most senders write; anything else goes to aiosmtpd's parser, and
   tests/aio/test_starttls_adapter.py checks that both agree).
@@ -54,14 +54,17 @@ until EHLO is answered, a command sent before the reply to the last one
 
 import asyncio
 import functools
+import inspect
 import logging
 import re
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiosmtpd
-from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
+import aiosmtpd.smtp
+from aiosmtpd.smtp import DATA_SIZE_DEFAULT, SMTP, TLSSetupException, _AuthMechAttr, login_always_fail, syntax
 
 from relay.aio.tls import Signer, TLSServerProtocol
 from relay.edge.door import DoorReason
@@ -191,7 +194,10 @@ class KeylessSMTP(SMTP):
     def __init__(self, handler, *, tls_setup: Callable[[object], tuple[ServerConfig, Signer] | None],
                  admission=None, data_timeout: float = 600.0, handshake_timeout: float = 30.0,
                  max_errors: int = 10, implicit_tls: bool = False,
-                 on_refusal: Callable[[str], None] | None = None, door=None, **options):
+                 on_refusal: Callable[[str], None] | None = None, door=None, hostname: str,
+                 ident: str | None = None, data_size_limit: int | None = DATA_SIZE_DEFAULT,
+                 enable_SMTPUTF8: bool = False, decode_data: bool = False, timeout: float = 300.0,
+                 loop: asyncio.AbstractEventLoop | None = None):
         """`on_refusal(enhanced code)` counts each 4xx/5xx reply the handler did not count itself
         (the handler sets `refusal_counted` when it did). The handler's `open_message(server, session,
         envelope)` returns a MessageSink for DATA content, or a reply that refuses the DATA command."""
@@ -221,15 +227,51 @@ class KeylessSMTP(SMTP):
         self._unsent = bytearray()          # replies held back while pipelined commands wait (see push)
         self._deadline = 0.0          # when an idle session is closed (loop time; see _reset_timeout)
         self._timer_armed = False     # aiosmtpd's _timeout_handle is scheduled, for _timeout_due
-        if "loop" not in options:   # aiosmtpd finds it the slow way (get_event_loop, its warnings caught)
-            try:
-                options["loop"] = asyncio.get_running_loop()
-            except RuntimeError:
-                pass
-        super().__init__(handler, **options)
+        self._set_aiosmtpd_state(handler, loop or asyncio.get_running_loop(), hostname=hostname, ident=ident,
+                                 data_size_limit=data_size_limit, enable_SMTPUTF8=enable_SMTPUTF8,
+                                 decode_data=decode_data, timeout=timeout)
 
-    def __dir__(self) -> list[str]:
-        return names_aiosmtpd_reads(type(self))
+    def _set_aiosmtpd_state(self, handler, loop: asyncio.AbstractEventLoop, *, hostname: str, ident: str | None,
+                            data_size_limit: int | None, enable_SMTPUTF8: bool, decode_data: bool,
+                            timeout: float) -> None:
+        """What aiosmtpd's SMTP.__init__ sets, for the options the edge uses (no AUTH, no PROXY, no call
+        limit, no require_starttls), without its lookups on every new session: it finds the verbs, AUTH
+        mechanisms and handler hooks with inspect.getmembers() and dir() and reads the EHLO hook's
+        signature, a sixth of a plain message's CPU. Here they are found once per class and handler
+        (_lookups); tests/aio/test_starttls_adapter.py checks that this sets what SMTP.__init__ sets."""
+        lookups = _lookups(type(self), handler)
+        self.__ident__ = ident or aiosmtpd.smtp.__ident__
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.command_size_limits.clear()
+        self.hostname = hostname
+        self.require_starttls = None   # as SMTP.__init__ leaves it without a tls_context: falsy
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_methods = {mechanism: _AuthMechAttr(getattr(self, name), True)
+                              for mechanism, name in lookups.auth_mechanisms}
+        self._handle_hooks = lookups.hooks
+        self._ehlo_hook_ver = lookups.ehlo_hook_ver
+        self._smtp_methods = {verb: getattr(self, name) for verb, name in lookups.verbs}
+        self._enforce_call_limit = False
 
     # aiosmtpd asks `if self.tls_context` to decide whether to offer STARTTLS.
     @property
@@ -610,11 +652,29 @@ class KeylessSMTP(SMTP):
         await self.push("502 5.5.1 VRFY command is disabled")
 
 
-@functools.cache
-def names_aiosmtpd_reads(cls: type) -> list[str]:
-    """What aiosmtpd's __init__ looks for, on each new session, in dir() of the session (SMTP verbs, AUTH
-    mechanisms) and of its handler (hooks, AUTH mechanisms): a `__dir__` returning this spares it the rest."""
-    return [name for name in dir(cls) if name.startswith(("smtp_", "auth_", "handle_"))]
+@dataclass(frozen=True)
+class _Lookups:
+    """What SMTP.__init__ looks up for each new session, found once per session class and handler."""
+
+    verbs: tuple[tuple[str, str], ...]             # (verb, method name): smtp_* of the session
+    auth_mechanisms: tuple[tuple[str, str], ...]   # (mechanism, method name): aiosmtpd's built-in auth_*
+    hooks: dict                                    # aiosmtpd's _handle_hooks: the handler's handle_* methods
+    ehlo_hook_ver: str | None                      # "new": the 5-argument handle_EHLO; None: no EHLO hook
+
+
+@functools.lru_cache(maxsize=16)   # one handler per edge (the tests make more)
+def _lookups(cls: type, handler) -> _Lookups:
+    names = dir(cls)
+    hooks = {name[len("handle_"):]: getattr(handler, name) for name in dir(handler) if name.startswith("handle_")}
+    ehlo = hooks.get("EHLO")
+    if ehlo is not None and len(inspect.signature(ehlo).parameters) != 5:
+        raise TypeError("the handler's handle_EHLO must take (server, session, envelope, hostname, responses)")
+    return _Lookups(
+        verbs=tuple((name[len("smtp_"):], name) for name in names if name.startswith("smtp_")),
+        auth_mechanisms=tuple((getattr(getattr(cls, name), "__auth_mechanism_name__",
+                                       name[len("auth_"):].replace("__", "-")), name)
+                              for name in names if name.startswith("auth_")),
+        hooks=hooks, ehlo_hook_ver=None if ehlo is None else "new")
 
 
 def _log_tls(peer, session) -> None:

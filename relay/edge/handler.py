@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 from aiosmtpd.smtp import TLSSetupException
 
-from relay.aio.starttls import names_aiosmtpd_reads
 from relay.edge.door import Door, DoorReason
 from relay.edge.recipients import RecipientPolicy
 from relay.edge.verdict import PlaintextBuffer, VerdictDesk, VerdictOutcome
@@ -64,9 +63,6 @@ class EdgeHandler:
         self.spool = spool
         self.metrics = metrics
         self._tag_key = os.urandom(32)  # this process's only: tags match within one run, and mean nothing later
-
-    def __dir__(self) -> list[str]:
-        return names_aiosmtpd_reads(type(self))   # what aiosmtpd looks for in it on every new session
 
     def address_tag(self, address: str) -> str:
         """A short tag that is the same for the same address while the edge runs, and reveals nothing else."""

@@ -186,6 +186,11 @@ def the_timer_connection_lost_cancels(smtp, name):
     assert "self._timeout_handle.cancel()" in inspect.getsource(SMTP.connection_lost), RECHECK
 
 
+def the_writer_is_the_streams(smtp, name):
+    # aiosmtpd's connection_made (through StreamReaderProtocol) hands it the writer our loop closes when cancelled.
+    assert "self._writer = writer" in inspect.getsource(SMTP._cb_client_connected), RECHECK
+
+
 def the_reader_holds_waiting_commands(smtp, name):
     # push holds a 250 back while a command waits: a line end in the reader's buffer (asyncio's StreamReader).
     assert "self._reader = reader" in inspect.getsource(SMTP._cb_client_connected), RECHECK
@@ -214,6 +219,8 @@ EXPECTED = {
     "_reader": the_reader_holds_waiting_commands,
     "_timeout_duration": instance_attribute(123.0),
     "push": coroutine_method("status"),
+    "handle_exception": coroutine_method("error"),
+    "_writer": the_writer_is_the_streams,
     "TLSSetupException": exception_class,
     "tls_context": tls_context_attribute,
 }

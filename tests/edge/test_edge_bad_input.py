@@ -120,6 +120,48 @@ def test_overlong_command_lines(edge):
         client.deliver(SENDER, [RECIPIENT], b"Subject: after long lines\r\n\r\nbody\r\n")
 
 
+def test_the_mail_line_limit_is_this_sessions(edge):
+    """512 bytes a command line (without CRLF); after EHLO, MAIL may be 26 (SIZE=) + 10 (SMTPUTF8) longer.
+    Each session counts its own: aiosmtpd grew one limit shared by all sessions with every EHLO."""
+    def mail_of(length: int) -> str:
+        head = "MAIL FROM:<"
+        tail = f"@{CLIENT_NAME}>"
+        return head + "x" * (length - len(head) - len(tail)) + tail
+
+    for _ in range(3):   # EHLO after EHLO, in sessions after sessions: the limit stays 548
+        with SmtpClient.connect(edge.site.smtp_port) as client:
+            client.ehlo()
+            client.ehlo()
+            assert client.command(mail_of(549)).code == 500
+            reply = client.command(mail_of(548))
+            assert reply.code != 500, reply   # not refused as too long (the local part is: 553)
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.expect(f"HELO {CLIENT_NAME}", 250)
+        assert client.command(mail_of(513)).code == 500
+        assert client.command(mail_of(512)).code != 500
+
+
+@pytest.mark.parametrize("line", [b" ", b"   ", b" NOOP", b"NOOP\tx", b"\xc3\xa9HLO x", b"NO OP"])
+def test_lines_that_are_no_command(edge, line):
+    """An empty or blank line, a verb after a space, a tab, a verb that is not ASCII: 500, the session goes on."""
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.ehlo()
+        reply = client.command(line)
+        assert reply.code == 500 and reply.enhanced.startswith("5.5."), reply
+        assert client.command("NOOP").code == 250
+
+
+def test_five_unknown_commands_end_the_session(edge):
+    with SmtpClient.connect(edge.site.smtp_port) as client:
+        client.ehlo()
+        for number in range(4):
+            reply = client.command(f"XYZZY{number}")
+            assert reply.code == 500 and f'"XYZZY{number}" not recognized' in reply.text, reply
+        reply = client.command("XYZZY")
+        assert reply.code == 502 and "Too many unrecognized commands" in reply.text, reply
+        client.wait_closed(timeout=10)
+
+
 def test_binary_junk(edge, pki):
     with SmtpClient.connect(edge.site.smtp_port) as client:
         client.ehlo()

@@ -605,7 +605,7 @@ class KeylessSMTP(SMTP):
             return
         if self._unsent:
             reply, self._unsent = bytes(self._unsent) + reply, bytearray()
-        await super().push(reply)
+        await self._send(reply)
         refusal = reply[:1] in (b"4", b"5")
         if refusal and not self.refusal_counted and self._on_refusal is not None:
             self._on_refusal(reply[4:9].decode("ascii", "replace").strip() or reply[:3].decode())
@@ -613,8 +613,13 @@ class KeylessSMTP(SMTP):
         if refusal and reply[:3] != b"421":
             self._errors += 1
             if self._errors >= self._max_errors and self.transport is not None:
-                await super().push(b"421 4.7.0 Too many errors in this session, goodbye")
+                await self._send(b"421 4.7.0 Too many errors in this session, goodbye")
                 self.transport.close()
+
+    async def _send(self, reply: bytes) -> None:
+        """One write (what aiosmtpd's push does, without its debug logging call), then the writer's backpressure."""
+        self._writer.write(reply + b"\r\n")
+        await self._writer.drain()
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._greeting_lines = True  # RFC 2034 3: EHLO and HELO replies carry no enhanced codes

@@ -42,6 +42,7 @@ _STANDARDIZED_TAG = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 _DCONTENT = re.compile(r"[\x21-\x5a\x5e-\x7e]+")
 # Control characters, surrogates, private use, and anything that ends a line for some reader.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Zl", "Zp"})
+_ASCII_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f<>]")   # the same, within ASCII: C0 controls, DEL, < and >
 
 
 class AddressError(ValueError):
@@ -58,9 +59,9 @@ def check_mailbox(address, smtputf8: bool, *, what: str = "address") -> str:
         raise AddressError(f"{what} {show(address)} is not valid Unicode") from None
     if octets > MAX_MAILBOX:
         raise AddressError(f"{what} is {octets} octets long, more than {MAX_MAILBOX}")
-    for character in address:
-        if unicodedata.category(character) in _FORBIDDEN_CATEGORIES or character in "<>":
-            raise AddressError(f"{what} {show(address)} holds the character {character!r}")
+    forbidden = _forbidden_character(address)
+    if forbidden is not None:
+        raise AddressError(f"{what} {show(address)} holds the character {forbidden!r}")
     if not address.isascii() and not smtputf8:
         raise AddressError(f"{what} {show(address)} is not ASCII, and the message did not come with SMTPUTF8")
     local, at, domain = address.rpartition("@")
@@ -75,6 +76,17 @@ def check_mailbox(address, smtputf8: bool, *, what: str = "address") -> str:
         raise AddressError(f"{what} {show(address)}: {show(domain)} is neither a domain name nor an "
                             "address literal")
     return address
+
+
+def _forbidden_character(address: str) -> str | None:
+    """The first character of a forbidden category, or `<` or `>`; ASCII (most addresses) by one search."""
+    if address.isascii():
+        found = _ASCII_FORBIDDEN.search(address)
+        return found.group() if found else None
+    for character in address:
+        if unicodedata.category(character) in _FORBIDDEN_CATEGORIES or character in "<>":
+            return character
+    return None
 
 
 def _domain_ok(domain: str, smtputf8: bool) -> bool:

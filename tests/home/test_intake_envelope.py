@@ -8,6 +8,8 @@ message quarantined, nobody's mailbox touched) are in
 tests/home/test_intake_hostile_content.py.
 """
 
+import unicodedata
+
 import pytest
 
 from relay.home.envelope import MAX_RECIPIENTS, Envelope, EnvelopeError, envelope_from_metadata
@@ -76,6 +78,22 @@ def test_addresses_unfit_for_an_lmtp_path_are_refused_with_a_reason(address, smt
         check_mailbox(address, smtputf8)
     assert reason in str(refused.value)
     assert "\r" not in str(refused.value) and "\n" not in str(refused.value), "the reason is one log line"
+
+
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_every_ascii_character_is_judged_as_its_unicode_category_says(smtputf8):
+    """ASCII addresses take a shorter path through the character check: it refuses exactly the characters
+    whose category the long path refuses (controls, DEL) and `<`, `>`, at the start, middle and end."""
+    for code in range(128):
+        character = chr(code)
+        forbidden = unicodedata.category(character) == "Cc" or character in "<>"
+        for address in (f"{character}a@example.org", f"a{character}b@example.org", f"a@example.org{character}"):
+            try:
+                check_mailbox(address, smtputf8)
+                refused_for_it = False
+            except AddressError as error:
+                refused_for_it = f"holds the character {character!r}" in str(error)
+            assert refused_for_it == forbidden, (code, address)
 
 
 def test_what_a_real_edge_records_is_the_envelope():

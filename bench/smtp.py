@@ -102,7 +102,7 @@ Run it
     make bench-smtp (installs Postfix as root when it is missing), or
     .venv/bin/python bench/smtp.py [--rounds 3] [--seconds 4] [--warmup 0.5]
         [--concurrency 16] [--modes plain,starttls] [--no-pipelining] [--verdict] [--profile DIR]
-        [--idle-sessions 1000] [--workers N] [--event-loop uvloop|asyncio]
+        [--idle-sessions 1000] [--workers N]
     `--workers N`: the edge's `[smtp] workers` (default: one per core; the
     `--verdict` edge runs with one). Client k sends from 127.0.k.1 (a /24 of
     its own, for both servers), so a multi-process edge spreads them over
@@ -247,7 +247,7 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def idle_rss(directory: Path, pki, sessions: int, tls: bool, workers: int, event_loop: str) -> dict:
+def idle_rss(directory: Path, pki, sessions: int, tls: bool, workers: int) -> dict:
     """The edge's resident memory per idle session: `sessions` held open at once, on an edge of its own.
 
     A fresh edge (memory freed by earlier sessions would hide the growth); a
@@ -255,7 +255,7 @@ def idle_rss(directory: Path, pki, sessions: int, tls: bool, workers: int, event
     first session's imports and caches) are not counted; then RSS is read
     before and with all `sessions` held, after each was answered.
     """
-    edge = EdgeUnderTest(directory, pki, None, workers=workers, event_loop=event_loop)
+    edge = EdgeUnderTest(directory, pki, None, workers=workers)
     try:
         return _held_rss(edge, str(pki.ca_pem), sessions, tls)
     finally:
@@ -473,14 +473,12 @@ if _directory and "relay.cli" in " ".join(getattr(sys, "orig_argv", [])):
 class EdgeUnderTest:
     name = "edge"
 
-    def __init__(self, directory: Path, pki, profile_dir: Path | None, verdict: bool = False, workers: int = 1,
-                 event_loop: str = "uvloop"):
+    def __init__(self, directory: Path, pki, profile_dir: Path | None, verdict: bool = False, workers: int = 1):
         from tests.edge_site import make_edge_site, start_edge
         from tests.oracle_home import start_oracle
 
         self.site = make_edge_site(directory, pki, smtp_options=EDGE_SMTP_OPTIONS + f"workers = {workers}\n",
-                                   spool_options=EDGE_SPOOL_OPTIONS,
-                                   top_options=f'event_loop = "{event_loop}"\n' + ("[verdict]\n" if verdict else ""))
+                                   spool_options=EDGE_SPOOL_OPTIONS, top_options="[verdict]\n" if verdict else "")
         self.judge: FakeJudge | None = None
         with open(self.site.oracle.config, "a") as config:   # the [[peer]] table is the file's last
             config.write(ORACLE_PEER_OPTIONS)
@@ -826,7 +824,7 @@ def report(args, rounds: list[dict], version: str, queued: dict, accepted: dict,
     print(f"# {args.rounds} interleaved rounds of {args.seconds:g} s (+{args.warmup:g} s warm-up) per server and "
           f"mode; {args.concurrency} concurrent clients in one generator process "
           f"({'pipelined MAIL/RCPT/DATA' if args.pipelining else 'no pipelining'}); {os.cpu_count()} CPUs; "
-          f"Python {sys.version.split()[0]}; the edge: {args.workers} worker(s), {args.event_loop} event loop")
+          f"Python {sys.version.split()[0]}")
     for mode in args.modes:
         per_round = []
         for number in range(args.rounds):
@@ -893,13 +891,11 @@ def run(args) -> None:
     try:
         pki = make_pki(tmp / "pki", key_types=("ecdsa-p256",))
         servers["postfix"] = PostfixUnderTest(tmp / "postfix", pki, args.concurrency)
-        servers["edge"] = EdgeUnderTest(tmp / "edge", pki, args.profile, workers=args.workers,
-                                        event_loop=args.event_loop)
+        servers["edge"] = EdgeUnderTest(tmp / "edge", pki, args.profile, workers=args.workers)
         if args.verdict:
-            servers["edge_verdict"] = EdgeUnderTest(tmp / "edge-verdict", pki, None, verdict=True,
-                                                    event_loop=args.event_loop)
+            servers["edge_verdict"] = EdgeUnderTest(tmp / "edge-verdict", pki, None, verdict=True)
         if args.idle_sessions:
-            idle = [idle_rss(tmp / f"edge-idle-{tls}", pki, args.idle_sessions, tls, args.workers, args.event_loop)
+            idle = [idle_rss(tmp / f"edge-idle-{tls}", pki, args.idle_sessions, tls, args.workers)
                     for tls in (False, True)]
         generator = Generator()
         rounds = measure(args, generator, servers, str(pki.ca_pem))
@@ -935,8 +931,6 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", type=Path, metavar="DIR", help="cProfile the edge under STARTTLS load into DIR")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), metavar="N",
                         help="the edge's [smtp] workers (default: one per core; --verdict and --profile use 1)")
-    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
-                        help="the edge's event_loop (default: uvloop, the edge's default)")
     parser.add_argument("--idle-sessions", type=int, default=1000, metavar="N",
                         help="idle sessions held at once for the RSS per session (0: not measured)")
     parser.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)

@@ -6,10 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
-from enum import Enum
-
-import uvloop
+from collections.abc import Awaitable, Callable
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -31,37 +28,16 @@ def restart_pause(previous: float, lived: float, bounds: tuple[float, float], yo
     return min(max(previous * 2, bounds[0]), bounds[1])
 
 
-class EventLoop(Enum):
-    """Which event loop a service runs on. Both run the same code (the tests run it on each)."""
-
-    ASYNCIO = "asyncio"   # the standard library's selector loop
-    UVLOOP = "uvloop"     # libuv's, through uvloop (MagicStack, maintained): less CPU per socket event
-
-    @classmethod
-    def running(cls) -> "EventLoop":
-        """The loop this code runs on (what the services log at start)."""
-        return cls.UVLOOP if isinstance(asyncio.get_running_loop(), uvloop.Loop) else cls.ASYNCIO
-
-    def run(self, main: Coroutine) -> None:
-        if self is EventLoop.UVLOOP:
-            uvloop.run(main)
-        else:
-            asyncio.run(main)
-
-
 def run(name: str, load: Callable[[], object], serve: Callable[[object], Awaitable[None]],
-        errors: tuple[type[Exception], ...],
-        event_loop: Callable[[object], EventLoop] = lambda config: EventLoop.ASYNCIO) -> int:
-    """Load the configuration and serve until stopped, on the event loop it names (`event_loop(config)`);
-    `errors` are the user's to fix: said, exit 2."""
+        errors: tuple[type[Exception], ...]) -> int:
+    """Load the configuration and serve until stopped; `errors` are the user's to fix: said, exit 2."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     # LOG_FORMAT names no caller, thread or process: not gathering them for every record is the logging
     # HOWTO's "Optimization" advice (a stack walk and three lookups per line the edge writes per message).
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
-        config = load()
-        event_loop(config).run(serve(config))
+        asyncio.run(serve(load()))
     except errors as error:
         print(f"yestls {name}: {error}", file=sys.stderr)
         return 2

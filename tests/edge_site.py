@@ -130,7 +130,7 @@ def run_edge(site: EdgeSite, **options):
         yield edge
 
 
-WORKER_SERVING = re.compile(r"edge worker (\d+) of \d+ serving \(pid (\d+),")
+WORKER_SERVING = re.compile(r"edge worker (\d+) of \d+ serving \(pid (\d+)\)")
 
 
 def worker_pids(edge: ServiceProcess) -> dict[int, int]:

@@ -109,7 +109,7 @@ def with_enhanced_code(reply: bytes) -> bytes:
 # Input held after a DATA/BDAT/STARTTLS line beyond this stops reading from the client until it is answered.
 HELD_INPUT_LIMIT = 64 * 1024
 RECEIVE_BUFFER = 64 * 1024
-_RECEIVE = threading.local()   # the receive buffer of each thread's event loop (see PlainSocket.get_buffer)
+_RECEIVE = threading.local()   # the receive buffer of each thread's event loop (see KeylessSMTP.get_buffer)
 # What `open_message` may answer instead of a sink; and the replies for content refused after its end.
 _CONTENT_REFUSALS = {
     Violation.TOO_BIG: "552 5.3.4 Message too big for system",
@@ -169,55 +169,7 @@ def _command(line: bytes, utf8: bool) -> "tuple[str, str | None] | _Refusal":
     return verb, arg.decode("ascii")
 
 
-class PlainSocket(asyncio.BufferedProtocol):
-    """What a plaintext listener's transport is given: a session's socket side, a BufferedProtocol and nothing else.
-
-    The session (KeylessSMTP) is an asyncio.Protocol too, through aiosmtpd's SMTP. asyncio reads into a
-    protocol's own buffer (get_buffer) whenever it is a BufferedProtocol; uvloop only when it is not also an
-    asyncio.Protocol, and otherwise reads into its own 256 KiB buffer and hands over a bytes copy that nobody
-    wipes. So the transport sees only this, and the client's plaintext lands in the one buffer we wipe.
-    """
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: "KeylessSMTP"):
-        self.session = session
-
-    def connection_made(self, transport) -> None:
-        self.session.connection_made(transport)
-
-    # Plaintext from the socket lands in one buffer (recv_into), is wiped as soon as the session has read
-    # it, and only the pieces that must be kept are copied. The buffer is the event loop's (one per thread),
-    # shared by all its connections: both loops call get_buffer, read into it and call buffer_updated in one
-    # go, and buffer_updated has read and wiped what landed before it returns, so no connection's bytes wait
-    # in it. (A buffer per connection was 64 KiB of every idle session's RSS.)
-    def get_buffer(self, sizehint: int) -> memoryview:
-        buffer = getattr(_RECEIVE, "buffer", None)
-        if buffer is None:
-            buffer = _RECEIVE.buffer = memoryview(bytearray(RECEIVE_BUFFER))
-        return buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        buffer = _RECEIVE.buffer
-        try:
-            self.session.input_received(buffer.obj, nbytes)
-        finally:
-            wipe(buffer, nbytes)
-
-    def eof_received(self):
-        return self.session.eof_received()
-
-    def connection_lost(self, error) -> None:
-        self.session.connection_lost(error)
-
-    def pause_writing(self) -> None:
-        self.session.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.session.resume_writing()
-
-
-class KeylessSMTP(SMTP):
+class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
     """aiosmtpd's SMTP with STARTTLS through the keyless engine.
 
     `tls_setup(peer)` returns (ServerConfig, signer for that client) or None
@@ -382,11 +334,29 @@ class KeylessSMTP(SMTP):
 
     # --- input ------------------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        """From the TLS layer: the plaintext of its records (from the socket: PlainSocket)."""
-        self.input_received(data, len(data))
+    # Plaintext from the socket lands in one buffer (asyncio's BufferedProtocol: recv_into), is wiped as
+    # soon as it is read, and only the pieces that must be kept are copied. The buffer is the event loop's
+    # (one per thread), shared by all its connections: asyncio calls get_buffer, recv_into and
+    # buffer_updated in one go, and buffer_updated has read and wiped what landed before it returns, so
+    # no connection's bytes wait in it. (A buffer per connection was 64 KiB of every idle session's RSS.)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buffer = getattr(_RECEIVE, "buffer", None)
+        if buffer is None:
+            buffer = _RECEIVE.buffer = memoryview(bytearray(RECEIVE_BUFFER))
+        return buffer
 
-    def input_received(self, data, end: int) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
+        buffer = _RECEIVE.buffer
+        try:
+            self._input(buffer.obj, nbytes)
+        finally:
+            wipe(buffer, nbytes)
+
+    def data_received(self, data: bytes) -> None:
+        """From the TLS layer: the plaintext of its records."""
+        self._input(data, len(data))
+
+    def _input(self, data, end: int) -> None:
         """`data[:end]` (bytes or bytearray) as the client sent it."""
         if self.session is None or self.transport is None or self.transport.is_closing():
             return  # refused at greeting, or ending: nothing more is read
@@ -536,7 +506,7 @@ class KeylessSMTP(SMTP):
     def _replay(self, held: list[bytearray]) -> None:
         """Held input, read now as if it had just arrived (content, commands, or held again); then wiped."""
         for piece in held:
-            self.input_received(piece, len(piece))
+            self._input(piece, len(piece))
             wipe(piece)
 
     def _release_held(self) -> None:

@@ -6,7 +6,6 @@
     addresses_from_home = false          # or: the address book home publishes (cached on disk)
     state_dir = "/var/lib/yestls-edge"   # the cached address book
     metrics_listen = "10.77.0.1:9465"    # optional; tunnel address only
-    event_loop = "uvloop"                # or "asyncio" (the standard library's): docs/edge.md
 
     [smtp]
     listen = ["0.0.0.0:25"]
@@ -95,7 +94,6 @@ from pathlib import Path
 
 from relay.audit import AuditSettings, load_audit_settings
 from relay.config import ConfigError, Table
-from relay.daemon import EventLoop
 from relay.edge.door import MAX_SITES, SITE_FORM, DoorSettings, parse_site
 from relay.edge.recipients import normal_address, normal_domain
 from relay.edge.tls_budget import TlsLimits
@@ -199,7 +197,6 @@ class EdgeConfig:
     mta_sts: MtaStsSettings | None = None
     door: DoorSettings = DoorSettings()
     verdict: VerdictSettings | None = None   # [verdict]: None, no before-queue verdict
-    event_loop: EventLoop = EventLoop.UVLOOP
 
 
 def _positive(n) -> bool:
@@ -236,9 +233,6 @@ def load(path: Path) -> EdgeConfig:
         raise table.error("addresses_from_home", "set either `mailboxes` or `addresses_from_home`, not both")
     state_dir = Path(table.get("state_dir", str, default="/var/lib/yestls-edge"))
     metrics = table.address("metrics_listen", default=None, hint='"HOST:PORT" on the tunnel address')
-    event_loop = EventLoop(table.get("event_loop", str, default=EventLoop.UVLOOP.value,
-                                     check=lambda name: name in {loop.value for loop in EventLoop},
-                                     hint=" or ".join(f'"{loop.value}"' for loop in EventLoop)))
 
     smtp = table.table("smtp")
     oracle_down = smtp.get("oracle_down", str, default="tempfail", check=lambda p: p in ORACLE_DOWN_POLICIES,
@@ -315,7 +309,7 @@ def load(path: Path) -> EdgeConfig:
         mailboxes=frozenset(mailboxes) if mailboxes else None, addresses_from_home=from_home,
         state_dir=state_dir, metrics_listen=metrics, smtp=smtp_settings, tls=tls_settings, oracle=oracle_settings,
         spool=spool_settings, spool_service=service, web=web, mta_sts=mta_sts,
-        door=door, verdict=verdict, event_loop=event_loop,
+        door=door, verdict=verdict,
     )
 
 

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as MetricCounter
 
 from relay import daemon
-from relay.aio.starttls import KeylessSMTP, PlainSocket
+from relay.aio.starttls import KeylessSMTP
 from relay.aio.tls import SignatureDeclined, tls_listener
 from relay.audit import AuditLog
 from relay.edge import config as edge_config
@@ -320,16 +320,13 @@ async def smtp_servers(edge: Edge, sockets: "ListenSockets | None" = None) -> li
     """The SMTP listeners: on the configured addresses, or on a worker's share of the listening group."""
     loop = asyncio.get_running_loop()
     config = edge.config
-    def plain() -> PlainSocket:
-        return PlainSocket(edge.smtp_factory())
-
     implicit = tls_listener(edge.tls_setup, lambda: edge.smtp_factory(implicit_tls=True),
                             admit=lambda peer: edge.admission.admit(peer, implicit_tls=True) is None,
                             release=edge.admission.release, handshake_timeout=config.smtp.handshake_timeout)
     if sockets is not None:
-        return ([await loop.create_server(plain, sock=sock) for sock in sockets.smtp]
+        return ([await loop.create_server(edge.smtp_factory, sock=sock) for sock in sockets.smtp]
                 + [await loop.create_server(implicit, sock=sock) for sock in sockets.implicit_tls])
-    return ([await loop.create_server(plain, host, port, backlog=SMTP_BACKLOG)
+    return ([await loop.create_server(edge.smtp_factory, host, port, backlog=SMTP_BACKLOG)
              for host, port in config.smtp.listen]
             + [await loop.create_server(implicit, host, port, backlog=SMTP_BACKLOG)
                for host, port in config.smtp.implicit_tls_listen])
@@ -370,10 +367,9 @@ async def _serve(config: edge_config.EdgeConfig, identity, spool: Spool, config_
         metrics_server, _ = start_http_server(config.metrics_listen[1], addr=config.metrics_listen[0],
                                               registry=registry)
     tasks = [loop.create_task(edge.keep_certificates_fresh()), loop.create_task(edge.watch_oracle())]
-    log.info("edge %s listening on %s (%s event loop%s)", config.hostname,
+    log.info("edge %s listening on %s%s", config.hostname,
              ", ".join(f"{h}:{p}" for h, p in config.smtp.listen + config.smtp.implicit_tls_listen),
-             daemon.EventLoop.running().value,
-             f", {config.smtp.workers} worker processes" if workers is not None else "")
+             f" ({config.smtp.workers} worker processes)" if workers is not None else "")
     stop = daemon.stop_event()
     try:
         await stop.wait()
@@ -411,8 +407,7 @@ async def _start_spool_service(config, spool, edge, registry) -> tuple[list, Aud
 def run(args) -> int:
     quiet_aiosmtpd()
     return daemon.run("edge", lambda: edge_config.load(args.config), lambda config: serve(config, args.config),
-                      (edge_config.ConfigError, IdentityError, ValueError, WorkerFailed),
-                      event_loop=lambda config: config.event_loop)
+                      (edge_config.ConfigError, IdentityError, ValueError, WorkerFailed))
 
 
 def quiet_aiosmtpd() -> None:

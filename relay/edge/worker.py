@@ -53,8 +53,8 @@ def worker_config(config: edge_config.EdgeConfig, count: int) -> edge_config.Edg
     return dataclasses.replace(config, smtp=dataclasses.replace(config.smtp, max_connections=share))
 
 
-async def work(handoff: Handoff, config: edge_config.EdgeConfig) -> None:
-    config = worker_config(config, handoff.count)
+async def work(handoff: Handoff) -> None:
+    config = worker_config(edge_config.load(Path(handoff.config)), handoff.count)
     identity = load_identity(config.oracle.identity_key)
     public_key = parse_spool_public_key(config.spool.public_key)
     stop = daemon.stop_event()
@@ -75,8 +75,7 @@ async def work(handoff: Handoff, config: edge_config.EdgeConfig) -> None:
         servers = await smtp_servers(edge, sockets)
         tasks = [loop.create_task(edge.keep_certificates_fresh()), loop.create_task(edge.watch_oracle()),
                  loop.create_task(report_metrics(registry))]
-        log.info("edge worker %d of %d serving (pid %d, %s event loop)", handoff.index, handoff.count, os.getpid(),
-                 daemon.EventLoop.running().value)
+        log.info("edge worker %d of %d serving (pid %d)", handoff.index, handoff.count, os.getpid())
         say(READY)
         try:
             await stop.wait()
@@ -110,9 +109,8 @@ def main() -> int:
     die_with_parent()
     quiet_aiosmtpd()
     handoff = Handoff.decode(sys.stdin.buffer.readline())
-    return daemon.run(f"edge worker {handoff.index}", lambda: (handoff, edge_config.load(Path(handoff.config))),
-                      lambda loaded: work(*loaded), (edge_config.ConfigError, ValueError),
-                      event_loop=lambda loaded: loaded[1].event_loop)
+    return daemon.run(f"edge worker {handoff.index}", lambda: handoff, work,
+                      (edge_config.ConfigError, ValueError))
 
 
 if __name__ == "__main__":

@@ -307,7 +307,7 @@ def test_the_edge_handlers_ehlo_hook_is_the_current_form(smtp):
 def test_the_adapter_takes_no_name_its_base_classes_use(smtp):
     """A name of ours that aiosmtpd or asyncio also uses would change their state behind them (a `_paused`
     of ours once made asyncio's drain() wait for ever)."""
-    bases = [SMTP, *SMTP.__mro__[1:]]
+    bases = [SMTP, *SMTP.__mro__[1:], asyncio.BufferedProtocol]
     used = set()
     for base in bases:
         try:

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as MetricCounter
 
 from relay.config import ConfigError
-from relay.daemon import EventLoop, restart_pause
+from relay.daemon import restart_pause
 from relay.edge import config as edge_config
 from relay.edge.addresses import RECHECK, PublishedAddresses
 from relay.edge.worker import worker_config
@@ -30,19 +30,6 @@ def test_workers_default_to_one_and_auto_is_the_core_count(pki, tmp_path):
     assert edge_config.load(make_edge_site(tmp_path / "a", pki).config).smtp.workers == 1
     auto = edge_config.load(make_edge_site(tmp_path / "b", pki, smtp_options='workers = "auto"\n').config)
     assert auto.smtp.workers == min(os.cpu_count(), edge_config.MAX_WORKERS)
-
-
-@pytest.mark.parametrize("value", ['"trio"', '"UVLOOP"', "1", '""'])
-def test_a_bad_event_loop_setting_names_the_key_and_the_choices(pki, tmp_path, value):
-    site = make_edge_site(tmp_path, pki, top_options=f"event_loop = {value}\n")
-    with pytest.raises(ConfigError, match=r'event_loop.*"asyncio" or "uvloop"'):
-        edge_config.load(site.config)
-
-
-def test_the_event_loop_defaults_to_uvloop_and_asyncio_may_be_chosen(pki, tmp_path):
-    assert edge_config.load(make_edge_site(tmp_path / "a", pki).config).event_loop is EventLoop.UVLOOP
-    chosen = edge_config.load(make_edge_site(tmp_path / "b", pki, top_options='event_loop = "asyncio"\n').config)
-    assert chosen.event_loop is EventLoop.ASYNCIO
 
 
 def test_each_worker_gets_its_share_of_the_connection_cap(pki, tmp_path):

@@ -111,15 +111,6 @@ def test_service_runs_now_and_at_boot(name, unit):
     assert service.is_enabled
 
 
-@pytest.mark.parametrize(("name", "how"),
-                         [("edge", "uvloop event loop"), ("edge2", "asyncio event loop, 2 worker processes")])
-def test_each_edge_runs_as_its_inventory_says(name, how):
-    """edge on uvloop (the default) in one process; edge2 on the standard library's loop with 2 workers."""
-    started = container(name).check_output(
-        "journalctl -u yestls-edge.service -o cat --no-pager --grep 'listening on .* event loop'")
-    assert started.splitlines()[-1].endswith(f"({how})"), started.splitlines()[-1]
-
-
 @pytest.mark.parametrize("name", ["edge", "home"])
 def test_tcp_listeners_are_exactly_those_of_the_deployment(name):
     """The oracle, the spool service and the metrics on the tunnel address

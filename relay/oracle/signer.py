@@ -28,7 +28,11 @@ on with the keys it holds: a broken import must not take signatures down.
 A key that leaves the listing (retired by a rollover) is still signed with
 for DROPPED_KEY_GRACE seconds, while the edges still present its chain.
 So a new chain reaches the edge without a restart: the edge asks the front,
-the front asks its signing processes (relay/oracle/signers.py).
+the front asks its signing processes (relay/oracle/signers.py). They read
+the keystore one after the other, so a renewal can land between two reads:
+a process whose chain is not the one a transcript presents re-reads the
+keystore and checks again (MISMATCH_RELOAD_SPACING), instead of failing the
+edge's handshakes until the next listing.
 
     python -m relay.oracle.signer --keystore DIR --fd N     (N = 0 under systemd)
 """
@@ -46,6 +50,11 @@ from relay.rpc import Code, Frame, FrameDecoder, FrameError, Kind, encode_frame
 from relay.tls import signing
 
 MAX_FRAME = 1 << 20  # the front already capped what the peer sent
+# The front lists a key's chain once every signing process holds the key, and they re-read the keystore one
+# after the other: a renewal imported between two of those reads leaves this process with the old chain for
+# a key whose new chain an edge now presents. Such a Certificate is refused as a mismatch unless a re-read
+# finds it: this process re-reads the keystore then, at most this often (seconds).
+MISMATCH_RELOAD_SPACING = 1.0
 
 
 class SignerKeys:
@@ -55,6 +64,7 @@ class SignerKeys:
         self.keystore = keystore
         self.by_id: dict[str, PrivateEntry] = {}
         self.dropped: dict[str, tuple[PrivateEntry, float]] = {}   # key id -> (entry, signed with until)
+        self.mismatch_reload_at = -MISMATCH_RELOAD_SPACING   # monotonic time of the last reload_for_mismatch
 
     def reload(self) -> None:
         """Read the keystore again; KeystoreError (the keys held are kept) if it is not usable."""
@@ -67,6 +77,24 @@ class SignerKeys:
                 self.dropped[key_id] = (entry, now + DROPPED_KEY_GRACE)
         self.dropped = {k: v for k, v in self.dropped.items() if k not in served and v[1] > now}
         self.by_id = served
+
+    def reload_for_mismatch(self, now: float) -> bool:
+        """Re-read the keystore because a transcript's Certificate was not the chain held for its key; at
+        most once per MISMATCH_RELOAD_SPACING seconds (a peer cannot make every request read the disk).
+        True if it was read."""
+        if now - self.mismatch_reload_at < MISMATCH_RELOAD_SPACING:
+            return False
+        self.mismatch_reload_at = now
+        return self.reload_or_keep()
+
+    def reload_or_keep(self) -> bool:
+        """reload(); if the keystore cannot be read, say why on stderr and keep the keys held (False)."""
+        try:
+            self.reload()
+        except KeystoreError as error:
+            print(f"yestls signer: keeping the {len(self.by_id)} key(s) held: {error}", file=sys.stderr)
+            return False
+        return True
 
     def for_signing(self, key_id) -> PrivateEntry | None:
         """A served key, or one dropped less than DROPPED_KEY_GRACE ago."""
@@ -81,10 +109,7 @@ def answer(frame: Frame, keys: SignerKeys) -> bytes:
     if method == "ping":
         return encode_frame(Kind.RESPONSE, frame.id, {"keys": sorted(keys.by_id)})
     if method == "certificates":
-        try:
-            keys.reload()
-        except KeystoreError as error:
-            print(f"yestls signer: keeping the {len(keys.by_id)} key(s) held: {error}", file=sys.stderr)
+        keys.reload_or_keep()
         return encode_frame(Kind.RESPONSE, frame.id, {"certificates": certificate_listing(keys.by_id.values())})
     if method not in ("sign", "sign_tls12"):
         return _error(frame.id, Code.UNKNOWN_METHOD, f"no method {method!r}")
@@ -95,20 +120,34 @@ def answer(frame: Frame, keys: SignerKeys) -> bytes:
     if not isinstance(scheme, int):
         return _error(frame.id, Code.BAD_REQUEST, "scheme must be an integer")
     try:
-        if method == "sign":
-            approved = policy.check_certificate_verify(frame.tail, scheme, entry.chain)
-            facts = {"version": "TLSv1.3", "transcript_hash": approved.transcript_hash.hex()}
-        else:
-            approved = policy12.check_server_key_exchange(
-                frame.tail, scheme, entry.chain, frame.meta.get("cipher_suite"), _nonce(frame.meta), time.time())
-            facts = {"version": "TLSv1.2", "server_random": approved.server_random.hex(),
-                     "group": approved.group.name.lower()}
+        try:
+            approved, facts = _approve(method, frame, scheme, entry)
+        except policy.Refusal as refusal:
+            # A renewed chain another signing process listed first (MISMATCH_RELOAD_SPACING): read it and
+            # check again, once.
+            if refusal.code != policy.CERTIFICATE_MISMATCH or not keys.reload_for_mismatch(time.monotonic()):
+                raise
+            entry = keys.for_signing(frame.meta.get("key_id"))
+            if entry is None:
+                raise
+            approved, facts = _approve(method, frame, scheme, entry)
     except policy.Refusal as refusal:
         return _error(frame.id, refusal.code, str(refusal), refusal.facts)
     signature = signing.sign(entry.private_key, approved.scheme, approved.content)
     facts.update(server_name=approved.server_name, client_random=approved.client_random.hex(),
                  cipher_suite=approved.cipher_suite)
     return encode_frame(Kind.RESPONSE, frame.id, facts, signature)
+
+
+def _approve(method: str, frame: Frame, scheme: int, entry: PrivateEntry) -> tuple:
+    """The policy's approval of a sign request for `entry`'s chain, and the facts the answer reports."""
+    if method == "sign":
+        approved = policy.check_certificate_verify(frame.tail, scheme, entry.chain)
+        return approved, {"version": "TLSv1.3", "transcript_hash": approved.transcript_hash.hex()}
+    approved = policy12.check_server_key_exchange(
+        frame.tail, scheme, entry.chain, frame.meta.get("cipher_suite"), _nonce(frame.meta), time.time())
+    return approved, {"version": "TLSv1.2", "server_random": approved.server_random.hex(),
+                      "group": approved.group.name.lower()}
 
 
 def _nonce(meta: dict) -> bytes | None:

@@ -22,8 +22,10 @@ from relay.oracle import signer
 from relay.oracle.keystore import Keystore, key_id
 from relay.oracle.protocol import MAX_FRAME, SERVICE, parse_certificate_listing
 from relay.rpc import Frame, FrameDecoder, Kind, encode_frame
+from relay.tls import ServerConfig
 
 from ..edge_smtp import SmtpClient, running_edge, tls_context, wait_until
+from ..rawclient import RawClient
 from ..signing_ca import CA
 
 NAMES = ("mx.example.org", "localhost")
@@ -126,3 +128,41 @@ def test_a_signing_process_keeps_its_keys_through_a_broken_keystore_and_signs_a_
     assert listed(keys) == [next_id]
     assert keys.for_signing(current) is not None and keys.for_signing(next_id) is not None
     assert keys.for_signing("0" * 32) is None
+
+
+def sign_frame(entry, key: str) -> Frame:
+    """A `sign` request for a real TLS 1.3 transcript that presents `entry`'s chain (what an edge sends)."""
+    client = RawClient(ServerConfig([entry.chain]), entry.private_key, auto_sign=False)
+    client.send_hello(client.hello())
+    [request] = client.signature_requests
+    data = encode_frame(Kind.REQUEST, 7, {"method": "sign", "key_id": key, "scheme": int(request.scheme)},
+                       b"".join(request.handshake_messages))
+    return FrameDecoder(signer.MAX_FRAME).feed(data)[0]
+
+
+def test_a_signing_process_behind_on_a_renewal_reads_the_renewed_chain_when_an_edge_presents_it(tmp_path, ca):
+    """Two signing processes read the keystore one after the other: a renewal imported between the two reads
+    leaves the first with the old chain while the front lists the new one. The first re-reads the keystore
+    when a transcript presents that chain and signs; at most once per MISMATCH_RELOAD_SPACING."""
+    store = Keystore(tmp_path / "ks")
+    store.directory.mkdir(mode=0o700)
+    current, csr_pem = store.new_key("ecdsa-p256", ["mx.example.org"])
+    store.import_chain(ca.chain_pem(ca.issue(csr_pem)))
+    behind, ahead = signer.SignerKeys(store), signer.SignerKeys(store)
+    behind.reload()
+    store.import_chain(ca.chain_pem(ca.issue_for_key(behind.by_id[current].private_key.public_key())))
+    ahead.reload()
+    renewed = sign_frame(ahead.by_id[current], current)
+
+    (answer,) = FrameDecoder(signer.MAX_FRAME).feed(signer.answer(renewed, behind))
+    assert answer.kind == Kind.RESPONSE and answer.tail, answer.meta
+    assert behind.by_id[current].chain.der_chain == ahead.by_id[current].chain.der_chain
+
+    # Renewed once more: within the spacing the behind process does not read the disk again for it.
+    store.import_chain(ca.chain_pem(ca.issue_for_key(behind.by_id[current].private_key.public_key())))
+    ahead.reload()
+    (refused,) = FrameDecoder(signer.MAX_FRAME).feed(signer.answer(sign_frame(ahead.by_id[current], current), behind))
+    assert refused.kind == Kind.ERROR and refused.meta["code"] == "policy.certificate_mismatch", refused.meta
+    behind.mismatch_reload_at -= signer.MISMATCH_RELOAD_SPACING   # the spacing has passed
+    (answer,) = FrameDecoder(signer.MAX_FRAME).feed(signer.answer(sign_frame(ahead.by_id[current], current), behind))
+    assert answer.kind == Kind.RESPONSE and answer.tail, answer.meta

@@ -32,7 +32,10 @@ the front asks its signing processes (relay/oracle/signers.py). They read
 the keystore one after the other, so a renewal can land between two reads:
 a process whose chain is not the one a transcript presents re-reads the
 keystore and checks again (MISMATCH_RELOAD_SPACING), instead of failing the
-edge's handshakes until the next listing.
+edge's handshakes until the next listing. And the other way round: after a
+renewal, the chain it replaced is still signed for (the same key) for
+DROPPED_KEY_GRACE seconds, since an edge that has not refreshed yet (another
+edge's listing made this process read the renewal) still presents it.
 
     python -m relay.oracle.signer --keystore DIR --fd N     (N = 0 under systemd)
 """
@@ -64,6 +67,7 @@ class SignerKeys:
         self.keystore = keystore
         self.by_id: dict[str, PrivateEntry] = {}
         self.dropped: dict[str, tuple[PrivateEntry, float]] = {}   # key id -> (entry, signed with until)
+        self.replaced: dict[str, tuple[PrivateEntry, float]] = {}  # key id -> (its entry with the chain it had)
         self.mismatch_reload_at = -MISMATCH_RELOAD_SPACING   # monotonic time of the last reload_for_mismatch
 
     def reload(self) -> None:
@@ -75,7 +79,10 @@ class SignerKeys:
         for key_id, entry in self.by_id.items():
             if key_id not in served:
                 self.dropped[key_id] = (entry, now + DROPPED_KEY_GRACE)
+            elif served[key_id].chain.der_chain != entry.chain.der_chain:   # renewed: edges still present it
+                self.replaced[key_id] = (entry, now + DROPPED_KEY_GRACE)
         self.dropped = {k: v for k, v in self.dropped.items() if k not in served and v[1] > now}
+        self.replaced = {k: v for k, v in self.replaced.items() if v[1] > now}
         self.by_id = served
 
     def reload_for_mismatch(self, now: float) -> bool:
@@ -103,6 +110,16 @@ class SignerKeys:
         entry, until = self.dropped.get(key_id, (None, 0.0))
         return entry if until > time.monotonic() else None
 
+    def chains_for_signing(self, key_id) -> list[PrivateEntry]:
+        """for_signing's entry, then the same key with the chain a renewal replaced less than DROPPED_KEY_GRACE
+        ago: an edge presents the chain of its last listing until its next refresh (every 60 s), and another
+        edge's listing is what made this process read the renewal."""
+        entry = self.for_signing(key_id)
+        if entry is None:
+            return []
+        before, until = self.replaced.get(key_id, (None, 0.0))
+        return [entry] + ([before] if before is not None and until > time.monotonic() else [])
+
 
 def answer(frame: Frame, keys: SignerKeys) -> bytes:
     method = frame.meta.get("method")
@@ -113,30 +130,42 @@ def answer(frame: Frame, keys: SignerKeys) -> bytes:
         return encode_frame(Kind.RESPONSE, frame.id, {"certificates": certificate_listing(keys.by_id.values())})
     if method not in ("sign", "sign_tls12"):
         return _error(frame.id, Code.UNKNOWN_METHOD, f"no method {method!r}")
-    entry = keys.for_signing(frame.meta.get("key_id"))
+    entries = keys.chains_for_signing(frame.meta.get("key_id"))
     scheme = frame.meta.get("scheme")
-    if entry is None:
+    if not entries:
         return _error(frame.id, "unknown_key", "no key with that id in the keystore")
     if not isinstance(scheme, int):
         return _error(frame.id, Code.BAD_REQUEST, "scheme must be an integer")
     try:
         try:
-            approved, facts = _approve(method, frame, scheme, entry)
+            approved, facts, entry = _approve_any(method, frame, scheme, entries)
         except policy.Refusal as refusal:
             # A renewed chain another signing process listed first (MISMATCH_RELOAD_SPACING): read it and
             # check again, once.
             if refusal.code != policy.CERTIFICATE_MISMATCH or not keys.reload_for_mismatch(time.monotonic()):
                 raise
-            entry = keys.for_signing(frame.meta.get("key_id"))
-            if entry is None:
-                raise
-            approved, facts = _approve(method, frame, scheme, entry)
+            approved, facts, entry = _approve_any(method, frame, scheme,
+                                                  keys.chains_for_signing(frame.meta.get("key_id")) or entries)
     except policy.Refusal as refusal:
         return _error(frame.id, refusal.code, str(refusal), refusal.facts)
     signature = signing.sign(entry.private_key, approved.scheme, approved.content)
     facts.update(server_name=approved.server_name, client_random=approved.client_random.hex(),
                  cipher_suite=approved.cipher_suite)
     return encode_frame(Kind.RESPONSE, frame.id, facts, signature)
+
+
+def _approve_any(method: str, frame: Frame, scheme: int, entries: list[PrivateEntry]) -> tuple:
+    """_approve for the first of a key's entries (its chains) that is the chain the transcript presents, and
+    that entry; the first refusal if none is."""
+    refusal = None
+    for entry in entries:
+        try:
+            return (*_approve(method, frame, scheme, entry), entry)
+        except policy.Refusal as error:
+            if error.code != policy.CERTIFICATE_MISMATCH:
+                raise
+            refusal = refusal or error
+    raise refusal
 
 
 def _approve(method: str, frame: Frame, scheme: int, entry: PrivateEntry) -> tuple:

@@ -12,6 +12,7 @@ for a while after it left the listing.
 """
 
 import asyncio
+import time
 
 import pytest
 from cryptography import x509
@@ -166,3 +167,25 @@ def test_a_signing_process_behind_on_a_renewal_reads_the_renewed_chain_when_an_e
     behind.mismatch_reload_at -= signer.MISMATCH_RELOAD_SPACING   # the spacing has passed
     (answer,) = FrameDecoder(signer.MAX_FRAME).feed(signer.answer(sign_frame(ahead.by_id[current], current), behind))
     assert answer.kind == Kind.RESPONSE and answer.tail, answer.meta
+
+
+def test_the_chain_a_renewal_replaced_is_still_signed_with_for_the_grace_period(tmp_path, ca):
+    """Another edge's listing made this process read a renewal; an edge that has not refreshed yet still presents
+    the replaced chain of the same key: signed for DROPPED_KEY_GRACE, then refused."""
+    store = Keystore(tmp_path / "ks")
+    store.directory.mkdir(mode=0o700)
+    current, csr_pem = store.new_key("ecdsa-p256", ["mx.example.org"])
+    store.import_chain(ca.chain_pem(ca.issue(csr_pem)))
+    keys = signer.SignerKeys(store)
+    keys.reload()
+    before = keys.by_id[current]
+    store.import_chain(ca.chain_pem(ca.issue_for_key(before.private_key.public_key())))
+    keys.reload()
+    assert keys.by_id[current].chain.der_chain != before.chain.der_chain
+
+    (answer,) = FrameDecoder(signer.MAX_FRAME).feed(signer.answer(sign_frame(before, current), keys))
+    assert answer.kind == Kind.RESPONSE and answer.tail, answer.meta
+    entry, _ = keys.replaced[current]
+    keys.replaced[current] = (entry, time.monotonic() - 1)   # the grace has passed
+    (refused,) = FrameDecoder(signer.MAX_FRAME).feed(signer.answer(sign_frame(before, current), keys))
+    assert refused.kind == Kind.ERROR and refused.meta["code"] == "policy.certificate_mismatch", refused.meta

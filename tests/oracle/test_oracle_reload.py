@@ -107,12 +107,18 @@ def listed(keys: signer.SignerKeys) -> list[str]:
     return [entry.key_id for entry in parse_certificate_listing(answer.meta["certificates"])]
 
 
-def test_a_signing_process_keeps_its_keys_through_a_broken_keystore_and_signs_a_retired_key_for_a_while(
-        tmp_path, ca, capsys):
+def one_key_store(tmp_path, ca) -> tuple[Keystore, str]:
+    """A keystore with one ECDSA key and its chain from `ca`; and that key's id."""
     store = Keystore(tmp_path / "ks")
     store.directory.mkdir(mode=0o700)
     current, csr_pem = store.new_key("ecdsa-p256", ["mx.example.org"])
     store.import_chain(ca.chain_pem(ca.issue(csr_pem)))
+    return store, current
+
+
+def test_a_signing_process_keeps_its_keys_through_a_broken_keystore_and_signs_a_retired_key_for_a_while(
+        tmp_path, ca, capsys):
+    store, current = one_key_store(tmp_path, ca)
     keys = signer.SignerKeys(store)
     keys.reload()
     assert listed(keys) == [current]
@@ -145,10 +151,7 @@ def test_a_signing_process_behind_on_a_renewal_reads_the_renewed_chain_when_an_e
     """Two signing processes read the keystore one after the other: a renewal imported between the two reads
     leaves the first with the old chain while the front lists the new one. The first re-reads the keystore
     when a transcript presents that chain and signs; at most once per MISMATCH_RELOAD_SPACING."""
-    store = Keystore(tmp_path / "ks")
-    store.directory.mkdir(mode=0o700)
-    current, csr_pem = store.new_key("ecdsa-p256", ["mx.example.org"])
-    store.import_chain(ca.chain_pem(ca.issue(csr_pem)))
+    store, current = one_key_store(tmp_path, ca)
     behind, ahead = signer.SignerKeys(store), signer.SignerKeys(store)
     behind.reload()
     store.import_chain(ca.chain_pem(ca.issue_for_key(behind.by_id[current].private_key.public_key())))
@@ -172,10 +175,7 @@ def test_a_signing_process_behind_on_a_renewal_reads_the_renewed_chain_when_an_e
 def test_the_chain_a_renewal_replaced_is_still_signed_with_for_the_grace_period(tmp_path, ca):
     """Another edge's listing made this process read a renewal; an edge that has not refreshed yet still presents
     the replaced chain of the same key: signed for DROPPED_KEY_GRACE, then refused."""
-    store = Keystore(tmp_path / "ks")
-    store.directory.mkdir(mode=0o700)
-    current, csr_pem = store.new_key("ecdsa-p256", ["mx.example.org"])
-    store.import_chain(ca.chain_pem(ca.issue(csr_pem)))
+    store, current = one_key_store(tmp_path, ca)
     keys = signer.SignerKeys(store)
     keys.reload()
     before = keys.by_id[current]

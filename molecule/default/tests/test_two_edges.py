@@ -3,7 +3,9 @@ MX 20, found by Postfix on `internet` through DNS alone. With the primary's
 service stopped, and separately with its container paused (no answer at
 all), mail comes in through the second edge over verified TLS, signed at
 home for the second edge; home's intake drains both spools; every message is
-in the mailbox exactly once. Home's status shows both edges. With the
+in the mailbox exactly once. Home's status shows both edges. The second edge
+keeps the role's default `workers = "auto"`: one worker per core, and the
+oracle admits the connections they open. With the
 primary paused, home's own mail leaves through the second edge (its route,
 its address, its HELO name: relay/home/egress.py), and the route comes back
 to the primary once it answers again.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tomllib
 import uuid
 from contextlib import contextmanager
 
@@ -92,6 +95,25 @@ def primary(state: str):
         # back in service: its port answers again
         target = (address("edge"), 25)
         assert wait_for(lambda: tcp_probe("internet", [target])[target] == OPEN, timeout=60)
+
+
+def test_the_second_edge_runs_a_worker_per_core_and_the_oracle_admits_their_connections():
+    """edge_relay's default workers = "auto" (docs/edge.md, "Several processes"): as many worker processes as
+    the edge has cores (one process, no workers, on one core); home's oracle lets that edge hold the
+    workers + 1 connections they open, one more for a reconnect, and never fewer than its default 4."""
+    second = container("edge2")
+    cores = int(second.check_output("getconf _NPROCESSORS_ONLN"))
+    expected = min(cores, 64) if cores > 1 else 0
+
+    def workers() -> int:
+        return int(second.run("pgrep -c -f '^[^ ]*python[^ ]* -m relay[.]edge[.]worker'").stdout.strip() or 0)
+
+    # a worker killed by an earlier test is started again after a pause (docs/edge.md)
+    assert wait_for(lambda: workers() == expected, timeout=60), (cores, second.check_output("ps -eo args"))
+    oracle = tomllib.loads(container("home").file("/etc/yestls/oracle.toml").content_string)
+    limits = {peer["name"]: peer.get("max_connections") for peer in oracle["peer"]}
+    opened = expected + 1 if expected else 1
+    assert limits == {"edge": 4, "edge2": max(4, opened + 1)}, limits
 
 
 def test_postfix_finds_both_edges_by_mx_in_preference_order():

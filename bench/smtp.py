@@ -87,6 +87,12 @@ What it prints
     `value edge_verdict_added_ms_p50` / `_p99`: the before-queue round trip
     the edge logs for each verdict (from the end of DATA to home's answer),
     over every message of the verdict rounds.
+    With `--floor` (plain only): bench/smtp_floor.py as one more server, a
+    minimal asyncio session over the edge's real spool (sealing, keys made
+    ahead, fsync and group commit), in `--workers` processes; `ratio
+    smtp_accept_plain_floor` is its rate over Postfix's: about the most a
+    leaner session in Python could reach, so the distance from it to
+    `ratio smtp_accept_plain` is what the edge's session layers cost.
 
     `value edge_rss_kib_per_idle_session` and `..._idle_tls_session`
     (before the rounds, `--idle-sessions` 1000 by default, 0 skips them):
@@ -101,7 +107,7 @@ What it prints
 Run it
     make bench-smtp (installs Postfix as root when it is missing), or
     .venv/bin/python bench/smtp.py [--rounds 3] [--seconds 4] [--warmup 0.5]
-        [--concurrency 16] [--modes plain,starttls] [--no-pipelining] [--verdict] [--profile DIR]
+        [--concurrency 16] [--modes plain,starttls] [--no-pipelining] [--verdict] [--floor] [--profile DIR]
         [--idle-sessions 1000] [--workers N]
     `--workers N`: the edge's `[smtp] workers` (default: one per core; the
     `--verdict` edge runs with one). Client k sends from 127.0.k.1 (a /24 of
@@ -534,6 +540,49 @@ class EdgeUnderTest:
 VERDICT_LINE = re.compile(r"verdict .+? from home in ([0-9.]+) ms")
 
 
+class FloorUnderTest:
+    """bench/smtp_floor.py in `workers` processes on one port: the edge's spool under a minimal session."""
+
+    name = "floor"
+
+    def __init__(self, directory: Path, workers: int):
+        from relay.spool.keys import generate_spool_key
+        from tests.oracle_home import free_port
+
+        directory.mkdir(parents=True)
+        public_key = generate_spool_key(directory / "spool.key")
+        self.port = free_port()
+        self.spools = [directory / f"spool-{number}" for number in range(workers)]
+        self.processes = []
+        try:
+            for spool in self.spools:
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, str(Path(__file__).with_name("smtp_floor.py")), "--port", str(self.port),
+                     "--spool", str(spool), "--public-key", public_key], stdout=subprocess.PIPE, text=True))
+                if "listening" not in self.processes[-1].stdout.readline():
+                    raise RuntimeError("bench/smtp_floor.py did not start")
+        except BaseException:
+            self.stop()
+            raise
+
+    def parts(self) -> dict[str, list[int]]:
+        return {"floor": [process.pid for process in self.processes]}
+
+    def queued(self) -> int:
+        return sum(len(os.listdir(spool / "queue")) for spool in self.spools)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
 class FakeJudge:
     """Home's judge without rspamd: "no action" at once, with a real token, over a real spool connection."""
 
@@ -860,6 +909,8 @@ def report(args, rounds: list[dict], version: str, queued: dict, accepted: dict,
             print(f"value smtp_accept_{mode}_{server}_msgs_per_s {rates[mode, server]:.1f}")
     for mode in args.modes:
         print(f"ratio smtp_accept_{mode} {rates[mode, 'edge'] / rates[mode, 'postfix']:.2f}")
+        if "floor" in names:
+            print(f"ratio smtp_accept_{mode}_floor {rates[mode, 'floor'] / rates[mode, 'postfix']:.2f}")
         if "edge_verdict" in names:
             print(f"ratio smtp_accept_{mode}_verdict {rates[mode, 'edge_verdict'] / rates[mode, 'postfix']:.2f}")
     if verdict_ms is not None:
@@ -894,6 +945,8 @@ def run(args) -> None:
         servers["edge"] = EdgeUnderTest(tmp / "edge", pki, args.profile, workers=args.workers)
         if args.verdict:
             servers["edge_verdict"] = EdgeUnderTest(tmp / "edge-verdict", pki, None, verdict=True)
+        if args.floor:
+            servers["floor"] = FloorUnderTest(tmp / "floor", args.workers)
         if args.idle_sessions:
             idle = [idle_rss(tmp / f"edge-idle-{tls}", pki, args.idle_sessions, tls, args.workers)
                     for tls in (False, True)]
@@ -928,6 +981,9 @@ def main(argv=None) -> None:
                         help="send MAIL, RCPT and DATA one at a time")
     parser.add_argument("--verdict", action="store_true",
                         help="also an edge with [verdict] and a judge answering at once: the before-queue cost")
+    parser.add_argument("--floor", action="store_true",
+                        help="also bench/smtp_floor.py (a minimal session over the edge's spool; plain only): "
+                             "what the session's layers cost")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="cProfile the edge under STARTTLS load into DIR")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), metavar="N",
                         help="the edge's [smtp] workers (default: one per core; --verdict and --profile use 1)")
@@ -947,6 +1003,8 @@ def main(argv=None) -> None:
         parser.error("--concurrency must be 1..256")
     if not 1 <= args.workers <= 64:
         parser.error("--workers must be 1..64")
+    if args.floor and args.modes != ["plain"]:
+        parser.error("--floor speaks plain SMTP only: add --modes plain")
     if args.profile and args.workers != 1:
         parser.error("--profile profiles a one-process edge: add --workers 1")
     if not 0 <= args.idle_sessions <= 1900:

@@ -22,12 +22,11 @@ on in a task from where it stopped (`_step`, `_finish`: Python 3.12's eager
 tasks by hand) and the lines behind it wait. A plain message costs about a
 third less CPU than with aiosmtpd's loop (docs/edge.md).
 
-What is left of aiosmtpd is its verbs (EHLO, HELO, MAIL, RCPT, RSET, NOOP,
-HELP, EXPN: their syntax checks and replies) and its session and envelope.
-They rely on these aiosmtpd 1.4.6 internals (tests/aio/test_starttls_adapter.py
-fails loudly if any changes):
-- `_tls_protocol` (truthy once TLS is on: EHLO offers STARTTLS only before),
-  `_tls_handshake_okay` (aiosmtpd's STARTTLS hook result; always true here),
+What is left of aiosmtpd is its verbs (HELO, MAIL, RCPT, RSET, NOOP, HELP,
+EXPN: their syntax checks and replies; EHLO is ours, with aiosmtpd's lines)
+and its session and envelope. They rely on these aiosmtpd 1.4.6 internals
+(tests/aio/test_starttls_adapter.py fails loudly if any changes):
+- `_tls_handshake_okay` (aiosmtpd's STARTTLS hook result; always true here),
   `_create_session` and `_set_rset_state` (a new session and envelope at
   connection_made, and again after STARTTLS), `_call_handler_hook` (QUIT's
   hook, as aiosmtpd's QUIT calls it), `handle_exception` (the answer to a
@@ -35,8 +34,7 @@ fails loudly if any changes):
 - `_reset_timeout` (replaced: one timer per session follows the deadline
   lazily), `_timeout_handle` (that timer), `_timeout_cb` (closes the
   connection), `_timeout_duration`, `push` (replaced: the verbs answer
-  through it; it writes at once), `TLSSetupException`, `tls_context` (only
-  its truthiness: STARTTLS is offered in EHLO when it is truthy),
+  through it; it writes at once), `TLSSetupException`,
 - `command_size_limit` (a command line longer than this is refused without
   being run, so no input is held after it) and `line_length_limit` (one
   longer than this is not even kept), `check_helo_needed`,
@@ -696,13 +694,35 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
             self.transport.write(reply + b"\r\n")
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        self._greeting_lines = True  # RFC 2034 3: EHLO and HELO replies carry no enhanced codes
+        """aiosmtpd's EHLO (the same lines, then the handler's hook) with its reply written in one go, and no
+        AUTH line after STARTTLS: an MX offers no AUTH (smtp_AUTH refuses it)."""
+        if not hostname:
+            await self.push("501 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = True
+        lines = [f"250-{self.hostname}"]
+        if self.data_size_limit:
+            lines.append(f"250-SIZE {self.data_size_limit}")
+        if not self._decode_data:
+            lines.append("250-8BITMIME")
+        if self.enable_SMTPUTF8:
+            lines.append("250-SMTPUTF8")
+        if self.tls_context and not self._tls_protocol:
+            lines.append("250-STARTTLS")
+        lines.append("250 HELP")
+        if self._ehlo_hook_ver is None:
+            self.session.host_name = hostname
+        else:
+            lines = await self._call_handler_hook("EHLO", hostname, lines)
+        # One write for all the lines, with no enhanced codes (RFC 2034 3: not on EHLO's or HELO's reply).
+        self._continued.append("".join(line + "\r\n" for line in lines[:-1]).encode("ascii"))
+        self._greeting_lines = True
         try:
-            await super().smtp_EHLO(hostname)
+            await self.push(lines[-1])
         finally:
             self._greeting_lines = False
-        if self.session is not None and self.session.extended_smtp:
-            self._may_pipeline = True
+        self._may_pipeline = True
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._greeting_lines = True

@@ -177,33 +177,40 @@ class EdgeHandler:
                 desk.count(VerdictOutcome.HOME_ABSENT)   # no home to ask: sealed as it arrives, as without [verdict]
             else:
                 return VerdictSink(self, server, session, metadata, received, len(envelope.rcpt_tos), declared)
-        writer = self.start_sealing(server, session, metadata, received,
-                                    None if declared is None else len(received) + declared)
+        try:
+            writer = await self.spool.open_async(metadata, size=None if declared is None else len(received) + declared)
+        except Exception as error:  # noqa: BLE001 - any failure: the sender keeps the message and retries
+            return self._cannot_seal(server, session, error)
+        writer = self._trace_header(server, session, writer, received)
         if isinstance(writer, str):
             return writer
         return SealingSink(self, server, session, writer, len(envelope.rcpt_tos))
 
     def start_sealing(self, server, session, metadata: dict, received: bytes, size: int | None):
-        """A spool writer with the trace header written, or the reply refusing the message (counted)."""
+        """A spool writer with the trace header written, or the reply refusing the message (counted). For a
+        message already under way (VerdictSink); DATA's own opens with `await spool.open_async` instead."""
         try:
             writer = self.spool.open(metadata, size=size)
-        except SpoolFull as error:
-            log.warning("spool full (%s): deferring %s", error.reason, _peer(session))
-            return self._refuse(server, "spool_full", SPOOL_FULL)
-        except Exception:  # noqa: BLE001 - any failure: the sender keeps the message and retries
-            log.exception("%s: cannot start sealing", _peer(session))
-            return self._refuse(server, "spool_error", SPOOL_ERROR)
+        except Exception as error:  # noqa: BLE001 - any failure: the sender keeps the message and retries
+            return self._cannot_seal(server, session, error)
+        return self._trace_header(server, session, writer, received)
+
+    def _trace_header(self, server, session, writer, received: bytes):
+        """The writer with the Received header written first, or (aborted) the reply refusing the message."""
         try:
             writer.write(received)
-        except SpoolFull as error:
+        except Exception as error:  # noqa: BLE001
             writer.abort()
+            return self._cannot_seal(server, session, error)
+        return writer
+
+    def _cannot_seal(self, server, session, error: Exception) -> str:
+        """The refusal (counted, logged) when a message cannot be started: 452 for a full spool, else 451."""
+        if isinstance(error, SpoolFull):
             log.warning("spool full (%s): deferring %s", error.reason, _peer(session))
             return self._refuse(server, "spool_full", SPOOL_FULL)
-        except Exception:  # noqa: BLE001
-            writer.abort()
-            log.exception("%s: cannot start sealing", _peer(session))
-            return self._refuse(server, "spool_error", SPOOL_ERROR)
-        return writer
+        log.error("%s: cannot start sealing", _peer(session), exc_info=error)
+        return self._refuse(server, "spool_error", SPOOL_ERROR)
 
     def received_header(self, session, envelope, tls) -> bytes:
         """The trace header (RFC 5321 4.4), with the TLS parameters; prepended inside the sealed content."""
@@ -216,7 +223,7 @@ class EdgeHandler:
         address = session.peer[0] if session.peer else "unknown"
         header = (
             f"Received: from {helo} ([{address}])\r\n\tby {self.rules.hostname} (YesTLS) with {protocol}"
-            f"{tls_clause}{recipient};\r\n\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n"
+            f"{tls_clause}{recipient};\r\n\t{_date(int(time.time()))}\r\n"
         )
         return header.encode("utf-8", "surrogateescape")
 
@@ -391,6 +398,12 @@ class VerdictSink:
         if self.streaming is not None:
             self.streaming.abort()
         self.buffer.wipe()
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """The Received header's date (RFC 5322 3.3): one formatting per second, not per message."""
+    return email.utils.formatdate(second, localtime=False, usegmt=True)
 
 
 def _address_refusal(address: str, smtputf8: bool, code: str, role: str) -> str | None:

@@ -29,6 +29,7 @@ user, same config); the owner still checks every request's shape and
 answers ERROR to anything it cannot honour.
 """
 
+import asyncio
 import enum
 import errno
 import itertools
@@ -38,7 +39,8 @@ import socket
 import stat
 import struct
 import threading
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
+from contextlib import suppress
 from pathlib import Path
 
 from relay.spool.keys import SpoolPublicKey
@@ -242,6 +244,14 @@ class _OwnerLink:
                         "tmp/ files removed", self.name, len(abandoned))
 
 
+def _raise_unless_ok(op: Op, answer: Answer, text: str) -> None:
+    if answer == Answer.FULL:
+        reason, _, message = text.partition("\n")
+        raise SpoolFull(reason, message)
+    if answer != Answer.OK:
+        raise SpoolError(f"the spool's owner refused {op.name}: {text}")
+
+
 def _full_text(full: SpoolFull) -> str:
     """A FULL answer's text, "reason\nmessage" (WorkerSpool._ask turns it back into the SpoolFull)."""
     return f"{full.reason}\n{full}"
@@ -271,6 +281,36 @@ class WorkerSpool(WritingSpool):
         room = max(expected, ROOM_STEP)
         self._ask(Op.RESERVE, ident, room, ASK_TIMEOUT)
         return Reservation(ident, room)
+
+    async def reserve_async(self, expected: int, ident: str) -> Reservation:
+        """RESERVE from the event loop (a DATA command): the loop serves other sessions while the owner answers.
+        Given up (timed out, or the session gone), the room the owner may still grant is given back: it reads
+        this link in order, so the RELEASE finds the RESERVE's room."""
+        room = max(expected, ROOM_STEP)
+        future: Future = Future()
+        number = self._send(Op.RESERVE, ident, room, future)
+        loop = asyncio.get_running_loop()
+        answered = asyncio.wrap_future(future, loop=loop)
+        expired = []
+        timer = loop.call_later(ASK_TIMEOUT, lambda: expired.append(True) or answered.cancel())
+        try:
+            answer, text = await answered
+        except asyncio.CancelledError:
+            self._waiting.pop(number, None)
+            self._give_back_quietly(ident)
+            if expired:
+                raise SpoolError(f"the spool's owner did not answer RESERVE within {ASK_TIMEOUT:.0f} s") from None
+            raise
+        finally:
+            timer.cancel()
+        _raise_unless_ok(Op.RESERVE, answer, text)
+        return Reservation(ident, room)
+
+    def _give_back_quietly(self, ident: str) -> None:
+        try:
+            self._send(Op.RELEASE, ident, 0, None)
+        except SpoolError:
+            pass   # the owner is gone: it gave back everything this worker held
 
     def grow(self, reservation: Reservation, extra: int) -> None:
         extra = max(extra, reservation.bytes)   # doubling: a large message asks O(log size) times
@@ -306,11 +346,7 @@ class WorkerSpool(WritingSpool):
             raise SpoolError(f"the spool's owner did not answer {op.name} within {timeout:.0f} s") from None
         finally:
             self._waiting.pop(number, None)
-        if answer == Answer.FULL:
-            reason, _, message = text.partition("\n")
-            raise SpoolFull(reason, message)
-        if answer != Answer.OK:
-            raise SpoolError(f"the spool's owner refused {op.name}: {text}")
+        _raise_unless_ok(op, answer, text)
 
     def _send(self, op: Op, ident: str, amount: int, future: Future | None) -> int:
         if not ID_PATTERN.fullmatch(ident):
@@ -338,11 +374,14 @@ class WorkerSpool(WritingSpool):
                 break
             number, code = ANSWER.unpack_from(datagram)
             future = self._waiting.pop(number, None)
-            if future is not None and not future.done():
-                try:
-                    future.set_result((Answer(code), datagram[ANSWER.size:].decode(errors="replace")))
-                except ValueError:
-                    future.set_result((Answer.ERROR, f"unknown answer {code}"))
+            if future is None:
+                continue   # its asker gave up (reserve_async)
+            try:
+                answer = (Answer(code), datagram[ANSWER.size:].decode(errors="replace"))
+            except ValueError:
+                answer = (Answer.ERROR, f"unknown answer {code}")
+            with suppress(InvalidStateError):   # cancelled by its asker meanwhile
+                future.set_result(answer)
         with self._send_lock:
             self._lost = "the edge's supervisor, which owns the spool, is gone"
             waiting, self._waiting = self._waiting, {}

@@ -221,10 +221,27 @@ class WritingSpool:
         SpoolFull at once if the caps leave no room (for `size` bytes, when
         given); `write` raises SpoolFull when the message outgrows the room.
         """
-        return MessageWriter(self, metadata, size)
+        # The key first: a worker's room is reserved under the message's id (relay/spool/desk.py), so a dead
+        # worker's tmp/ file can be found. A refusal for a full spool wastes a key made ahead.
+        key = self.message_keys.take()
+        return MessageWriter(self, metadata, key, self.reserve(self._expected(metadata, size), key.spool_id.hex()))
+
+    async def open_async(self, metadata: dict, *, size: int | None = None) -> "MessageWriter":
+        """`open` on an event loop: a spool whose room is decided in another process (relay/spool/desk.py)
+        asks for it without blocking the loop meanwhile."""
+        key = self.message_keys.take()
+        reservation = await self.reserve_async(self._expected(metadata, size), key.spool_id.hex())
+        return MessageWriter(self, metadata, key, reservation)
+
+    def _expected(self, metadata: dict, size: int | None) -> int:
+        return sealed_size(self.public_key.suite, metadata, size, self.chunk_size) if size is not None else 0
 
     def reserve(self, expected: int, ident: str) -> Reservation:
         raise NotImplementedError
+
+    async def reserve_async(self, expected: int, ident: str) -> Reservation:
+        """`reserve`, awaited: here the room is decided at once, in this process."""
+        return self.reserve(expected, ident)
 
     def grow(self, reservation: Reservation, extra: int) -> None:
         raise NotImplementedError
@@ -530,15 +547,12 @@ class MessageWriter:
     A writer is used by one thread at a time.
     """
 
-    def __init__(self, spool: "WritingSpool", metadata: dict, size: int | None):
+    def __init__(self, spool: "WritingSpool", metadata: dict, key: MessageKey, reservation: Reservation):
+        """Made by WritingSpool.open, with the message's key and the room reserved under its id."""
         self.spool = spool
         self._disk_full_counted = False
-        expected = sealed_size(spool.public_key.suite, metadata, size, spool.chunk_size) if size is not None else 0
-        # The key first: a worker's room is reserved under the message's id (relay/spool/desk.py), so a dead
-        # worker's tmp/ file can be found. A refusal for a full spool wastes a key made ahead.
-        key = spool.message_keys.take()
         self.id = key.spool_id.hex()
-        self._reservation = spool.reserve(expected, self.id)
+        self._reservation = reservation
         self._sink: _BudgetedWriter | None = None
         self._sealer: Sealer | None = None
         try:

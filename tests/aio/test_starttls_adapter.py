@@ -9,8 +9,8 @@ These tests fail, with a message saying what to re-check, when:
   in `SMTP.__init__`, coroutine method, method with a given parameter,
   exception class), or the docstring lists a name this test does not know;
 - the aiosmtpd code paths the adapter counts on no longer read those names
-  the way it expects (EHLO offering STARTTLS when `tls_context` is truthy,
-  the `smtp_*` method table, the 5-argument `handle_EHLO` hook).
+  the way it expects (the `smtp_*` method table, the 5-argument
+  `handle_EHLO` hook).
 
 The adapter's own command loop (commands run as their lines arrive; one that
 must wait finishes in a task from where it stopped) is tested here too: a
@@ -118,19 +118,6 @@ def exception_class(smtp, name):
     assert adapter.TLSSetupException is found
 
 
-def tls_context_attribute(smtp, name):
-    # SMTP.__init__ assigns it (the adapter's property swallows the assignment) and EHLO tests its truthiness.
-    assert re.search(r"self\.tls_context = tls_context", inspect.getsource(SMTP.__init__)), "not set in __init__"
-    assert "if self.tls_context and not self._tls_protocol" in inspect.getsource(SMTP.smtp_EHLO)
-    assert smtp.tls_context is True  # ours: tls_setup() gave a setup
-
-
-def tls_protocol_attribute(smtp, name):
-    # aiosmtpd's EHLO offers STARTTLS, and its AUTH refuses, by it: falsy until TLS is on.
-    instance_attribute(None)(smtp, name)
-    assert "not self._tls_protocol" in inspect.getsource(SMTP.smtp_EHLO), RECHECK
-
-
 def size_limit(value):
     def check(smtp, name):
         # A command line longer than command_size_limit is answered 500 without running its command (none is
@@ -217,7 +204,6 @@ EXPECTED = {
     "check_auth_needed": coroutine_method("caller_method"),
     "_set_post_data_state": the_data_command_prelude,
     "envelope": instance_attribute(None),
-    "_tls_protocol": tls_protocol_attribute,
     "_tls_handshake_okay": instance_attribute(True),
     "_create_session": a_new_session,
     "_set_rset_state": a_new_session,
@@ -230,7 +216,6 @@ EXPECTED = {
     "push": coroutine_method("status"),
     "handle_exception": coroutine_method("error"),
     "TLSSetupException": exception_class,
-    "tls_context": tls_context_attribute,
 }
 
 

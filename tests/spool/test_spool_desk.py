@@ -9,11 +9,13 @@ everything and says so; malformed or out-of-turn requests are answered
 ERROR and change nothing. Every wait is bounded.
 """
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -156,6 +158,75 @@ def test_a_commit_the_owner_never_answers_is_a_refusal_not_a_250(tmp_path, keys,
         worker.open(METADATA)
     worker.close()
     owner_end.close()
+
+
+# --- room asked from an event loop (a DATA command): open_async ------------------------------------------
+
+def test_open_async_leaves_the_event_loop_free_while_the_owner_answers(owner, keys):
+    """The loop turns while the RESERVE is out (the owner answers late here); the room is the owner's."""
+    spool, desk = owner(max_files=1)
+    answering = threading.Event()
+    reserve = spool.reserve
+
+    def slow_reserve(expected, ident):
+        answering.wait(TIMEOUT)
+        return reserve(expected, ident)
+
+    spool.reserve = slow_reserve
+    worker, _ = worker_of(spool, desk, keys[0])
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        opening = asyncio.ensure_future(worker.open_async(METADATA, size=100))
+        turns = 0
+        while not opening.done() and turns < 1000:
+            turns += 1
+            if turns == 5:
+                answering.set()
+            await asyncio.sleep(0.001)
+        writer = await opening
+        writer.write(b"Subject: x\r\n\r\nhi\r\n")
+        spool_id = await loop.run_in_executor(None, writer.commit)
+        return turns, spool_id
+
+    turns, spool_id = asyncio.run(scenario())
+    assert turns >= 5 and [entry.id for entry in spool.list()] == [spool_id]
+    with pytest.raises(SpoolFull):
+        asyncio.run(worker.open_async(METADATA))        # the one file's room is taken: the owner's FULL
+    worker.close()
+
+
+def test_open_async_given_up_gives_the_room_back(owner, keys, monkeypatch):
+    """A session that goes away while its RESERVE is out (cancelled), and a RESERVE that times out: the
+    room the owner grants afterwards is released, so the caps do not shrink."""
+    from relay.spool import desk as desk_module
+
+    spool, desk = owner(max_files=1)
+    answering = threading.Event()
+    reserve = spool.reserve
+    spool.reserve = lambda expected, ident: answering.wait(TIMEOUT) and reserve(expected, ident)
+    worker, _ = worker_of(spool, desk, keys[0])
+
+    async def cancelled():
+        opening = asyncio.ensure_future(worker.open_async(METADATA))
+        await asyncio.sleep(0.05)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+
+    asyncio.run(cancelled())
+    answering.set()
+    wait_until(lambda: spool._reserved_files == 0 and not worker._waiting, "the room to come back")
+
+    answering.clear()
+    monkeypatch.setattr(desk_module, "ASK_TIMEOUT", 0.1)
+    with pytest.raises(SpoolError, match="did not answer RESERVE"):
+        asyncio.run(worker.open_async(METADATA))
+    answering.set()
+    wait_until(lambda: spool._reserved_files == 0 and not worker._waiting, "the room to come back")
+    worker.accept(METADATA, [b"the one file"])          # all of it is free
+    assert spool.stats().depth == 1
+    worker.close()
 
 
 def ask(sock: socket.socket, op: int, number: int, ident: bytes, amount: int) -> tuple[int, int, str]:

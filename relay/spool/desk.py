@@ -8,7 +8,8 @@ recovery. A worker seals and writes `tmp/<id>.tmp` itself (that CPU stays
 on its core) and asks the owner, over a socketpair, for what must be
 decided in one place:
 
-    RESERVE id expected   room for a new message (else FULL: the client gets 452)
+    RESERVE id expected   room for a new message (else FULL: the client gets 452); a DATA command awaits
+                          the answer (reserve_async), so the worker's event loop goes on meanwhile
     GROW    id extra      more room, for a message that outgrew what it had
     COMMIT  id size       the worker fsync'd tmp/<id>.tmp: the owner checks it, renames it into queue/ and
                           fsyncs queue/ (one fsync for every worker's renames made before it), then answers;

@@ -83,7 +83,12 @@ def encode_metadata(metadata: dict) -> bytes:
 
 def sealed_size(suite: Suite, metadata: dict, message_length: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
     """The exact size of the file `seal` writes for this metadata and a message of `message_length` bytes."""
-    content = METADATA_LENGTH.size + len(encode_metadata(metadata)) + message_length
+    return sealed_length(suite, len(encode_metadata(metadata)), message_length, chunk_size)
+
+
+def sealed_length(suite: Suite, metadata_length: int, message_length: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
+    """sealed_size, for metadata already encoded (encode_metadata) to `metadata_length` bytes."""
+    content = METADATA_LENGTH.size + metadata_length + message_length
     chunks = max(1, -(-content // chunk_size))
     return HEADER.size + key_block_length(suite) + content + chunks * TAG_LENGTH
 
@@ -145,11 +150,11 @@ class Sealer:
     out only once it is known not to be the last.
     """
 
-    def __init__(self, out: BinaryIO, public_key: SpoolPublicKey, key: MessageKey, metadata: dict):
+    def __init__(self, out: BinaryIO, public_key: SpoolPublicKey, key: MessageKey, encoded_metadata: bytes):
+        """`encoded_metadata`: encode_metadata's bytes (the caller may have sized the file from them too)."""
         suite = public_key.suite
         if len(key.key_block) != key_block_length(suite):
             raise ValueError(f"a {suite.name} key block is {key_block_length(suite)} bytes, not {len(key.key_block)}")
-        encoded_metadata = encode_metadata(metadata)
         header = Header(VERSION, suite, key.spool_id).encode()
         self.out = out
         self.aead = AESGCM(key.data_key)
@@ -202,7 +207,7 @@ def seal(out: BinaryIO, public_key: SpoolPublicKey, spool_id: bytes, metadata: d
     Returns the number of bytes written. Parts are consumed one at a time and
     never joined; any bytes-like objects will do.
     """
-    sealer = Sealer(out, public_key, new_message_key(public_key, chunk_size, spool_id), metadata)
+    sealer = Sealer(out, public_key, new_message_key(public_key, chunk_size, spool_id), encode_metadata(metadata))
     for part in message_parts:
         sealer.write(part)
     return sealer.finish()

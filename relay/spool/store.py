@@ -43,7 +43,7 @@ from typing import Protocol
 
 from relay.private_files import fsync_directory
 from relay.spool.keys import SpoolPublicKey
-from relay.spool.sealed import DEFAULT_CHUNK_SIZE, InlineKeys, MessageKey, Sealer, sealed_size
+from relay.spool.sealed import DEFAULT_CHUNK_SIZE, InlineKeys, MessageKey, Sealer, encode_metadata, sealed_length
 
 log = logging.getLogger("yestls.spool")
 
@@ -223,18 +223,21 @@ class WritingSpool:
         """
         # The key first: a worker's room is reserved under the message's id (relay/spool/desk.py), so a dead
         # worker's tmp/ file can be found. A refusal for a full spool wastes a key made ahead.
+        encoded = encode_metadata(metadata)
         key = self.message_keys.take()
-        return MessageWriter(self, metadata, key, self.reserve(self._expected(metadata, size), key.spool_id.hex()))
+        return MessageWriter(self, encoded, key, self.reserve(self._expected(encoded, size), key.spool_id.hex()))
 
     async def open_async(self, metadata: dict, *, size: int | None = None) -> "MessageWriter":
         """`open` on an event loop: a spool whose room is decided in another process (relay/spool/desk.py)
         asks for it without blocking the loop meanwhile."""
+        encoded = encode_metadata(metadata)
         key = self.message_keys.take()
-        reservation = await self.reserve_async(self._expected(metadata, size), key.spool_id.hex())
-        return MessageWriter(self, metadata, key, reservation)
+        reservation = await self.reserve_async(self._expected(encoded, size), key.spool_id.hex())
+        return MessageWriter(self, encoded, key, reservation)
 
-    def _expected(self, metadata: dict, size: int | None) -> int:
-        return sealed_size(self.public_key.suite, metadata, size, self.chunk_size) if size is not None else 0
+    def _expected(self, encoded_metadata: bytes, size: int | None) -> int:
+        """The sealed file's size for a message of `size` bytes (0: not known yet)."""
+        return sealed_length(self.public_key.suite, len(encoded_metadata), size, self.chunk_size) if size is not None else 0
 
     def reserve(self, expected: int, ident: str) -> Reservation:
         raise NotImplementedError
@@ -547,8 +550,9 @@ class MessageWriter:
     A writer is used by one thread at a time.
     """
 
-    def __init__(self, spool: "WritingSpool", metadata: dict, key: MessageKey, reservation: Reservation):
-        """Made by WritingSpool.open, with the message's key and the room reserved under its id."""
+    def __init__(self, spool: "WritingSpool", encoded_metadata: bytes, key: MessageKey, reservation: Reservation):
+        """Made by WritingSpool.open, with the metadata as sealed, the message's key and the room reserved
+        under its id."""
         self.spool = spool
         self._disk_full_counted = False
         self.id = key.spool_id.hex()
@@ -557,7 +561,7 @@ class MessageWriter:
         self._sealer: Sealer | None = None
         try:
             self._sink = _BudgetedWriter(spool.tmp_dir / (self.id + TMP_SUFFIX), spool, self._reservation)
-            self._sealer = Sealer(self._sink, spool.public_key, key, metadata)
+            self._sealer = Sealer(self._sink, spool.public_key, key, encoded_metadata)
         except BaseException as error:
             self.abort()
             self._raise_if_disk_full(error)

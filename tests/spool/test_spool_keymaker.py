@@ -188,7 +188,7 @@ def test_a_key_of_the_wrong_shape_is_refused_before_sealing(keys, change):
             MessageKey(key.spool_id, key.data_key, 0, key.key_block)
         else:
             Sealer(open(os.devnull, "wb"), keys[0], MessageKey(key.spool_id, key.data_key, key.chunk_size,
-                                                                key.key_block[:-1]), {})
+                                                                key.key_block[:-1]), b"{}")
 
 
 def test_a_spool_refuses_keys_for_another_key_or_chunk_size(keys, tmp_path):

@@ -121,7 +121,8 @@ def with_enhanced_code(reply: bytes) -> bytes:
     return reply[:4] + _ENHANCED[code] + b" " + reply[4:]
 
 
-# Input held after a DATA/BDAT/STARTTLS line beyond this stops reading from the client until it is answered.
+# Input waiting beyond this (held after a DATA/BDAT/STARTTLS line, or command lines behind a command that is
+# waiting) stops reading from the client until it is taken (see _regulate_reading).
 HELD_INPUT_LIMIT = 64 * 1024
 RECEIVE_BUFFER = 64 * 1024
 _RECEIVE = threading.local()   # the receive buffer of each thread's event loop (see KeylessSMTP.get_buffer)
@@ -226,6 +227,7 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         # The command loop (see _run_lines): complete command lines waiting to run (None: one too long to keep),
         # the current line's bytes so far, and the command that is waiting for something, if any.
         self._lines: deque[bytes | None] = deque()
+        self._lines_bytes = 0         # their length, for _regulate_reading
         self._partial = bytearray()
         self._overlong = False        # the current line passed line_length_limit: its bytes are dropped
         self._running: asyncio.Task | None = None
@@ -311,6 +313,7 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         if not first:
             # After STARTTLS (RFC 3207 4.2): nothing the client sent in plaintext is run; a new session.
             self._lines.clear()
+            self._lines_bytes = 0
             self._partial.clear()
             self._overlong = False
             self.session.ssl = {"tls_session": transport.get_extra_info("tls_session")}
@@ -342,6 +345,7 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         if self._running is not None:
             self._running.cancel()
         self._lines.clear()
+        self._lines_bytes = 0
         self.transport = None
         self._wake_writer()
 
@@ -478,10 +482,12 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
                     self._partial.clear()
             if lf >= 0:
                 self._lines.append(None if self._overlong else bytes(self._partial))
+                self._lines_bytes += len(self._partial) or 1
                 wipe(self._partial)
                 self._partial.clear()
                 self._overlong = False
             start = stop
+        self._regulate_reading()
 
     def _run_lines(self) -> None:
         """Run the waiting command lines, in order, until one must wait or the session ends."""
@@ -491,9 +497,12 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
         try:
             while self._lines and self._running is None and self.transport is not None \
                     and not self.transport.is_closing():
-                self._step(self._run_line(self._lines.popleft()))
+                line = self._lines.popleft()
+                self._lines_bytes -= len(line) if line else 1
+                self._step(self._run_line(line))
         finally:
             self._dispatching = False
+        self._regulate_reading()
 
     def _step(self, command) -> None:
         """Run a command's coroutine until it finishes or must wait; then it finishes in a task of its own."""
@@ -588,17 +597,27 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
     def _hold(self, data, start: int, end: int) -> None:
         if start < end:
             self._held.append(bytearray(memoryview(data)[start:end]))  # pieces: never grown, so never moved
-        if sum(map(len, self._held)) > HELD_INPUT_LIMIT and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()  # again if aiosmtpd's reader resumed it meanwhile
+        self._regulate_reading()
 
     def _take_held(self) -> list[bytearray]:
         """The held input, for the command that was answered; reading from the client goes on."""
         held, self._held = self._held or [], None
-        if self._reading_paused and self.transport is not None:
+        self._regulate_reading()
+        return held
+
+    def _regulate_reading(self) -> None:
+        """Reading from the client stops while more than HELD_INPUT_LIMIT bytes of its input wait (held after
+        a DATA, BDAT or STARTTLS line, or command lines behind a command that is waiting), and goes on once
+        they are taken: however fast a client sends, a session keeps no more than that."""
+        if self.transport is None:
+            return
+        waiting = self._lines_bytes + (sum(map(len, self._held)) if self._held else 0)
+        if waiting > HELD_INPUT_LIMIT and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif waiting <= HELD_INPUT_LIMIT and self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
-        return held
 
     def _replay(self, held: list[bytearray]) -> None:
         """Held input, read now as if it had just arrived (content, commands, or held again); then wiped."""

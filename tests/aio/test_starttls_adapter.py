@@ -304,12 +304,19 @@ def test_the_adapter_takes_no_name_its_base_classes_use(smtp):
 class RecordingTransport:
     def __init__(self):
         self.writes = []
+        self.reading = True
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
 
     def is_closing(self) -> bool:
         return False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
 
 def recording(smtp) -> RecordingTransport:
@@ -408,6 +415,33 @@ def test_lines_behind_a_waiting_command_wait_for_it(smtp):
     smtp.loop.run_until_complete(asyncio.wait([smtp._running]))
     assert smtp._running is None and not smtp._lines
     assert transport.writes == [b"250 2.0.0 waited\r\n250 2.0.0 OK\r\n"]
+
+
+def test_lines_behind_a_waiting_command_are_bounded(smtp):
+    """A client that keeps pipelining while a command waits (a DNS check, a commit) is not read from once
+    HELD_INPUT_LIMIT bytes of its lines wait; reading goes on once they have run."""
+    transport = recording(smtp)
+    gate = smtp.loop.create_future()
+
+    async def smtp_WAIT(arg):
+        await gate
+        await smtp.push("250 waited")
+
+    smtp._smtp_methods["WAIT"] = smtp_WAIT
+    smtp._input(b"WAIT\r\n", 6)
+    flood = b"NOOP\r\n" * 1000
+    sent = 0
+    while transport.reading and sent < 4 * adapter.HELD_INPUT_LIMIT:
+        smtp._input(flood, len(flood))
+        sent += len(flood)
+    assert not transport.reading, "still reading with all that waiting"
+    assert adapter.HELD_INPUT_LIMIT < smtp._lines_bytes <= adapter.HELD_INPUT_LIMIT + len(flood)
+    assert smtp._lines_bytes == sum(len(line) for line in smtp._lines)
+    smtp.loop.call_soon(gate.set_result, None)
+    smtp.loop.run_until_complete(asyncio.wait([smtp._running]))
+    assert transport.reading and not smtp._lines and smtp._lines_bytes == 0
+    assert b"".join(transport.writes).count(b"250 2.0.0 OK\r\n") == sent // len(b"NOOP\r\n")
+    smtp.transport = None
 
 
 def stepped(smtp, coroutine) -> asyncio.Task:

@@ -130,3 +130,53 @@ def test_the_restart_pause_doubles_while_a_child_dies_young_and_resets_after_a_l
         pause = restart_pause(pause, lived, (1.0, 30.0), 10.0)
         pauses.append(pause)
     assert pauses == [1, 2, 4, 8, 16, 30, 30, 1, 2]
+
+
+def test_a_worker_that_never_says_ready_is_killed_and_named(pki, tmp_path, monkeypatch):
+    """A worker that hangs before serving (its READY never comes) does not hang the supervisor: after
+    START_TIMEOUT it is killed, start() fails naming it, and the spool desk's link to it ends."""
+    import asyncio
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from relay.edge import workers as workers_module
+    from relay.spool.desk import SpoolDesk
+    from relay.spool.keys import parse_spool_public_key
+    from relay.spool.store import Spool
+    from relay.tls import TicketKeyring
+
+    site = make_edge_site(tmp_path, pki, smtp_options="workers = 2\n")
+    config = edge_config.load(site.config)
+    spool = Spool(config.spool.directory, parse_spool_public_key(config.spool.public_key), 1 << 30, 1000)
+    desk = SpoolDesk(spool, ThreadPoolExecutor(1))
+    attached = []
+    attach = desk.attach
+    monkeypatch.setattr(desk, "attach", lambda sock, name: attached.append(attach(sock, name)) or attached[-1])
+    monkeypatch.setattr(workers_module, "START_TIMEOUT", 0.5)
+    started = []
+    real_exec = asyncio.create_subprocess_exec
+
+    async def hanging_worker(program, *args, **options):   # reads its hand-off, then never says READY
+        process = await real_exec(sys.executable, "-c", "import sys, time; sys.stdin.read(); time.sleep(60)",
+                                  **options)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", hanging_worker)
+    supervisor = workers_module.Workers(config, site.config, desk, TicketKeyring.shared(os.urandom, os.urandom(32),
+                                                                                        time.time()),
+                                        Sums([], Gauge("connections", "", registry=CollectorRegistry())), None)
+
+    async def start() -> float:
+        began = time.monotonic()
+        with pytest.raises(workers_module.WorkerFailed, match="edge worker 0 did not start"):
+            await supervisor.start()
+        await supervisor.stop()
+        return time.monotonic() - began
+
+    assert asyncio.run(start()) < 10
+    assert len(started) == 1 and started[0].returncode == -9   # killed; the second was never started
+    attached[0].join(5)
+    assert not attached[0].is_alive()   # the desk saw the worker's end close
+    spool.close()

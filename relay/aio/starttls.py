@@ -478,12 +478,10 @@ class KeylessSMTP(SMTP, asyncio.BufferedProtocol):
                 self._partial += memoryview(data)[start:stop]
                 if len(self._partial) > self.line_length_limit:
                     self._overlong = True
-                    wipe(self._partial)
                     self._partial.clear()
             if lf >= 0:
                 self._lines.append(None if self._overlong else bytes(self._partial))
                 self._lines_bytes += len(self._partial) or 1
-                wipe(self._partial)
                 self._partial.clear()
                 self._overlong = False
             start = stop

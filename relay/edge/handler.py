@@ -21,6 +21,7 @@ import hmac
 import inspect
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -437,6 +438,11 @@ def _peer(session) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
+_NOT_IN_HEADER = re.compile(r"[()\\]")
+
+
 def _clean(text: str) -> str:
     """A HELO argument as it may appear in a header: no line breaks, no parentheses games."""
+    if text.isprintable() and not _NOT_IN_HEADER.search(text):
+        return text[:255]   # most names: nothing to remove, no pass over each character
     return "".join(c for c in text if c.isprintable() and c not in "()\\")[:255]

@@ -13,7 +13,7 @@ IN_VENV = PATH="$(abspath $(VENV))/bin:$$PATH"
 ANSIBLE_LINT = $(IN_VENV) ansible-lint roles playbooks
 
 .PHONY: test demo demo-down chaos soak scenario-up molecule lint-ansible packages venv bench bench-oracle \
-	bench-smtp bench-intake bench-flood bench-memory clean
+	bench-smtp bench-session bench-intake bench-flood bench-memory clean
 
 # ruff, the unit tests, ansible-lint, then the two-host deployment in containers.
 test: packages venv
@@ -104,6 +104,11 @@ bench-oracle: packages venv
 bench-smtp: packages venv
 	./scripts/install-packages bench
 	$(PY) bench/smtp.py
+
+# The edge's session layers and its shared spool, each against the simplest thing doing the same job, in one
+# process (no network, no disk): steadier than bench-smtp for changes of a few percent.
+bench-session: packages venv
+	$(PY) bench/session.py
 
 # The intake against Dovecot's own LMTP fed directly (Dovecot: installed by `packages`).
 bench-intake: packages venv

@@ -243,6 +243,12 @@ class Edge:
                             "oracle lists one that does", ", ".join(sorted(uncovered)))
             self._uncovered = uncovered
 
+    def background(self) -> list[asyncio.Task]:
+        """What runs beside the sessions in every process that serves SMTP: the certificates kept fresh and
+        the oracle's health watched. Cancel the tasks to stop."""
+        loop = asyncio.get_running_loop()
+        return [loop.create_task(self.keep_certificates_fresh()), loop.create_task(self.watch_oracle())]
+
     async def keep_certificates_fresh(self) -> None:
         while True:
             await asyncio.sleep(self.config.oracle.refresh_certificates if self.tls_config else 1)
@@ -334,7 +340,6 @@ async def smtp_servers(edge: Edge, sockets: "ListenSockets | None" = None) -> li
 
 async def _serve(config: edge_config.EdgeConfig, identity, spool: Spool, config_path: Path | None) -> None:
     """Serve until stopped: SMTP in this process, or, given `config_path` (which workers load), in workers."""
-    loop = asyncio.get_running_loop()
     registry = CollectorRegistry()
     metrics = EdgeMetrics(registry)
     SpoolMetrics(spool, registry)
@@ -366,7 +371,7 @@ async def _serve(config: edge_config.EdgeConfig, identity, spool: Spool, config_
     if config.metrics_listen:
         metrics_server, _ = start_http_server(config.metrics_listen[1], addr=config.metrics_listen[0],
                                               registry=registry)
-    tasks = [loop.create_task(edge.keep_certificates_fresh()), loop.create_task(edge.watch_oracle())]
+    tasks = edge.background()
     log.info("edge %s listening on %s%s", config.hostname,
              ", ".join(f"{h}:{p}" for h, p in config.smtp.listen + config.smtp.implicit_tls_listen),
              f" ({config.smtp.workers} worker processes)" if workers is not None else "")

@@ -73,8 +73,7 @@ async def work(handoff: Handoff) -> None:
         sockets = ListenSockets(tuple(socket.socket(fileno=fd) for fd in handoff.smtp_fds),
                                 tuple(socket.socket(fileno=fd) for fd in handoff.implicit_tls_fds))
         servers = await smtp_servers(edge, sockets)
-        tasks = [loop.create_task(edge.keep_certificates_fresh()), loop.create_task(edge.watch_oracle()),
-                 loop.create_task(report_metrics(registry))]
+        tasks = edge.background() + [loop.create_task(report_metrics(registry))]
         log.info("edge worker %d of %d serving (pid %d)", handoff.index, handoff.count, os.getpid())
         say(READY)
         try:

@@ -399,8 +399,8 @@ def test_commands_that_need_not_wait_run_at_once_without_a_task(smtp):
     assert transport.writes == [b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n"]
 
 
-def test_lines_behind_a_waiting_command_wait_for_it(smtp):
-    transport = recording(smtp)
+def waiting_verb(smtp) -> asyncio.Future:
+    """A WAIT command for this session that answers "250 waited" once the returned future is done."""
     gate = smtp.loop.create_future()
 
     async def smtp_WAIT(arg):
@@ -408,6 +408,12 @@ def test_lines_behind_a_waiting_command_wait_for_it(smtp):
         await smtp.push("250 waited")
 
     smtp._smtp_methods["WAIT"] = smtp_WAIT
+    return gate
+
+
+def test_lines_behind_a_waiting_command_wait_for_it(smtp):
+    transport = recording(smtp)
+    gate = waiting_verb(smtp)
     smtp._lines.extend([b"WAIT\r\n", b"NOOP\r\n"])
     smtp._run_lines()
     assert smtp._running is not None and list(smtp._lines) == [b"NOOP\r\n"] and transport.writes == []
@@ -421,13 +427,7 @@ def test_lines_behind_a_waiting_command_are_bounded(smtp):
     """A client that keeps pipelining while a command waits (a DNS check, a commit) is not read from once
     HELD_INPUT_LIMIT bytes of its lines wait; reading goes on once they have run."""
     transport = recording(smtp)
-    gate = smtp.loop.create_future()
-
-    async def smtp_WAIT(arg):
-        await gate
-        await smtp.push("250 waited")
-
-    smtp._smtp_methods["WAIT"] = smtp_WAIT
+    gate = waiting_verb(smtp)
     smtp._input(b"WAIT\r\n", 6)
     flood = b"NOOP\r\n" * 1000
     sent = 0

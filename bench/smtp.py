@@ -63,8 +63,10 @@ What runs
     within each, edge then Postfix, the order swapped every round), so the
     machine's noise falls on both. Around every round the CPU time of each
     side's processes is read from /proc (Postfix: its master and all its
-    children, reaped ones included; the edge: the edge and the oracle's
-    processes; the generator: its own).
+    children, reaped ones included; the edge: its processes and the
+    oracle's, split into the supervisor (with several workers: the spool's
+    owner, its desk and its commits), the SMTP workers, the key makers and
+    the oracle; the generator: its own).
 
     At the end the queues are counted: the edge's queue/ and Postfix's hold/
     must hold exactly as many files as messages got a 250.
@@ -394,10 +396,25 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(roots: list[int]) -> float:
-    """CPU seconds of `roots` and every live descendant (each one's reaped children included)."""
+def parts_cpu(parts: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds of each part: its processes and their descendants, except those another part names
+    (the edge's supervisor without its workers, the workers without their key makers)."""
     table = _processes()
-    return sum(table[pid][1] for pid in _tree(table, roots))
+    named = {pid for pids in parts.values() for pid in pids}
+    return {part: sum(table[pid][1] for pid in _tree(table, pids, named - set(pids))) for part, pids in parts.items()}
+
+
+def _descendants(root: int, marker: str) -> list[int]:
+    """The live descendants of `root` whose command line contains `marker`."""
+    found = []
+    for pid in _tree(_processes(), [root]) - {root}:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if marker.encode() in cmdline.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
 
 
 def tree_rss_kib(root: int) -> int:
@@ -411,14 +428,15 @@ def tree_rss_kib(root: int) -> int:
     return total
 
 
-def _tree(table: dict[int, tuple[int, float]], roots: list[int]) -> set[int]:
+def _tree(table: dict[int, tuple[int, float]], roots: list[int], stop: set[int] = frozenset()) -> set[int]:
+    """`roots` and their descendants, not entering the processes in `stop`."""
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in table.items():
         children.setdefault(parent, []).append(pid)
     todo, seen = list(roots), set()
     while todo:
         pid = todo.pop()
-        if pid in seen or pid not in table:
+        if pid in seen or pid in stop or pid not in table:
             continue
         seen.add(pid)
         todo.extend(children.get(pid, []))
@@ -513,7 +531,11 @@ class EdgeUnderTest:
             os.environ.update(saved)
 
     def parts(self) -> dict[str, list[int]]:
-        return {"edge": [self.edge.process.pid], "oracle": [self.oracle.process.pid]}
+        """The supervisor (with several workers: the spool's owner, its desk and commits), the SMTP workers,
+        the key makers (a child of each process that seals), the oracle."""
+        supervisor = self.edge.process.pid
+        return {"supervisor": [supervisor], "workers": _descendants(supervisor, "relay.edge.worker"),
+                "key makers": _descendants(supervisor, "relay.spool.keymaker"), "oracle": [self.oracle.process.pid]}
 
     def queued(self) -> int:
         return len(self.site.spooled_files())
@@ -808,7 +830,7 @@ def measure(args, generator: Generator, servers: dict, cafile: str) -> list[dict
             order = names[number % len(names):] + names[:number % len(names)]
             for name in order:
                 server = servers[name]
-                before = {part: tree_cpu(pids) for part, pids in server.parts().items()}
+                before = parts_cpu(server.parts())
                 busy_before = machine_busy()
                 wall = time.perf_counter()
                 result = generator.round(port=server.port, tls=mode == "starttls", cafile=cafile,
@@ -816,7 +838,7 @@ def measure(args, generator: Generator, servers: dict, cafile: str) -> list[dict
                                          pipelining=args.pipelining)
                 wall = time.perf_counter() - wall
                 busy = machine_busy()
-                parts = {part: tree_cpu(pids) - before[part] for part, pids in server.parts().items()}
+                parts = {part: cpu - before.get(part, 0.0) for part, cpu in parts_cpu(server.parts()).items()}
                 rounds.append({"round": number, "mode": mode, "server": name, **result, "parts": parts,
                                "server_cpu": sum(parts.values()), "machine_busy": busy - busy_before,
                                "wall": wall,

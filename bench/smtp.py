@@ -404,16 +404,18 @@ def parts_cpu(parts: dict[str, list[int]]) -> dict[str, float]:
     return {part: sum(table[pid][1] for pid in _tree(table, pids, named - set(pids))) for part, pids in parts.items()}
 
 
-def _descendants(root: int, marker: str) -> list[int]:
-    """The live descendants of `root` whose command line contains `marker`."""
-    found = []
+def _descendants(root: int, *markers: str) -> list[list[int]]:
+    """For each marker, the live descendants of `root` whose command line contains it."""
+    found: list[list[int]] = [[] for _ in markers]
     for pid in _tree(_processes(), [root]) - {root}:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                if marker.encode() in cmdline.read():
-                    found.append(pid)
+                command = cmdline.read()
         except OSError:
-            pass
+            continue
+        for pids, marker in zip(found, markers):
+            if marker.encode() in command:
+                pids.append(pid)
     return found
 
 
@@ -534,8 +536,9 @@ class EdgeUnderTest:
         """The supervisor (with several workers: the spool's owner, its desk and commits), the SMTP workers,
         the key makers (a child of each process that seals), the oracle."""
         supervisor = self.edge.process.pid
-        return {"supervisor": [supervisor], "workers": _descendants(supervisor, "relay.edge.worker"),
-                "key makers": _descendants(supervisor, "relay.spool.keymaker"), "oracle": [self.oracle.process.pid]}
+        workers, key_makers = _descendants(supervisor, "relay.edge.worker", "relay.spool.keymaker")
+        return {"supervisor": [supervisor], "workers": workers, "key makers": key_makers,
+                "oracle": [self.oracle.process.pid]}
 
     def queued(self) -> int:
         return len(self.site.spooled_files())
